@@ -96,9 +96,9 @@ def base_fingerprint(transformer: torch.nn.Module) -> str:
     Adapters record it so that a load onto a different base is refused.
     """
     h = hashlib.sha256(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
-    names = [n for n, _ in transformer.named_parameters()]
-    for name in (names[0], names[len(names) // 2], names[-1]):
-        p = dict(transformer.named_parameters())[name]
+    # ".base." is stripped so that the fingerprint is the same before and after a bank is attached
+    params = [(n.replace(".base.", "."), p) for n, p in transformer.named_parameters()]
+    for name, p in (params[0], params[len(params) // 2], params[-1]):
         h.update(name.encode())
         h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()[: 1 << 16])
     return h.hexdigest()[:32]

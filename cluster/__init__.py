@@ -1,0 +1,1 @@
+"""cluster: concept batches on Ray Train (job ledger, packs, checkpoints, retries, publishing)."""

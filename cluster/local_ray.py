@@ -1,0 +1,49 @@
+"""Start (or join) a Ray cluster that listens on 127.0.0.1 only.
+
+Settings measured in ``shared/notes/offline-stack.md``: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+Ray picks the machine's external address as node IP; Train V2 blocks every ``ray.train.report`` until
+the controller polls (2 s by default), so the poll interval is lowered.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def loopback_env() -> None:
+    """Export the loopback settings (before ``import ray`` starts any process)."""
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def start_local_ray(num_cpus: int | None = None, *, temp_dir: str | Path | None = None,
+                    address: str | None = None, quiet: bool = True):
+    """``ray.init`` for a laptop/CI run (no dashboard, 127.0.0.1), or join ``address`` on a cluster.
+
+    Returns the ``ray`` module. Idempotent: an already-initialised Ray is reused.
+    """
+    loopback_env()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, log_to_driver=not quiet)
+        return ray
+    kwargs = {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False,
+              "_node_ip_address": "127.0.0.1", "log_to_driver": not quiet,
+              "runtime_env": {"env_vars": dict(LOOPBACK_ENV)}}
+    if temp_dir is not None:
+        Path(temp_dir).mkdir(parents=True, exist_ok=True)
+        kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
+    ray.init(**kwargs)
+    return ray

@@ -1,0 +1,119 @@
+"""The ``purecc`` command line.
+
+Core commands live here (tiny-model, train, generate). ``cluster`` and ``services`` add theirs as
+plugins through the ``purecc.commands`` entry-point group, so this package never imports them
+(nor Ray). ``generate --url`` reaches the HTTP client through the ``purecc.clients`` group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import TinyConfig, write_tiny_model
+
+    path = write_tiny_model(args.dir, TinyConfig(seed=args.seed, with_t5=args.t5))
+    print(f"wrote tiny SD3-architecture pipeline to {path}")
+    return 0
+
+
+def _concept_weight(spec: str) -> tuple[str, float]:
+    """``NAME`` or ``NAME:WEIGHT`` (weight in [-2, 2])."""
+    name, _, weight = spec.rpartition(":") if ":" in spec else (spec, "", "1.0")
+    try:
+        w = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--concept: weight {weight!r} of {spec!r} is not a number") from None
+    if not -2.0 <= w <= 2.0:
+        raise argparse.ArgumentTypeError(f"--concept: weight {w} of {spec!r} is outside [-2, 2]")
+    return name, w
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .local_train import train_concepts
+
+    stages = (1, 2) if args.stage == "both" else (int(args.stage),)
+    overrides = {k: v for k, v in (("resolution", args.resolution), ("checkpoint_every", args.checkpoint_every))
+                 if v is not None}
+    summary = train_concepts(
+        model=args.model, concepts=[tuple(c) for c in args.concept], out=Path(args.out), stages=stages,
+        steps={1: args.steps1, 2: args.steps2}, overrides=overrides, extractor=args.extractor,
+        lambda_mode=args.lambda_mode, seed=args.seed, progress=not args.quiet)
+    for line in summary:
+        print(line)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.url:
+        (client,) = [ep for ep in entry_points(group="purecc.clients") if ep.name == "http"]
+        return client.load()(args)
+    from .local_generate import generate_cli
+
+    return generate_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="purecc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="write the embedded tiny SD3-architecture model to DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--t5", action="store_true", help="include a tiny T5 text encoder")
+    p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("train", help="train concepts (stage 1, 2 or both) in one pack, in this process")
+    p.add_argument("--model", required=True, help="local diffusers SD3/SD3.5 folder")
+    p.add_argument("--concept", nargs=3, action="append", required=True, metavar=("ID", "TRIGGER", "MANIFEST"))
+    p.add_argument("--stage", choices=("1", "2", "both"), default="both")
+    p.add_argument("--out", required=True, help="output folder: <out>/<id>/stage{1,2}/ adapters")
+    p.add_argument("--steps1", type=int, default=None, help="stage-1 steps (default 1000)")
+    p.add_argument("--steps2", type=int, default=None, help="stage-2 steps (default 800)")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--extractor", choices=("stage1", "base"), default="stage1")
+    p.add_argument("--lambda-mode", choices=("fixed", "adaptive"), default="fixed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="generate images with concepts (local model or --url service)")
+    p.add_argument("--model", help="local diffusers SD3/SD3.5 folder (local mode)")
+    p.add_argument("--url", help="base URL of a purecc service, e.g. http://127.0.0.1:8000")
+    p.add_argument("--concept", type=_concept_weight, action="append", default=[],
+                   metavar="ADAPTER[:WEIGHT]", help="adapter folder (local) or concept id (--url)")
+    p.add_argument("--prompt", required=True, help="prompt; <concept_id> becomes that concept's trigger")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=7.0)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--out", default="generated", help="folder for the PNGs")
+    p.set_defaults(func=_generate)
+
+    for ep in entry_points(group="purecc.commands"):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

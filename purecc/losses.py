@@ -1,0 +1,81 @@
+"""Flow matching and the two PureCC losses (METHOD.md), as pure tensor functions.
+
+Shapes: latents ``x0``/``eps``/velocities are (B, C, H, W); ``sigma`` is (B,). Every loss is
+returned per sample (B,) = the mean over C, H, W of the squared error; the caller averages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def rng_for(seed: int, *tags: object) -> torch.Generator:
+    """A CPU generator keyed by (seed, tags): every concept, step and micro-step has its own stream,
+    so training is reproducible in any pack and resumable from a step count alone."""
+    digest = hashlib.sha256(repr((seed,) + tags).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def shifted_sigmas_table(scheduler) -> torch.Tensor:
+    """The scheduler's training sigma table (descending, shift applied): ``sigma = s*k / (1 + (k-1)*s)``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    train = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    return train.sigmas[: train.config.num_train_timesteps].clone().float()
+
+
+def sample_sigma(table: torch.Tensor, batch: int, generator: torch.Generator,
+                 logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """Logit-normal ``u = sigmoid(n)``, looked up in the shifted table as the stock SD3 recipe does."""
+    u = torch.sigmoid(torch.randn(batch, generator=generator) * logit_std + logit_mean)
+    idx = (u * len(table)).long().clamp_(0, len(table) - 1)
+    return table[idx]
+
+
+def noisy_latents(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    s = sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1.0 - s) * x0 + s * eps
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def stage1_loss(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor,
+                x_t: torch.Tensor, precondition: bool) -> torch.Tensor:
+    """DreamBooth flow-matching loss. With ``precondition`` the model output is turned into an x0
+    estimate (``x_t - sigma * v``) and compared to x0: the velocity loss weighted by sigma^2."""
+    if precondition:
+        s = sigma.view(-1, *([1] * (v.dim() - 1))).to(v.dtype)
+        return per_sample_mse(x_t - s * v, x0)
+    return per_sample_mse(v, eps - x0)
+
+
+def adaptive_lambda(target: torch.Tensor, v_base: torch.Tensor, r: torch.Tensor,
+                    lambda_max: float) -> torch.Tensor:
+    """Per-sample least squares ``<target - v_base, R> / (||R||^2 + 1e-6)`` clamped to [0, lambda_max],
+    with no gradient."""
+    with torch.no_grad():
+        num = ((target.float() - v_base.float()) * r.float()).flatten(1).sum(1)
+        den = r.float().pow(2).flatten(1).sum(1) + 1e-6
+        return (num / den).clamp(0.0, lambda_max)
+
+
+def stage2_loss(v_full: torch.Tensor, v_base: torch.Tensor, r_tar: torch.Tensor, r_empty: torch.Tensor,
+                x0: torch.Tensor, eps: torch.Tensor, *, eta: float, lambda_mode: str,
+                lambda_value: float = 1.0, lambda_max: float = 2.0) -> dict[str, torch.Tensor]:
+    """``L = L_CC + eta * L_pure`` per sample; gradients flow through both ``v_full`` and ``v_base``."""
+    target = eps - x0
+    r = (r_tar - r_empty).detach()
+    if lambda_mode == "fixed":
+        lam = torch.full((v_full.shape[0],), float(lambda_value), device=v_full.device)
+    elif lambda_mode == "adaptive":
+        lam = adaptive_lambda(target, v_base, r, lambda_max)
+    else:
+        raise ValueError(f"lambda_mode: {lambda_mode!r} must be 'fixed' or 'adaptive'")
+    guided = v_base + lam.view(-1, *([1] * (r.dim() - 1))).to(r.dtype) * r
+    l_cc = per_sample_mse(v_full, target)
+    l_pure = per_sample_mse(v_full, guided)
+    return {"loss": l_cc + eta * l_pure, "l_cc": l_cc, "l_pure": l_pure, "lambda": lam}

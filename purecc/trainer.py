@@ -1,0 +1,332 @@
+"""The shared PureCC trainer: one frozen base, a pack of concepts, one bank slot per concept.
+
+Protocol (what ``cluster/`` drives from a Ray Train worker): ``setup()``, optional
+``load_checkpoint(concept_id, folder)``, ``train(...)`` reporting through callbacks,
+``save_checkpoint(concept_id, folder)`` and ``export(concept_id, dest)``.
+
+Every concept keeps its own data order and random streams (keyed by its seed, stage and step),
+its own loss normalisation, gradient clipping, optimiser state and step count, so a concept
+trained in a pack ends with the weights it gets trained alone, and a resumed run continues
+exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .adapter_files import AdapterManifest, export_slot, load_flat
+from .bank import AdapterBank, attach_bank, one_hot_routing
+from .data import Preprocess, concept_latents, read_manifest
+from .fileio import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
+from .ids import validate_concept_id, validate_trigger
+from .losses import noisy_latents, rng_for, sample_sigma, shifted_sigmas_table, stage1_loss, stage2_loss
+from .model import base_fingerprint
+from .recipe import StageRecipe
+from .slot_optim import SlotAdamW, SlotHyper
+
+CKPT_TENSORS, CKPT_STATE = "checkpoint.safetensors", "state.json"
+PACK_KEYS = ("stage", "batch_size", "grad_accum", "resolution", "rank", "alpha")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not belong to this concept/stage or is damaged."""
+
+
+@dataclass(frozen=True)
+class ConceptJob:
+    """One concept's stage to train. ``extractor_adapter``: the stage-1 adapter folder (stage 2)."""
+
+    concept_id: str
+    trigger: str
+    manifest: Path
+    recipe: StageRecipe
+    seed: int = 0
+    extractor_adapter: Path | None = None
+
+    def __post_init__(self) -> None:
+        validate_concept_id(self.concept_id)
+        validate_trigger(self.trigger)
+        if self.recipe.stage == 2 and self.recipe.extractor == "stage1" and self.extractor_adapter is None:
+            raise ValueError(f"{self.concept_id}: extractor_adapter is required for stage 2 with extractor 'stage1'")
+
+
+@dataclass
+class _Concept:
+    job: ConceptJob
+    slot: int
+    extractor_slot: int | None
+    latents: torch.Tensor                 # (N, 16, h, w)
+    emb: dict[str, tuple[torch.Tensor, torch.Tensor]]  # column -> (embeds (N, L, D), pooled (N, P))
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    status: str = "pending"
+
+    @property
+    def total(self) -> int:
+        return self.job.recipe.steps
+
+
+MetricsFn = Callable[[dict], None]
+CheckpointFn = Callable[[list[str]], None]
+
+
+class PackTrainer:
+    def __init__(self, pipe, jobs: Sequence[ConceptJob], *, cache_dir: str | Path | None = None,
+                 on_metrics: MetricsFn | None = None):
+        if not jobs:
+            raise ValueError("jobs: a pack needs at least one concept")
+        ids = [j.concept_id for j in jobs]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"jobs: duplicate concept ids {ids}")
+        first = jobs[0].recipe
+        for j in jobs[1:]:
+            bad = [k for k in PACK_KEYS if getattr(j.recipe, k) != getattr(first, k)]
+            if bad:
+                raise ValueError(f"jobs: {j.concept_id} differs from {jobs[0].concept_id} in {bad}; "
+                                 "a pack shares stage, batch shape, resolution and rank")
+        self.pipe, self.jobs, self.cache_dir = pipe, list(jobs), cache_dir
+        self.on_metrics = on_metrics
+        self.stage = first.stage
+        self.concepts: dict[str, _Concept] = {}
+        self.bank: AdapterBank | None = None
+        self.optim: SlotAdamW | None = None
+
+    # ----- setup ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipe.transformer.parameters()).device
+
+    def _slots_needed(self) -> int:
+        k = len(self.jobs)
+        return 2 * k if self.stage == 2 and any(j.recipe.extractor == "stage1" for j in self.jobs) else k
+
+    def setup(self) -> None:
+        tr = self.pipe.transformer
+        tr.requires_grad_(False)
+        self.fingerprint = base_fingerprint(tr)
+        rec = self.jobs[0].recipe
+        bank = getattr(tr, "adapter_bank", None)
+        if bank is None:
+            bank = attach_bank(tr, self._slots_needed(), rank=rec.rank, alpha=rec.alpha)
+        elif bank.num_slots < self._slots_needed() or bank.rank != rec.rank:
+            raise ValueError(f"bank: the model's bank has {bank.num_slots} slots of rank {bank.rank}; "
+                             f"this pack needs {self._slots_needed()} of rank {rec.rank}")
+        self.bank, self.optim = bank, SlotAdamW(bank.storage)
+        self.sigma_table = shifted_sigmas_table(self.pipe.scheduler)
+        self.empty = self._encode([""])
+        k = len(self.jobs)
+        for i, job in enumerate(self.jobs):
+            self.concepts[job.concept_id] = self._prepare(job, slot=i, extractor_slot=k + i)
+        bank.set_trainable([c.slot for c in self.concepts.values()])
+
+    def _prepare(self, job: ConceptJob, slot: int, extractor_slot: int) -> _Concept:
+        rec = job.recipe
+        manifest = read_manifest(job.manifest, job.trigger)
+        pre = Preprocess(resolution=rec.resolution, crop=rec.crop, flip_prob=rec.flip_prob)
+        latents = concept_latents(manifest, self.pipe.vae, pre, seed=job.seed, vae_id=self.fingerprint,
+                                  cache_dir=self.cache_dir)
+        cols = ("prompt", "base_prompt", "target_prompt") if self.stage == 2 else ("prompt",)
+        emb = {c: self._encode([getattr(r, c) for r in manifest.rows]) for c in cols}
+        self.bank.init_slot(slot, rng_for(job.seed, "init", self.stage))
+        self.optim.reset_slot(slot)
+        ext = None
+        if self.stage == 2 and rec.extractor == "stage1":
+            _, flat = load_flat(self.bank, job.extractor_adapter, base_fingerprint=self.fingerprint)
+            self.bank.load_slot(extractor_slot, flat.to(self.bank.storage.dtype))
+            ext = extractor_slot
+        return _Concept(job, slot, ext, latents, emb)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+            do_classifier_free_guidance=False, max_sequence_length=77)
+        return embeds.float().cpu(), pooled.float().cpu()
+
+    # ----- one step ------------------------------------------------------------------------
+    def _draw(self, c: _Concept, micro: int) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows, x0, eps and sigma of one concept's micro-batch, from its own streams."""
+        rec, n = c.job.recipe, len(c.latents)
+        rows = []
+        for j in range(rec.batch_size):
+            k = (c.step * rec.grad_accum + micro) * rec.batch_size + j
+            perm = torch.randperm(n, generator=rng_for(c.job.seed, "order", self.stage, k // n))
+            rows.append(int(perm[k % n]))
+        g = rng_for(c.job.seed, "noise", self.stage, c.step, micro)
+        x0 = c.latents[rows]
+        eps = torch.randn(x0.shape, generator=g)
+        sigma = sample_sigma(self.sigma_table, len(rows), g, rec.logit_mean, rec.logit_std)
+        return rows, x0, eps, sigma
+
+    def _forward(self, x_t, sigma, embeds, pooled, slots: list[int | None]) -> torch.Tensor:
+        dev = self.device
+        with self.bank.routing(one_hot_routing(slots, self.bank.num_slots)):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                out = self.pipe.transformer(
+                    hidden_states=x_t.to(dev), timestep=(sigma * 1000).to(dev),
+                    encoder_hidden_states=embeds.to(dev), pooled_projections=pooled.to(dev),
+                    return_dict=False)[0]
+        return out.float()
+
+    def _micro_step(self, active: list[_Concept], micro: int) -> dict[str, dict[str, torch.Tensor]]:
+        draws = [self._draw(c, micro) for c in active]
+        sizes = [len(d[0]) for d in draws]
+        x0 = torch.cat([d[1] for d in draws]).to(self.device)
+        eps = torch.cat([d[2] for d in draws]).to(self.device)
+        sigma = torch.cat([d[3] for d in draws]).to(self.device)
+        x_t = noisy_latents(x0, eps, sigma)
+        train_slots = [c.slot for c, n in zip(active, sizes) for _ in range(n)]
+        emb = lambda col: tuple(torch.cat([c.emb[col][i][d[0]] for c, d in zip(active, draws)])  # noqa: E731
+                                for i in (0, 1))
+        if self.stage == 1:
+            e, p = emb("prompt")
+            v = self._forward(x_t, sigma, e, p, train_slots)
+            per = {"loss": stage1_loss(v, x0, eps, sigma, x_t, active[0].job.recipe.precondition)}
+        else:
+            per = self._stage2(active, draws, x0, eps, sigma, x_t, train_slots, emb)
+        out, start = {}, 0
+        for c, n in zip(active, sizes):
+            out[c.job.concept_id] = {k: t[start:start + n].mean() for k, t in per.items()}
+            start += n
+        return out
+
+    def _stage2(self, active, draws, x0, eps, sigma, x_t, train_slots, emb) -> dict[str, torch.Tensor]:
+        b = x_t.shape[0]
+        (ep, pp), (eb, pb), (et, pt) = emb("prompt"), emb("base_prompt"), emb("target_prompt")
+        xx, ss = torch.cat([x_t, x_t]), torch.cat([sigma, sigma])
+        v = self._forward(xx, ss, torch.cat([ep, eb]), torch.cat([pp, pb]), train_slots * 2)
+        ext_slots = [c.extractor_slot for c, d in zip(active, draws) for _ in d[0]]
+        e0, p0 = self.empty
+        with torch.no_grad():
+            r = self._forward(xx, ss, torch.cat([et, e0.expand(b, -1, -1)]),
+                              torch.cat([pt, p0.expand(b, -1)]), ext_slots * 2)
+        parts, start = [], 0  # loss knobs (eta, lambda) may differ per concept
+        for c, d in zip(active, draws):
+            n, sl = len(d[0]), slice(start, start + len(d[0]))
+            rc = c.job.recipe
+            parts.append(stage2_loss(v[:b][sl], v[b:][sl], r[:b][sl], r[b:][sl], x0[sl], eps[sl],
+                                     eta=rc.eta, lambda_mode=rc.lambda_mode, lambda_value=rc.lambda_value,
+                                     lambda_max=rc.lambda_max))
+            start += n
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _train_step(self, active: list[_Concept]) -> None:
+        self.bank.storage.grad = None
+        accum = active[0].job.recipe.grad_accum
+        sums: dict[str, dict[str, float]] = {c.job.concept_id: {} for c in active}
+        for micro in range(accum):
+            per = self._micro_step(active, micro)
+            total = sum(v["loss"] for v in per.values()) / accum
+            total.backward()
+            for cid, vals in per.items():
+                for k, t in vals.items():
+                    sums[cid][k] = sums[cid].get(k, 0.0) + float(t.detach()) / accum
+        hypers = [SlotHyper(c.job.recipe.lr, c.job.recipe.betas, c.job.recipe.adam_eps,
+                            c.job.recipe.weight_decay, c.job.recipe.max_grad_norm) for c in active]
+        norms = self.optim.step([c.slot for c in active], hypers)
+        for c, norm in zip(active, norms.tolist()):
+            c.step += 1
+            c.losses.append(sums[c.job.concept_id]["loss"])
+            if self.on_metrics:
+                self.on_metrics({"concept_id": c.job.concept_id, "stage": self.stage, "step": c.step,
+                                 "total": c.total, "grad_norm": norm, "lr": c.job.recipe.lr,
+                                 **sums[c.job.concept_id]})
+
+    # ----- the loop ------------------------------------------------------------------------
+    def train(self, *, checkpoint_dir: str | Path | Callable[[str], Path] | None = None, on_checkpoint: CheckpointFn | None = None,
+              should_stop: Callable[[], Iterable[str]] | None = None, max_steps: int | None = None) -> dict:
+        """Train every concept to its step count (or ``max_steps`` more steps).
+
+        Every ``checkpoint_every`` steps and at the end of each concept, its checkpoint is written to
+        ``checkpoint_dir/<concept_id>`` (or ``checkpoint_dir(concept_id)`` when it is a callable) and
+        ``on_checkpoint(ids)`` is called. ``should_stop()`` returns
+        concept ids (or ``"*"``) to stop now; a stopped concept keeps a checkpoint at its last step.
+        """
+        if self.bank is None:
+            raise RuntimeError("train: call setup() first")
+        budget = {cid: (c.step + max_steps if max_steps else c.total) for cid, c in self.concepts.items()}
+        while True:
+            stop = set(should_stop()) if should_stop else set()
+            active = [c for c in self.concepts.values() if c.step < min(c.total, budget[c.job.concept_id])]
+            stopped = [c for c in active if "*" in stop or c.job.concept_id in stop]
+            for c in stopped:
+                c.status = "stopped"
+            active = [c for c in active if c not in stopped]
+            if stopped:
+                self._checkpoint(stopped, checkpoint_dir, on_checkpoint)
+            if not active:
+                break
+            self._train_step(active)
+            due = [c for c in active if c.step % c.job.recipe.checkpoint_every == 0 or c.step >= c.total]
+            self._checkpoint(due, checkpoint_dir, on_checkpoint)
+        for c in self.concepts.values():
+            if c.step >= c.total:
+                c.status = "done"
+        return {cid: self.summary(cid) for cid in self.concepts}
+
+    def _checkpoint(self, concepts: list[_Concept], root, callback) -> None:
+        if not concepts or root is None:
+            return
+        for c in concepts:
+            cid = c.job.concept_id
+            self.save_checkpoint(cid, root(cid) if callable(root) else Path(root) / cid)
+        if callback:
+            callback([c.job.concept_id for c in concepts])
+
+    def summary(self, concept_id: str) -> dict:
+        c = self.concepts[concept_id]
+        tail = c.losses[-10:]
+        return {"concept_id": concept_id, "stage": self.stage, "step": c.step, "total": c.total,
+                "status": c.status, "final_loss": tail[-1] if tail else None,
+                "loss_last10": sum(tail) / len(tail) if tail else None}
+
+    # ----- checkpoints and export ----------------------------------------------------------
+    def save_checkpoint(self, concept_id: str, folder: str | Path) -> Path:
+        c, folder = self.concepts[concept_id], Path(folder)
+        opt = self.optim.slot_state(c.slot)
+        atomic_save_tensors(folder / CKPT_TENSORS, {"adapter": self.bank.read_slot(c.slot).float(), **opt})
+        state = {"concept_id": concept_id, "stage": self.stage, "step": c.step, "total": c.total,
+                 "seed": c.job.seed, "losses": c.losses, "recipe": c.job.recipe.to_dict(),
+                 "base_fingerprint": self.fingerprint, "params_per_slot": self.bank.params_per_slot,
+                 "sha256": sha256_file(folder / CKPT_TENSORS), "saved_at": time.time()}
+        atomic_write_json(folder / CKPT_STATE, state)  # last: a folder with state.json is complete
+        return folder
+
+    def load_checkpoint(self, concept_id: str, folder: str | Path) -> int:
+        """Restore adapter, optimiser state, step and loss history; returns the step."""
+        c, folder = self.concepts[concept_id], Path(folder)
+        state = read_checkpoint_state(folder)
+        for key, want in (("concept_id", concept_id), ("stage", self.stage), ("seed", c.job.seed),
+                          ("base_fingerprint", self.fingerprint), ("params_per_slot", self.bank.params_per_slot)):
+            if state.get(key) != want:
+                raise CheckpointError(f"checkpoint {folder}: {key} is {state.get(key)!r}, expected {want!r}")
+        t = load_tensors(folder / CKPT_TENSORS)
+        self.bank.load_slot(c.slot, t["adapter"].to(self.bank.storage.dtype))
+        self.optim.load_slot_state(c.slot, t)
+        c.step, c.losses = int(state["step"]), list(state["losses"])
+        return c.step
+
+    def export(self, concept_id: str, dest: str | Path, metrics: dict | None = None) -> Path:
+        c = self.concepts[concept_id]
+        manifest = AdapterManifest(
+            concept_id=concept_id, trigger=c.job.trigger, stage=self.stage, steps=c.step,
+            rank=self.bank.rank, alpha=self.bank.alpha, targets=[], base_fingerprint=self.fingerprint,
+            metrics={**self.summary(concept_id), "losses": c.losses, **(metrics or {})})
+        return export_slot(self.bank, self.bank.read_slot(c.slot), dest, manifest)
+
+
+def read_checkpoint_state(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / CKPT_STATE
+    if not path.is_file() or not (folder / CKPT_TENSORS).is_file():
+        raise CheckpointError(f"checkpoint {folder}: incomplete (needs {CKPT_STATE} and {CKPT_TENSORS})")
+    state = json.loads(path.read_text())
+    if sha256_file(folder / CKPT_TENSORS) != state.get("sha256"):
+        raise CheckpointError(f"checkpoint {folder}: {CKPT_TENSORS} does not match its recorded sha256")
+    return state

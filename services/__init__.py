@@ -1,0 +1,1 @@
+"""services: Ray Serve generation on one shared base with hot-loaded concept adapters."""
