@@ -7,6 +7,7 @@ is replaced by the concept's trigger word in every prompt column. Every problem 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import random
 from dataclasses import dataclass
@@ -80,13 +81,14 @@ def _read_table(path: Path) -> pa.Table:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            names = pacsv.read_csv(path, read_options=pacsv.ReadOptions(skip_rows_after_names=10**9)).column_names
-            types = {n: pa.string() for n in names}
+            with open(path, newline="", encoding="utf-8") as f:
+                names = next(csv.reader(f), [])
+            types = {n: pa.string() for n in names}  # never let Arrow turn a word into a number
             return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
                 column_types=types, strings_can_be_null=False))
         if suffix == ".parquet":
             return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: cannot be parsed as {suffix[1:]} ({exc})") from exc
     raise ManifestError(f"{path}: unsupported manifest format {suffix!r} (expected .csv or .parquet)")
 

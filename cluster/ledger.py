@@ -1,0 +1,482 @@
+"""The durable job ledger: one SQLite row per concept job (WAL, synchronous=FULL).
+
+States: ``queued -> stage1 -> stage2 -> published``, or ``failed`` / ``cancelled`` from any active
+state; a finished job goes back to ``queued`` (or straight to ``stage2`` when its stage 1 is kept) only
+when it is replaced or requeued. Every change is one ``BEGIN IMMEDIATE`` transaction, committed before
+the driver acts on it (launching a run, marking a stage done), so a driver killed at any point finds
+the truth on restart. Only the driver and the CLI on the head node open the file; training workers
+never do (SQLite is not safe over NFS locking): they report through the driver's progress board.
+
+Tables: ``jobs`` (the rows), ``runs`` (one row per Ray Train run launched), ``events`` (an append-only
+history: submitted, launched, resumed, stage-done, published, failed, ...), ``driver`` (a lease held by
+the one driver allowed to schedule).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from purecc.ids import validate_concept_id
+
+from .spec import JobSpec
+
+SCHEMA_VERSION = 1
+ACTIVE = ("queued", "stage1", "stage2")
+FINISHED = ("published", "failed", "cancelled")
+STATES = ACTIVE + FINISHED
+TRANSITIONS = {
+    "queued": {"stage1", "failed", "cancelled"},
+    "stage1": {"stage2", "failed", "cancelled"},
+    "stage2": {"published", "failed", "cancelled"},
+    "published": {"queued"},
+    "failed": {"queued", "stage2"},
+    "cancelled": {"queued", "stage2"},
+}
+DRIVER_STALE_S = 30.0
+MAX_ERROR_CHARS = 4000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    concept_id TEXT PRIMARY KEY,
+    batch TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued','stage1','stage2','published','failed','cancelled')),
+    generation INTEGER NOT NULL DEFAULT 1,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    pack TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    stage INTEGER, step INTEGER, total INTEGER, loss REAL, eta_s REAL, progress_at REAL,
+    checkpoint TEXT, checkpoint_stage INTEGER, checkpoint_step INTEGER,
+    stage1_adapter TEXT, adapter TEXT, error TEXT,
+    submitted_at REAL NOT NULL, updated_at REAL NOT NULL,
+    stage1_started REAL, stage1_ended REAL, stage2_started REAL, stage2_ended REAL, published_at REAL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pack TEXT NOT NULL, stage INTEGER NOT NULL, members TEXT NOT NULL,
+    launched_at REAL NOT NULL, ended_at REAL, outcome TEXT, error TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL, concept_id TEXT, kind TEXT NOT NULL, detail TEXT
+);
+CREATE TABLE IF NOT EXISTS driver (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    owner TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, heartbeat REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_concept ON events (concept_id, kind);
+"""
+
+# columns a replace or requeue resets
+_PROGRESS_COLS = ("stage", "step", "total", "loss", "eta_s", "progress_at")
+
+
+class LedgerError(ValueError):
+    """A refused ledger operation (bad transition, conflicting resubmission, busy driver)."""
+
+
+class ContentConflict(LedgerError):
+    def __init__(self, ids: list[str]):
+        self.ids = ids
+        super().__init__(f"concept(s) {', '.join(ids)} already exist in the ledger with different content "
+                         "(data, trigger, recipe or base); resubmit with replace=True (--replace) to retrain them")
+
+
+class DriverBusy(LedgerError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    concept_id: str
+    batch: str
+    content_hash: str
+    spec: JobSpec
+    state: str
+    generation: int
+    attempts: int
+    failures: int
+    pack: str | None
+    cancel_requested: bool
+    stage: int | None
+    step: int | None
+    total: int | None
+    loss: float | None
+    eta_s: float | None
+    progress_at: float | None
+    checkpoint: str | None
+    checkpoint_stage: int | None
+    checkpoint_step: int | None
+    stage1_adapter: str | None
+    adapter: str | None
+    error: str | None
+    submitted_at: float
+    updated_at: float
+    stage1_started: float | None
+    stage1_ended: float | None
+    stage2_started: float | None
+    stage2_ended: float | None
+    published_at: float | None
+
+    @property
+    def next_stage(self) -> int | None:
+        """The stage this job trains next (None when finished)."""
+        return {"queued": 1, "stage1": 1, "stage2": 2}.get(self.state)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spec"] = self.spec.model_dump(mode="json")
+        return d
+
+
+@dataclass(frozen=True)
+class SubmitReport:
+    added: list[str]
+    unchanged: list[str]
+    replaced: list[str]
+    requeued: list[str]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child that was not reaped yet is a zombie: dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class JobLedger:
+    """The ledger file. Thread-safe (one connection behind a lock); open one per process."""
+
+    def __init__(self, path: str | Path):
+        path = str(path)
+        if path.startswith("file://"):
+            path = path[len("file://"):]
+        if "://" in path:
+            raise LedgerError(f"ledger: {path!r} must be a local or NFS path, not a URI")
+        self.path = Path(path).expanduser().resolve()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise LedgerError(f"ledger {self.path}: the file system refused WAL mode ({mode})")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=60000")
+        with self._lock:
+            self._db.executescript(_SCHEMA)  # idempotent; outside _tx (executescript commits first)
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "JobLedger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT (durable on return)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _event(self, db, concept_id: str | None, kind: str, detail: Any = None, at: float | None = None) -> None:
+        db.execute("INSERT INTO events (at, concept_id, kind, detail) VALUES (?, ?, ?, ?)",
+                   (at or time.time(), concept_id, kind, None if detail is None else json.dumps(detail)))
+
+    # ----- reading ---------------------------------------------------------------------------
+    @staticmethod
+    def _record(row: sqlite3.Row) -> JobRecord:
+        d = dict(row)
+        d["spec"] = JobSpec.model_validate_json(d["spec"])
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        return JobRecord(**d)
+
+    def get(self, concept_id: str) -> JobRecord:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE concept_id = ?", (concept_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"concept {concept_id!r} is not in the ledger {self.path}")
+        return self._record(row)
+
+    def jobs(self, states: Sequence[str] | None = None) -> list[JobRecord]:
+        """Jobs in submission order (optionally only those in ``states``)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY submitted_at, concept_id").fetchall()
+        recs = [self._record(r) for r in rows]
+        return [r for r in recs if states is None or r.state in states]
+
+    def events(self, concept_id: str | None = None, kind: str | None = None) -> list[dict]:
+        q, args = "SELECT * FROM events WHERE 1=1", []
+        if concept_id is not None:
+            q, args = q + " AND concept_id = ?", args + [concept_id]
+        if kind is not None:
+            q, args = q + " AND kind = ?", args + [kind]
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY id", args).fetchall()
+        return [{**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None} for r in rows]
+
+    def runs(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM runs ORDER BY id").fetchall()
+        return [{**dict(r), "members": json.loads(r["members"])} for r in rows]
+
+    # ----- submission ------------------------------------------------------------------------
+    def submit(self, jobs: Sequence[JobSpec], *, replace: bool = False, requeue: bool = False) -> SubmitReport:
+        """Record ``jobs``; idempotent for identical content. All or nothing.
+
+        An id already present with different content is refused (``ContentConflict``) unless
+        ``replace``; ``requeue`` puts identical failed/cancelled jobs back in line (their checkpoints
+        and finished stage 1 are kept).
+        """
+        report = SubmitReport([], [], [], [])
+        now = time.time()
+        with self._tx() as db:
+            live = self._live_driver(db)
+            conflicts = []
+            for job in jobs:
+                validate_concept_id(job.concept_id)
+                h = job.content_hash()
+                row = db.execute("SELECT * FROM jobs WHERE concept_id = ?", (job.concept_id,)).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO jobs (concept_id, batch, content_hash, spec, state, submitted_at, "
+                               "updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                               (job.concept_id, job.batch, h, job.model_dump_json(), now, now))
+                    self._event(db, job.concept_id, "submitted", {"content_hash": h}, now)
+                    report.added.append(job.concept_id)
+                elif row["content_hash"] == h:
+                    # same content: keep the row; scheduling knobs (resources) may change
+                    db.execute("UPDATE jobs SET spec = ?, batch = ? WHERE concept_id = ?",
+                               (job.model_dump_json(), job.batch, job.concept_id))
+                    if requeue and row["state"] in ("failed", "cancelled"):
+                        to = "stage2" if row["stage1_adapter"] else "queued"
+                        db.execute("UPDATE jobs SET state = ?, error = NULL, failures = 0, cancel_requested = 0, "
+                                   "pack = NULL, generation = generation + 1, updated_at = ? WHERE concept_id = ?",
+                                   (to, now, job.concept_id))
+                        self._event(db, job.concept_id, "requeued", {"from": row["state"], "to": to}, now)
+                        report.requeued.append(job.concept_id)
+                    else:
+                        report.unchanged.append(job.concept_id)
+                elif not replace:
+                    conflicts.append(job.concept_id)
+                elif live and row["state"] in ("stage1", "stage2") and row["pack"]:
+                    raise LedgerError(f"{job.concept_id}: is training under a live driver "
+                                      f"(pid {live['pid']}); cancel it before replacing it")
+                else:
+                    resets = ", ".join(f"{c} = NULL" for c in _PROGRESS_COLS + (
+                        "checkpoint", "checkpoint_stage", "checkpoint_step", "stage1_adapter", "adapter", "error",
+                        "pack", "stage1_started", "stage1_ended", "stage2_started", "stage2_ended", "published_at"))
+                    db.execute(f"UPDATE jobs SET {resets}, state = 'queued', content_hash = ?, spec = ?, batch = ?, "
+                               "generation = generation + 1, attempts = 0, failures = 0, cancel_requested = 0, "
+                               "updated_at = ? WHERE concept_id = ?",
+                               (h, job.model_dump_json(), job.batch, now, job.concept_id))
+                    self._event(db, job.concept_id, "replaced", {"old": row["content_hash"], "new": h}, now)
+                    report.replaced.append(job.concept_id)
+            if conflicts:
+                raise ContentConflict(conflicts)
+        return report
+
+    # ----- state changes ---------------------------------------------------------------------
+    def transition(self, concept_id: str, to: str, *, expect: Sequence[str] | None = None,
+                   detail: Any = None, **fields: Any) -> JobRecord:
+        """Move a job to state ``to`` (checked against TRANSITIONS) and set ``fields``; commits."""
+        with self._tx() as db:
+            self._transition(db, concept_id, to, expect, detail, fields)
+        return self.get(concept_id)
+
+    def _transition(self, db, concept_id: str, to: str, expect, detail, fields: dict) -> None:
+        row = db.execute("SELECT state FROM jobs WHERE concept_id = ?", (concept_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"concept {concept_id!r} is not in the ledger")
+        state = row["state"]
+        if expect is not None and state not in expect:
+            raise LedgerError(f"{concept_id}: state is {state!r}, expected one of {list(expect)}")
+        if to not in TRANSITIONS[state]:
+            raise LedgerError(f"{concept_id}: cannot go from {state!r} to {to!r}")
+        now = time.time()
+        stamps = {"stage2": {"stage1_ended": now}, "published": {"stage2_ended": now, "published_at": now}}
+        values = {**stamps.get(to, {}), **fields, "state": to, "updated_at": now}
+        if "error" in values and values["error"]:
+            values["error"] = str(values["error"])[:MAX_ERROR_CHARS]
+        cols = ", ".join(f"{k} = ?" for k in values)
+        db.execute(f"UPDATE jobs SET {cols} WHERE concept_id = ?", (*values.values(), concept_id))
+        self._event(db, concept_id, to, detail, now)
+
+    def launch(self, pack: str, stage: int, members: Sequence[str]) -> int:
+        """Commit a run before it starts: members enter ``stage<n>``, get ``pack`` and one more attempt."""
+        now = time.time()
+        with self._tx() as db:
+            for cid in members:
+                row = db.execute("SELECT state FROM jobs WHERE concept_id = ?", (cid,)).fetchone()
+                want = ("queued", "stage1") if stage == 1 else ("stage2",)
+                if row is None or row["state"] not in want:
+                    raise LedgerError(f"{cid}: cannot launch stage {stage} from state "
+                                      f"{row['state'] if row else None!r}")
+                if row["state"] == "queued":
+                    self._transition(db, cid, "stage1", None, None, {})
+                db.execute("UPDATE jobs SET pack = ?, attempts = attempts + 1, updated_at = ? WHERE concept_id = ?",
+                           (pack, now, cid))
+            cur = db.execute("INSERT INTO runs (pack, stage, members, launched_at) VALUES (?, ?, ?, ?)",
+                             (pack, stage, json.dumps(list(members)), now))
+            run_id = cur.lastrowid
+            for cid in members:
+                self._event(db, cid, "launched", {"run": run_id, "pack": pack, "stage": stage}, now)
+        return run_id
+
+    def end_run(self, run_id: int, outcome: str, error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE runs SET ended_at = ?, outcome = ?, error = ? WHERE id = ?",
+                       (time.time(), outcome, error[:MAX_ERROR_CHARS] if error else None, run_id))
+
+    def stage_done(self, concept_id: str, stage: int, output: str, at: float | None = None) -> JobRecord:
+        """Stage 1 done -> ``stage2`` (with its adapter); stage 2 done (published) -> ``published``."""
+        with self._tx() as db:
+            fields: dict[str, Any] = {"pack": None, "failures": 0, "eta_s": 0.0}
+            if stage == 1:
+                fields.update(stage1_adapter=output, stage1_ended=at or time.time())
+                self._transition(db, concept_id, "stage2", ("stage1",), {"adapter": output}, fields)
+            else:
+                fields.update(adapter=output, stage2_ended=at or time.time())
+                self._transition(db, concept_id, "published", ("stage2",), {"adapter": output}, fields)
+        return self.get(concept_id)
+
+    def fail(self, concept_id: str, error: str) -> JobRecord:
+        return self.transition(concept_id, "failed", expect=ACTIVE, error=error, pack=None,
+                               detail={"error": str(error)[:500]})
+
+    def run_failed(self, members: Sequence[str], error: str, *, max_attempts: int, isolate: bool) -> list[str]:
+        """A run ended without finishing ``members``: count a failure each; fail those out of attempts.
+
+        ``isolate`` clears the pack so the survivors are retried one per run (a concept that keeps
+        killing its worker then takes down nobody else). Returns the ids marked failed.
+        """
+        failed = []
+        with self._tx() as db:
+            for cid in members:
+                row = db.execute("SELECT state, failures FROM jobs WHERE concept_id = ?", (cid,)).fetchone()
+                if row is None or row["state"] not in ACTIVE:
+                    continue
+                n = row["failures"] + 1
+                if n >= max_attempts:
+                    self._transition(db, cid, "failed", None, {"error": error[:500]},
+                                     {"failures": n, "error": error, "pack": None})
+                    failed.append(cid)
+                else:
+                    db.execute("UPDATE jobs SET failures = ?, error = ?, pack = CASE WHEN ? THEN NULL ELSE pack END, "
+                               "updated_at = ? WHERE concept_id = ?",
+                               (n, error[:MAX_ERROR_CHARS], int(isolate), time.time(), cid))
+                    self._event(db, cid, "run-failed", {"failures": n, "error": error[:500]})
+        return failed
+
+    def record_progress(self, updates: Sequence[dict]) -> None:
+        """Latest metrics per concept (ignored unless the job is still training that stage)."""
+        if not updates:
+            return
+        with self._tx() as db:
+            for u in updates:
+                stage, cid = int(u["stage"]), u["concept_id"]
+                at = u.get("at") or time.time()
+                db.execute(f"UPDATE jobs SET stage = ?, step = ?, total = ?, loss = ?, eta_s = ?, progress_at = ?, "
+                           f"stage{stage}_started = COALESCE(stage{stage}_started, ?) "
+                           f"WHERE concept_id = ? AND state = ?",
+                           (stage, u["step"], u["total"], u.get("loss"), u.get("eta_s"), at, at, cid, f"stage{stage}"))
+
+    def record_checkpoint(self, concept_id: str, stage: int, step: int, uri: str) -> None:
+        """Point the job at its newest checkpoint (never backwards within a stage)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET checkpoint = ?, checkpoint_stage = ?, checkpoint_step = ? "
+                       "WHERE concept_id = ? AND state = ? AND (checkpoint_stage IS NULL OR checkpoint_stage < ? "
+                       "OR checkpoint_step <= ?)",
+                       (uri, stage, step, concept_id, f"stage{stage}", stage, step))
+
+    def record_event(self, concept_id: str | None, kind: str, detail: Any = None, at: float | None = None) -> None:
+        with self._tx() as db:
+            self._event(db, concept_id, kind, detail, at)
+
+    # ----- cancellation ----------------------------------------------------------------------
+    def request_cancel(self, concept_id: str) -> str:
+        """Idempotent. A queued job (or any job when no driver is live) is cancelled at once; a
+        training one is flagged and its driver stops it at its next step (its checkpoint is kept).
+        Returns a sentence saying what happened."""
+        with self._tx() as db:
+            row = db.execute("SELECT state, cancel_requested FROM jobs WHERE concept_id = ?",
+                             (concept_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"concept {concept_id!r} is not in the ledger {self.path}")
+            state = row["state"]
+            if state in FINISHED:
+                return f"{concept_id}: already {state}; nothing to cancel"
+            if state == "queued" or self._live_driver(db) is None:
+                self._transition(db, concept_id, "cancelled", None, {"requested": True},
+                                 {"cancel_requested": 1, "pack": None})
+                return f"{concept_id}: cancelled"
+            if row["cancel_requested"]:
+                return f"{concept_id}: cancellation already requested; it stops at its next step"
+            db.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE concept_id = ?",
+                       (time.time(), concept_id))
+            self._event(db, concept_id, "cancel-requested")
+            return f"{concept_id}: cancellation requested; it stops at its next step and keeps its checkpoint"
+
+    # ----- the driver lease ------------------------------------------------------------------
+    def _live_driver(self, db) -> dict | None:
+        row = db.execute("SELECT * FROM driver WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        if time.time() - d["heartbeat"] > DRIVER_STALE_S:
+            return None
+        if d["host"] == socket.gethostname() and not _pid_alive(d["pid"]):
+            return None
+        return d
+
+    def live_driver(self) -> dict | None:
+        with self._lock:
+            return self._live_driver(self._db)
+
+    def claim_driver(self, owner: str) -> None:
+        """Become the one scheduling driver; raises ``DriverBusy`` if a live one holds the lease."""
+        with self._tx() as db:
+            live = self._live_driver(db)
+            if live and not (live["owner"] == owner and live["pid"] == os.getpid()):
+                raise DriverBusy(f"ledger {self.path}: a driver is already running (pid {live['pid']} on "
+                                 f"{live['host']}); it picks up newly submitted jobs by itself")
+            db.execute("INSERT OR REPLACE INTO driver VALUES (1, ?, ?, ?, ?)",
+                       (owner, socket.gethostname(), os.getpid(), time.time()))
+            self._event(db, None, "driver-start", {"owner": owner, "pid": os.getpid()})
+
+    def heartbeat(self, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE driver SET heartbeat = ? WHERE id = 1 AND owner = ?", (time.time(), owner))
+
+    def release_driver(self, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM driver WHERE id = 1 AND owner = ?", (owner,))
+            self._event(db, None, "driver-stop", {"owner": owner})

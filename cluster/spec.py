@@ -1,0 +1,316 @@
+"""Batch specs: a YAML or JSON file listing concepts to train, validated as a whole before anything runs.
+
+A batch names the base model, the storage root (a local folder or an ``s3://``/``gs://`` URI), the
+resources, optional recipe defaults and the concepts. Relative paths resolve against the batch
+file's folder. Every problem is collected (schema, manifests, recipes, duplicates, base model) and
+raised once as a ``BatchSpecError`` naming the file, the concept and the field of each.
+
+    name: shapes-v1
+    base_model: ./models/sd35m
+    storage: ./runs/shapes            # or s3://bucket/prefix (then `ledger:` must be a local path)
+    resources: {gpus_per_worker: 1, concepts_per_pack: 4, max_concurrent: 2}
+    defaults: {resolution: 512, stage1: {steps: 1000}, stage2: {steps: 800}}
+    concepts:
+      - id: zigzag-star
+        data: data/zigzag-star/manifest.csv
+        trigger: zqx
+        overrides: {lambda_mode: adaptive, validation_prompts: ["a [v] star on a beach"]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from purecc.data import ManifestError, read_manifest
+from purecc.ids import CONCEPT_ID_PATTERN, TRIGGER_PATTERN
+from purecc.model import ModelFolderError, read_model_index
+from purecc.recipe import stage_recipe
+
+ConceptId = Annotated[str, StringConstraints(pattern=CONCEPT_ID_PATTERN)]
+Trigger = Annotated[str, StringConstraints(pattern=TRIGGER_PATTERN)]
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+URI_SCHEMES = ("s3://", "gs://", "file://")
+MAX_CONCEPTS = 1000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageOverrides(_Strict):
+    """Per-stage knobs; unset fields keep the seed recipe (METHOD.md)."""
+
+    steps: int | None = Field(None, ge=1, le=1_000_000, description="optimiser steps of this stage")
+    lr: float | None = Field(None, gt=0, le=1.0, description="learning rate (constant schedule)")
+    grad_accum: int | None = Field(None, ge=1, le=1024, description="micro-batches per step")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints")
+
+
+class Overrides(_Strict):
+    """Recipe overrides of one concept (or batch-wide defaults under ``defaults:``)."""
+
+    resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="data order, noise and init seed")
+    eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
+    lambda_mode: Literal["fixed", "adaptive"] | None = Field(None, description="stage 2: lambda")
+    extractor: Literal["stage1", "base"] | None = Field(None, description="stage 2: extractor model")
+    validation_prompts: list[Prompt] | None = Field(
+        None, max_length=16, description="rendered at the end of each stage; [v] becomes the trigger")
+    stage1: StageOverrides = StageOverrides()
+    stage2: StageOverrides = StageOverrides()
+
+    def merged_over(self, base: "Overrides") -> "Overrides":
+        """These overrides on top of ``base`` (field by field, stage sections too)."""
+        data = base.model_dump(exclude_none=True)
+        mine = self.model_dump(exclude_none=True)
+        for stage in ("stage1", "stage2"):
+            mine[stage] = {**data.get(stage, {}), **mine.get(stage, {})}
+        return Overrides(**{**data, **mine})
+
+
+class Resources(_Strict):
+    """How runs are placed on the cluster. Each pack is one Ray Train run with one worker."""
+
+    gpus_per_worker: float = Field(0.0, ge=0, le=8, description="GPUs per training worker (0: CPU; "
+                                   "a fraction lets several packs share one GPU)")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs per training worker "
+                                   "(a fraction such as 0.5 on a laptop)")
+    concepts_per_pack: int = Field(4, ge=1, le=64, description="concepts trained together on one worker")
+    max_concurrent: int = Field(2, ge=1, le=1024, description="training runs at the same time")
+    max_failures: int = Field(1, ge=1, le=100, description="worker restarts per run (Ray Train "
+                              "FailureConfig); a restarted worker resumes from its last checkpoint")
+    max_attempts: int = Field(2, ge=1, le=100, description="failed runs per job stage before the job "
+                              "is marked failed (a failed pack is retried one concept per run)")
+
+
+class ValidationRender(_Strict):
+    steps: int = Field(20, ge=1, le=200, description="denoising steps of validation images")
+    guidance: float = Field(4.0, ge=0, le=30, description="classifier-free guidance scale")
+
+
+class ConceptSpec(_Strict):
+    id: ConceptId = Field(description="concept id: [a-z0-9][a-z0-9_-]{0,63}")
+    data: str = Field(min_length=1, description="concept manifest (CSV or Parquet)")
+    trigger: Trigger = Field(description="trigger word substituted for [v]")
+    overrides: Overrides = Overrides()
+
+
+class BatchSpec(_Strict):
+    name: ConceptId = Field("batch", description="batch name (same rule as concept ids)")
+    base_model: str = Field(min_length=1, description="local diffusers SD3/SD3.5 folder")
+    storage: str = Field(min_length=1, description="storage root: folder or s3:// / gs:// URI")
+    ledger: str | None = Field(None, description="SQLite job ledger; default <storage>/ledger.sqlite")
+    resources: Resources = Resources()
+    defaults: Overrides = Overrides()
+    validation: ValidationRender = ValidationRender()
+    concepts: list[ConceptSpec] = Field(min_length=1, max_length=MAX_CONCEPTS)
+
+    @property
+    def ledger_path(self) -> str:
+        return self.ledger or f"{self.storage}/ledger.sqlite"
+
+    def jobs(self) -> list["JobSpec"]:
+        """One job per concept: everything a driver needs, content-hashed."""
+        base_id = model_identity(self.base_model)
+        out = []
+        for c in self.concepts:
+            ov = c.overrides.merged_over(self.defaults)
+            manifest = read_manifest(c.data, c.trigger)
+            out.append(JobSpec(
+                concept_id=c.id, batch=self.name, trigger=c.trigger, manifest=c.data,
+                data_hash=manifest.content_hash(), base_model=self.base_model, base_id=base_id,
+                storage=self.storage, recipes={str(s): recipe_for(ov, s) for s in (1, 2)},
+                seed=ov.seed or 0, validation_prompts=list(ov.validation_prompts or []),
+                validation=self.validation, resources=self.resources))
+        return out
+
+
+class JobSpec(_Strict):
+    """A planned concept job as the ledger stores it (JSON)."""
+
+    concept_id: ConceptId
+    batch: str
+    trigger: Trigger
+    manifest: str
+    data_hash: str
+    base_model: str
+    base_id: str
+    storage: str
+    recipes: dict[str, dict[str, Any]]   # "1"/"2" -> StageRecipe fields
+    seed: int = 0
+    validation_prompts: list[str] = []
+    validation: ValidationRender = ValidationRender()
+    resources: Resources = Resources()
+
+    def content_hash(self) -> str:
+        """Identity of what gets trained: data, trigger, recipes, seed, prompts, base and storage."""
+        body = self.model_dump(mode="json", exclude={"batch", "resources"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def recipe_for(ov: Overrides, stage: int) -> dict[str, Any]:
+    """StageRecipe fields of ``stage`` after the overrides (raises ValueError on a bad combination)."""
+    per = (ov.stage1 if stage == 1 else ov.stage2).model_dump(exclude_none=True)
+    extra = {k: v for k, v in (("resolution", ov.resolution),) if v is not None}
+    if stage == 2:
+        extra.update({k: getattr(ov, k) for k in ("eta", "lambda_mode", "extractor") if getattr(ov, k) is not None})
+    return stage_recipe(stage, **extra, **per).to_dict()
+
+
+def model_identity(path: str) -> str:
+    """A cheap identity of a base model folder (its index and transformer config files)."""
+    h = hashlib.sha256(str(Path(path).resolve()).encode())
+    for rel in ("model_index.json", "transformer/config.json"):
+        p = Path(path) / rel
+        h.update(p.read_bytes() if p.is_file() else b"-")
+    return h.hexdigest()[:16]
+
+
+# ----- validation ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    concept: str | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"concept {self.concept}: " if self.concept else ""
+        return f"{self.file}: {where}{self.field}: {self.message}"
+
+
+class BatchSpecError(ValueError):
+    """A rejected batch; ``problems`` lists every (file, concept, field, message)."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"batch rejected ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{lines}")
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc) or "(root)"
+
+
+def _schema_problems(exc: ValidationError, file: str, concept: str | None, prefix: tuple = ()) -> list[Problem]:
+    return [Problem(file, concept, _loc(prefix + tuple(e["loc"])), e["msg"]) for e in exc.errors()]
+
+
+def _concept_label(raw: Any, i: int) -> str:
+    cid = raw.get("id") if isinstance(raw, dict) else None
+    return f"{cid!r} (#{i + 1})" if isinstance(cid, str) else f"#{i + 1}"
+
+
+def _resolve(value: str, base_dir: Path) -> str:
+    if "://" in value:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+
+def read_batch_file(path: str | Path) -> dict:
+    """Parse a .yaml/.yml/.json file into a dict (never executes anything: safe_load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BatchSpecError([Problem(str(path), None, "(file)", "batch file does not exist")])
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"unsupported extension {path.suffix!r} (expected .yaml, .yml or .json)")
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise BatchSpecError([Problem(str(path), None, "(file)", f"cannot be parsed: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise BatchSpecError([Problem(str(path), None, "(root)", "expected a mapping at the top level")])
+    return data
+
+
+def load_batch(path: str | Path) -> BatchSpec:
+    """Read and validate a batch file; raise one ``BatchSpecError`` listing every problem."""
+    path = Path(path)
+    return validate_batch(read_batch_file(path), source=str(path), base_dir=path.resolve().parent)
+
+
+def validate_batch(data: dict, *, source: str = "<batch>", base_dir: str | Path = ".") -> BatchSpec:
+    """Validate a batch given as a dict (relative paths resolve against ``base_dir``)."""
+    base_dir = Path(base_dir)
+    problems: list[Problem] = []
+    head_raw = {k: v for k, v in data.items() if k != "concepts"}
+    raw_concepts = data.get("concepts")
+    try:
+        placeholder = [ConceptSpec(id="x", data="x", trigger="x")]  # concepts are checked one by one below
+        head = BatchSpec.model_validate({**head_raw, "concepts": placeholder})
+    except ValidationError as exc:
+        head = None
+        problems += _schema_problems(exc, source, None)
+    if not isinstance(raw_concepts, list) or not raw_concepts:
+        problems.append(Problem(source, None, "concepts", "a non-empty list of concepts is required"))
+        raw_concepts = []
+    elif len(raw_concepts) > MAX_CONCEPTS:
+        problems.append(Problem(source, None, "concepts", f"{len(raw_concepts)} concepts exceed {MAX_CONCEPTS}"))
+    concepts, seen = [], {}
+    for i, raw in enumerate(raw_concepts):
+        label = _concept_label(raw, i)
+        try:
+            c = ConceptSpec.model_validate(raw)
+        except ValidationError as exc:
+            problems += _schema_problems(exc, source, label, ("concepts", i))
+            continue
+        if c.id in seen:
+            problems.append(Problem(source, label, f"concepts.{i}.id",
+                                    f"duplicate concept id (also concept #{seen[c.id] + 1})"))
+            continue
+        seen[c.id] = i
+        c = c.model_copy(update={"data": _resolve(c.data, base_dir)})
+        problems += _concept_problems(c, head, source, label, i)
+        concepts.append(c)
+    if head is not None:
+        problems += _head_problems(head, source, base_dir)
+    if problems:
+        raise BatchSpecError(problems)
+    resolved = {"base_model": _resolve(head.base_model, base_dir), "storage": _resolve(head.storage, base_dir),
+                "ledger": _resolve(head.ledger, base_dir) if head.ledger else None}
+    return head.model_copy(update={**resolved, "concepts": concepts})
+
+
+def _head_problems(head: BatchSpec, source: str, base_dir: Path) -> list[Problem]:
+    out = []
+    try:
+        read_model_index(_resolve(head.base_model, base_dir))
+    except ModelFolderError as exc:
+        out.append(Problem(source, None, "base_model", str(exc)))
+    for field, value in (("storage", head.storage), ("ledger", head.ledger)):
+        if value and "://" in value and not value.startswith(URI_SCHEMES):
+            out.append(Problem(source, None, field, f"{value!r}: unsupported URI scheme (expected a folder or "
+                                                    f"one of {', '.join(URI_SCHEMES)})"))
+    if head.ledger and "://" in head.ledger and not head.ledger.startswith("file://"):
+        out.append(Problem(source, None, "ledger", "the SQLite ledger must be a local (or NFS) path"))
+    if "://" in head.storage and not head.ledger:
+        out.append(Problem(source, None, "ledger", "required when storage is a URI (SQLite needs a local path)"))
+    return out
+
+
+def _concept_problems(c: ConceptSpec, head: BatchSpec | None, source: str, label: str, i: int) -> list[Problem]:
+    out = []
+    try:
+        read_manifest(c.data, c.trigger)
+    except ManifestError as exc:
+        out.append(Problem(source, label, f"concepts.{i}.data", str(exc)))
+    ov = c.overrides.merged_over(head.defaults) if head is not None else c.overrides
+    for stage in (1, 2):
+        try:
+            recipe_for(ov, stage)
+        except (ValueError, TypeError) as exc:
+            out.append(Problem(source, label, f"concepts.{i}.overrides.stage{stage}", str(exc)))
+    return out

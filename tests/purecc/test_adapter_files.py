@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from purecc.adapter_files import (DIFFUSERS_WEIGHTS, MANIFEST, PEFT_CONFIG, PEFT_WEIGHTS, AdapterFileError,
+                                  AdapterManifest, export_slot, load_flat)
+from purecc.bank import attach_bank
+from purecc.model import base_fingerprint
+
+
+@pytest.fixture()
+def exported(tiny_pipe, tmp_path):
+    bank = attach_bank(tiny_pipe.transformer, 2)
+    flat = torch.randn(bank.params_per_slot, generator=torch.Generator().manual_seed(0))
+    fp = base_fingerprint(tiny_pipe.transformer)
+    folder = export_slot(bank, flat, tmp_path / "c", AdapterManifest("c", "sks", 2, 10, 4, 4.0, [], fp,
+                                                                       metrics={"final_loss": 0.5}))
+    return bank, flat, fp, folder
+
+
+def test_files_keys_and_manifest(exported):
+    bank, flat, fp, folder = exported
+    assert sorted(p.name for p in folder.iterdir()) == sorted([PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_WEIGHTS, MANIFEST])
+    with safe_open(str(folder / DIFFUSERS_WEIGHTS), "pt") as f:
+        keys = set(f.keys())
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys
+    assert not any(k.startswith("transformer.base_model") for k in keys)
+    assert len(keys) == 2 * len(bank.specs)
+    m = json.loads((folder / MANIFEST).read_text())
+    assert m["concept_id"] == "c" and m["stage"] == 2 and m["rank"] == 4 and m["base_fingerprint"] == fp
+    assert len(m["targets"]) == len(bank.specs) and set(m["files"]) == {PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_WEIGHTS}
+    cfg = json.loads((folder / PEFT_CONFIG).read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 4 and cfg["peft_type"] == "LORA"
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_round_trip(exported):
+    bank, flat, fp, folder = exported
+    manifest, again = load_flat(bank, folder, base_fingerprint=fp)
+    assert torch.equal(again, flat) and manifest.metrics["final_loss"] == 0.5
+
+
+def test_tampered_file_is_refused(exported):
+    bank, _, fp, folder = exported
+    data = bytearray((folder / DIFFUSERS_WEIGHTS).read_bytes())
+    data[-1] ^= 1
+    (folder / DIFFUSERS_WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(AdapterFileError, match="sha256 of pytorch_lora_weights"):
+        load_flat(bank, folder, base_fingerprint=fp)
+
+
+def test_wrong_base_rank_or_missing_manifest_is_refused(exported, tmp_path):
+    bank, _, fp, folder = exported
+    with pytest.raises(AdapterFileError, match="trained on base"):
+        load_flat(bank, folder, base_fingerprint="0" * 32)
+    m = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**m, "rank": 8}))
+    with pytest.raises(AdapterFileError, match="rank 8"):
+        load_flat(bank, folder, base_fingerprint=fp)
+    with pytest.raises(AdapterFileError, match="no purecc_adapter.json"):
+        load_flat(bank, tmp_path)
+
+
+def test_invalid_concept_id_cannot_become_a_path(exported, tmp_path):
+    bank, flat, fp, _ = exported
+    with pytest.raises(ValueError, match="not a valid concept id"):
+        export_slot(bank, flat, tmp_path / "x", AdapterManifest("../etc", "sks", 2, 1, 4, 4.0, [], fp))

@@ -1,0 +1,138 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from purecc.data import Preprocess, concept_latents, read_manifest
+from purecc.losses import noisy_latents, rng_for, sample_sigma, stage1_loss
+from purecc.model import load_pipeline
+from purecc.recipe import stage_recipe
+from purecc.trainer import CheckpointError, ConceptJob, PackTrainer
+
+IDS = {"zigzag-star": "zqx", "ringed-circle": "vlk", "split-diamond": "bxj"}
+
+
+def _jobs(manifests, recipe, ids=IDS, seeds=(11, 22, 33)):
+    return [ConceptJob(cid, trig, manifests[cid], recipe, seed=s) for (cid, trig), s in zip(ids.items(), seeds)]
+
+
+def _train(model_dir, jobs, **kw):
+    t = PackTrainer(load_pipeline(str(model_dir)), jobs)
+    t.setup()
+    t.train(**kw)
+    return t
+
+
+def test_packed_concept_matches_alone(tiny_model_dir, sample_manifests):
+    recipe = stage_recipe(1, steps=20, resolution=64, grad_accum=2, lr=1e-3)
+    jobs = _jobs(sample_manifests, recipe)
+    pack = _train(tiny_model_dir, jobs)
+    alone = _train(tiny_model_dir, jobs[:1])
+    a = alone.bank.read_slot(alone.concepts["zigzag-star"].slot)
+    p = pack.bank.read_slot(pack.concepts["zigzag-star"].slot)
+    assert (p - a).norm() / a.norm() < 1e-4
+    assert pack.concepts["zigzag-star"].losses == pytest.approx(alone.concepts["zigzag-star"].losses, rel=1e-4)
+    # the other concepts trained too, each in its own slot
+    others = [pack.bank.read_slot(pack.concepts[c].slot) for c in ("ringed-circle", "split-diamond")]
+    assert all((o - p).norm() > 1e-3 for o in others)
+
+
+def test_packed_stage2_concept_matches_alone(tiny_model_dir, sample_manifests, tmp_path):
+    s1 = _train(tiny_model_dir, _jobs(sample_manifests, stage_recipe(1, steps=3, resolution=64, grad_accum=1)))
+    for cid in IDS:
+        s1.export(cid, tmp_path / cid)
+    recipe = stage_recipe(2, steps=20, resolution=64, lr=1e-3, lambda_mode="adaptive")
+    jobs = [ConceptJob(cid, trig, sample_manifests[cid], recipe, seed=4, extractor_adapter=tmp_path / cid)
+            for cid, trig in IDS.items()]
+    pack, alone = _train(tiny_model_dir, jobs), _train(tiny_model_dir, jobs[1:2])
+    a = alone.bank.read_slot(alone.concepts["ringed-circle"].slot)
+    p = pack.bank.read_slot(pack.concepts["ringed-circle"].slot)
+    assert (p - a).norm() / a.norm() < 1e-4
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from purecc.model import load_pipeline
+    from purecc.recipe import stage_recipe
+    from purecc.trainer import ConceptJob, PackTrainer
+    model, manifest, ckpt, out = sys.argv[1:5]
+    job = ConceptJob("zigzag-star", "zqx", Path(manifest), stage_recipe(1, steps=12, resolution=64, grad_accum=2,
+                     lr=1e-3, checkpoint_every=6), seed=3)
+    t = PackTrainer(load_pipeline(model), [job]); t.setup()
+    step = t.load_checkpoint("zigzag-star", ckpt)
+    t.train()
+    t.save_checkpoint("zigzag-star", out)
+    print(json.dumps({"resumed_at": step}))
+""")
+
+
+def test_resume_in_a_fresh_process_continues_exactly(tiny_model_dir, sample_manifests, tmp_path):
+    recipe = stage_recipe(1, steps=12, resolution=64, grad_accum=2, lr=1e-3, checkpoint_every=6)
+    job = ConceptJob("zigzag-star", "zqx", sample_manifests["zigzag-star"], recipe, seed=3)
+    straight = _train(tiny_model_dir, [job])
+    half = _train(tiny_model_dir, [job], max_steps=6, checkpoint_dir=tmp_path / "ckpt")
+    assert half.concepts["zigzag-star"].step == 6
+    proc = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tiny_model_dir),
+                           str(sample_manifests["zigzag-star"]), str(tmp_path / "ckpt" / "zigzag-star"),
+                           str(tmp_path / "resumed")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"resumed_at": 6}
+    from purecc.fileio import load_tensors
+    resumed = load_tensors(tmp_path / "resumed" / "checkpoint.safetensors")
+    state = json.loads((tmp_path / "resumed" / "state.json").read_text())
+    c = straight.concepts["zigzag-star"]
+    assert torch.allclose(resumed["adapter"], straight.bank.read_slot(c.slot), rtol=0, atol=1e-7)
+    assert state["losses"] == pytest.approx(c.losses, rel=1e-6)
+    assert state["step"] == 12
+
+
+def test_checkpoint_of_another_concept_or_seed_is_refused(tiny_model_dir, sample_manifests, tmp_path):
+    recipe = stage_recipe(1, steps=2, resolution=64, grad_accum=1)
+    t = _train(tiny_model_dir, _jobs(sample_manifests, recipe)[:1], checkpoint_dir=tmp_path)
+    other = PackTrainer(load_pipeline(str(tiny_model_dir)), _jobs(sample_manifests, recipe, seeds=(99,))[:1])
+    other.setup()
+    with pytest.raises(CheckpointError, match="seed"):
+        other.load_checkpoint("zigzag-star", tmp_path / "zigzag-star")
+    (tmp_path / "zigzag-star" / "checkpoint.safetensors").write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="sha256"):
+        t.load_checkpoint("zigzag-star", tmp_path / "zigzag-star")
+
+
+def test_pack_members_must_share_batch_shape(sample_manifests):
+    a = ConceptJob("a", "zqx", sample_manifests["zigzag-star"], stage_recipe(1, resolution=64))
+    b = ConceptJob("b", "vlk", sample_manifests["ringed-circle"], stage_recipe(1, resolution=128))
+    with pytest.raises(ValueError, match="resolution"):
+        PackTrainer(None, [a, b])
+
+
+def _fixed_eval_loss(trainer, manifest, trigger):
+    """Stage-1 loss on every image with fixed noise and sigmas (the training noise is random)."""
+    pipe = trainer.pipe
+    lat = concept_latents(read_manifest(manifest, trigger), pipe.vae, Preprocess(resolution=64))
+    c = trainer.concepts["zigzag-star"]
+    e, p = c.emb["prompt"]
+    g = rng_for(0, "eval")
+    total = 0.0
+    for _ in range(4):
+        eps = torch.randn(lat.shape, generator=g)
+        sigma = sample_sigma(trainer.sigma_table, len(lat), g)
+        x_t = noisy_latents(lat, eps, sigma)
+        with torch.no_grad():
+            v = trainer._forward(x_t, sigma, e, p, [c.slot] * len(lat))
+        total += float(stage1_loss(v, lat, eps, sigma, x_t, precondition=False).mean())
+    return total / 4
+
+
+def test_stage1_actually_learns_the_concept(tiny_model_dir, sample_manifests):
+    recipe = stage_recipe(1, steps=60, resolution=64, grad_accum=1, lr=5e-3)
+    job = ConceptJob("zigzag-star", "zqx", sample_manifests["zigzag-star"], recipe, seed=0)
+    t = PackTrainer(load_pipeline(str(tiny_model_dir)), [job])
+    t.setup()
+    before = _fixed_eval_loss(t, sample_manifests["zigzag-star"], "zqx")
+    t.train()
+    after = _fixed_eval_loss(t, sample_manifests["zigzag-star"], "zqx")
+    assert after < 0.85 * before, (before, after)
