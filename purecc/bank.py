@@ -87,6 +87,11 @@ class AdapterBank(nn.Module):
         self._routing: torch.Tensor | None = None
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache_version = -1
+        # split once per forward: one autograd node whose backward writes each layer's gradient
+        # into the (S, P) gradient once, instead of one full-size zero tensor per layer slice
+        self._split_sizes = [n for s in specs for n in (rank * s.in_features, rank * s.out_features)]
+        self._layer_index = {s.name: i for i, s in enumerate(specs)}
+        self._grad_parts: tuple[torch.Tensor, ...] | None = None
 
     # ----- routing -------------------------------------------------------------------------
     @property
@@ -100,8 +105,11 @@ class AdapterBank(nn.Module):
             return
         if weights.dim() != 2 or weights.shape[1] != self.num_slots:
             raise ValueError(f"routing: expected (batch, {self.num_slots}), got {tuple(weights.shape)}")
-        w = weights.to(self.storage.device, torch.float32) * self.scale
-        self._routing = None if not bool(w.any()) else w.repeat_interleave(self.rank, dim=1)
+        if not bool(weights.any()):  # checked before the copy to the device: no device sync
+            self._routing = None
+            return
+        w = weights.to(self.storage.device, torch.float32, non_blocking=True) * self.scale
+        self._routing = w.repeat_interleave(self.rank, dim=1)
 
     @contextmanager
     def routing(self, weights: torch.Tensor | None) -> Iterator[None]:
@@ -123,17 +131,26 @@ class AdapterBank(nn.Module):
     def layer_mats(self, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's slots concatenated: A as (S*r, in) and B^T as (S*r, out)."""
         grad = torch.is_grad_enabled() and self.storage.requires_grad
-        if not grad and self._cache_version == self.storage._version and spec.name in self._cache:
-            return self._cache[spec.name]
         r, n_in, n_out = self.rank, spec.in_features, spec.out_features
+        if grad:
+            if self._grad_parts is None:
+                self._grad_parts = self.storage.split(self._split_sizes, dim=1)
+            i = 2 * self._layer_index[spec.name]
+            a_part, bt_part = self._grad_parts[i], self._grad_parts[i + 1]
+            return a_part.reshape(self.num_slots * r, n_in), bt_part.reshape(self.num_slots * r, n_out)
+        if self._cache_version == self.storage._version and spec.name in self._cache:
+            return self._cache[spec.name]
         block = self.storage[:, spec.offset: spec.offset + r * (n_in + n_out)]
         a = block[:, : r * n_in].reshape(self.num_slots * r, n_in)
         bt = block[:, r * n_in:].reshape(self.num_slots * r, n_out)
-        if not grad:
-            if self._cache_version != self.storage._version:
-                self._cache, self._cache_version = {}, self.storage._version
-            self._cache[spec.name] = (a, bt)
+        if self._cache_version != self.storage._version:
+            self._cache, self._cache_version = {}, self.storage._version
+        self._cache[spec.name] = (a, bt)
         return a, bt
+
+    def begin_forward(self) -> None:
+        """Called before every forward of the model: the per-forward split is rebuilt."""
+        self._grad_parts = None
 
     # ----- slots ---------------------------------------------------------------------------
     def _check_slot(self, slot: int) -> None:
@@ -225,6 +242,7 @@ def attach_bank(transformer: nn.Module, num_slots: int, *, rank: int = 4, alpha:
         else:
             setattr(parent, child, banked)
     object.__setattr__(transformer, "adapter_bank", bank)
+    transformer.register_forward_pre_hook(lambda module, args: bank.begin_forward())
     return bank
 
 

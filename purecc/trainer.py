@@ -72,6 +72,7 @@ class _Concept:
         return self.job.recipe.steps
 
 
+ConceptTensors = tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]
 MetricsFn = Callable[[dict], None]
 CheckpointFn = Callable[[list[str]], None]
 
@@ -107,6 +108,34 @@ class PackTrainer:
         return 2 * k if self.stage == 2 and any(j.recipe.extractor == "stage1" for j in self.jobs) else k
 
     def setup(self) -> None:
+        """Attach (or reuse) the bank, encode every concept's latents and prompts, initialise slots."""
+        self._attach()
+        data = {job.concept_id: self._encode_concept(job) for job in self.jobs}
+        self.setup_precomputed(data, self._encode([""]))
+
+    def setup_precomputed(self, data: dict[str, ConceptTensors], empty: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Set up from latents and prompt embeddings computed elsewhere (no VAE or text encoder runs).
+
+        ``data[cid]``: latents (N, 16, h, w) and, per prompt column, (embeds (N, L, D), pooled (N, P));
+        ``empty``: the embedding of "" as (1, L, D), (1, P).
+        """
+        if self.bank is None:
+            self._attach()
+        self.empty = empty
+        k = len(self.jobs)
+        for i, job in enumerate(self.jobs):
+            latents, emb = data[job.concept_id]
+            self.bank.init_slot(i, rng_for(job.seed, "init", self.stage))
+            self.optim.reset_slot(i)
+            ext = None
+            if self.stage == 2 and job.recipe.extractor == "stage1":
+                _, flat = load_flat(self.bank, job.extractor_adapter, base_fingerprint=self.fingerprint)
+                self.bank.load_slot(k + i, flat.to(self.bank.storage.dtype))
+                ext = k + i
+            self.concepts[job.concept_id] = _Concept(job, i, ext, latents, emb)
+        self.bank.set_trainable([c.slot for c in self.concepts.values()])
+
+    def _attach(self) -> None:
         tr = self.pipe.transformer
         tr.requires_grad_(False)
         self.fingerprint = base_fingerprint(tr)
@@ -119,28 +148,15 @@ class PackTrainer:
                              f"this pack needs {self._slots_needed()} of rank {rec.rank}")
         self.bank, self.optim = bank, SlotAdamW(bank.storage)
         self.sigma_table = shifted_sigmas_table(self.pipe.scheduler)
-        self.empty = self._encode([""])
-        k = len(self.jobs)
-        for i, job in enumerate(self.jobs):
-            self.concepts[job.concept_id] = self._prepare(job, slot=i, extractor_slot=k + i)
-        bank.set_trainable([c.slot for c in self.concepts.values()])
 
-    def _prepare(self, job: ConceptJob, slot: int, extractor_slot: int) -> _Concept:
+    def _encode_concept(self, job: ConceptJob) -> ConceptTensors:
         rec = job.recipe
         manifest = read_manifest(job.manifest, job.trigger)
         pre = Preprocess(resolution=rec.resolution, crop=rec.crop, flip_prob=rec.flip_prob)
         latents = concept_latents(manifest, self.pipe.vae, pre, seed=job.seed, vae_id=self.fingerprint,
                                   cache_dir=self.cache_dir)
         cols = ("prompt", "base_prompt", "target_prompt") if self.stage == 2 else ("prompt",)
-        emb = {c: self._encode([getattr(r, c) for r in manifest.rows]) for c in cols}
-        self.bank.init_slot(slot, rng_for(job.seed, "init", self.stage))
-        self.optim.reset_slot(slot)
-        ext = None
-        if self.stage == 2 and rec.extractor == "stage1":
-            _, flat = load_flat(self.bank, job.extractor_adapter, base_fingerprint=self.fingerprint)
-            self.bank.load_slot(extractor_slot, flat.to(self.bank.storage.dtype))
-            ext = extractor_slot
-        return _Concept(job, slot, ext, latents, emb)
+        return latents, {c: self._encode([getattr(r, c) for r in manifest.rows]) for c in cols}
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,24 +235,28 @@ class PackTrainer:
     def _train_step(self, active: list[_Concept]) -> None:
         self.bank.storage.grad = None
         accum = active[0].job.recipe.grad_accum
-        sums: dict[str, dict[str, float]] = {c.job.concept_id: {} for c in active}
+        sums: dict[str, dict[str, torch.Tensor]] = {c.job.concept_id: {} for c in active}
         for micro in range(accum):
             per = self._micro_step(active, micro)
             total = sum(v["loss"] for v in per.values()) / accum
             total.backward()
             for cid, vals in per.items():
                 for k, t in vals.items():
-                    sums[cid][k] = sums[cid].get(k, 0.0) + float(t.detach()) / accum
+                    sums[cid][k] = sums[cid].get(k, 0.0) + t.detach() / accum
         hypers = [SlotHyper(c.job.recipe.lr, c.job.recipe.betas, c.job.recipe.adam_eps,
                             c.job.recipe.weight_decay, c.job.recipe.max_grad_norm) for c in active]
         norms = self.optim.step([c.slot for c in active], hypers)
-        for c, norm in zip(active, norms.tolist()):
+        # one device->host transfer per step for every metric (each float() would be a sync)
+        keys = list(sums[active[0].job.concept_id])
+        values = torch.stack([torch.stack([sums[c.job.concept_id][k] for k in keys] + [norms[i]])
+                              for i, c in enumerate(active)]).tolist()
+        for c, row in zip(active, values):
+            metrics = dict(zip(keys, row))
             c.step += 1
-            c.losses.append(sums[c.job.concept_id]["loss"])
+            c.losses.append(metrics["loss"])
             if self.on_metrics:
                 self.on_metrics({"concept_id": c.job.concept_id, "stage": self.stage, "step": c.step,
-                                 "total": c.total, "grad_norm": norm, "lr": c.job.recipe.lr,
-                                 **sums[c.job.concept_id]})
+                                 "total": c.total, "grad_norm": row[-1], "lr": c.job.recipe.lr, **metrics})
 
     # ----- the loop ------------------------------------------------------------------------
     def train(self, *, checkpoint_dir: str | Path | Callable[[str], Path] | None = None, on_checkpoint: CheckpointFn | None = None,

@@ -7,9 +7,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
+# The tiny model's ops are far too small for intra-op threads to pay off, and on a loaded 2-core
+# machine OpenMP threads spinning at barriers make every op 10-100x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
