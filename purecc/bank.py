@@ -61,13 +61,17 @@ class BankedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        w = self._bank.routing_for(x.shape[0])            # (B, S*r) or None
+        w = self._bank.routing_for(x.shape[0], y.dtype, x.dim())  # (B, 1.., S*r) or None
         if w is None:
             return y
-        a_cat, bt_cat = self._bank.layer_mats(self.spec)  # (S*r, in), (S*r, out)
-        h = x @ a_cat.t().to(x.dtype)                     # (B, ..., S*r)
-        h = h * w.view(w.shape[0], *([1] * (x.dim() - 2)), w.shape[1]).to(h.dtype)
-        return y + (h @ bt_cat.to(h.dtype)).to(y.dtype)
+        a_cat, bt_cat = self._bank.layer_mats(self.spec)           # (S*r, in), (S*r, out)
+        if a_cat.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            a_cat, bt_cat = a_cat.to(x.dtype), bt_cat.to(x.dtype)
+        h = (x @ a_cat.t()) * w                                    # (B, ..., S*r)
+        if not torch.is_grad_enabled() and h.dtype == y.dtype == bt_cat.dtype:
+            # serving: fold the add into the matmul (fewer kernels per layer at small batch)
+            return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), bt_cat).view(y.shape)
+        return y + (h @ bt_cat).to(y.dtype)
 
 
 class AdapterBank(nn.Module):
@@ -85,6 +89,7 @@ class AdapterBank(nn.Module):
                                     requires_grad=False)
         self.trainable_slots: set[int] = set()
         self._routing: torch.Tensor | None = None
+        self._routing_views: dict[tuple, torch.Tensor] = {}
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache_version = -1
         # split once per forward: one autograd node whose backward writes each layer's gradient
@@ -105,6 +110,7 @@ class AdapterBank(nn.Module):
             return
         if weights.dim() != 2 or weights.shape[1] != self.num_slots:
             raise ValueError(f"routing: expected (batch, {self.num_slots}), got {tuple(weights.shape)}")
+        self._routing_views = {}
         if not bool(weights.any()):  # checked before the copy to the device: no device sync
             self._routing = None
             return
@@ -118,15 +124,24 @@ class AdapterBank(nn.Module):
         try:
             yield
         finally:
-            self._routing = previous
+            self._routing, self._routing_views = previous, {}
 
-    def routing_for(self, batch: int) -> torch.Tensor | None:
+    def routing_for(self, batch: int, dtype: torch.dtype, ndim: int) -> torch.Tensor | None:
+        """The routing rows for an input of ``batch`` rows and ``ndim`` dims, built once per forward
+        shape and dtype and shared by every layer."""
         w = self._routing
-        if w is None or w.shape[0] == batch:
-            return w
-        if batch % w.shape[0]:
-            raise ValueError(f"routing: batch {batch} is not a multiple of the routing rows {w.shape[0]}")
-        return w.repeat(batch // w.shape[0], 1)  # classifier-free guidance stacks [uncond; cond]
+        if w is None:
+            return None
+        key = (batch, dtype, ndim)
+        view = self._routing_views.get(key)
+        if view is None:
+            if batch % w.shape[0]:
+                raise ValueError(f"routing: batch {batch} is not a multiple of the routing rows {w.shape[0]}")
+            # classifier-free guidance stacks [uncond; cond]: the rows repeat as a block
+            rows = w if w.shape[0] == batch else w.repeat(batch // w.shape[0], 1)
+            view = rows.to(dtype).view(batch, *([1] * (ndim - 2)), rows.shape[1])
+            self._routing_views[key] = view
+        return view
 
     def layer_mats(self, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's slots concatenated: A as (S*r, in) and B^T as (S*r, out)."""
