@@ -11,10 +11,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import ray
+
+def start_board():
+    """The board as a zero-CPU actor of the calling driver (it dies with the driver)."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=0)(ProgressBoard).remote()
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
 class ProgressBoard:
     def __init__(self) -> None:
         self._messages: list[dict[str, Any]] = []
@@ -24,13 +28,12 @@ class ProgressBoard:
     def push(self, kind: str, payload: dict[str, Any]) -> None:
         """``kind``: progress | checkpoint | outcome | event."""
         msg = {"kind": kind, "at": time.time(), **payload}
-        if kind == "checkpoint":
-            for cid, step in payload["steps"].items():
-                prev = self._latest_ckpt.get(cid)
-                key = (payload["stage"], step)
-                if prev is None or (prev["stage"], prev["step"]) <= key:
-                    self._latest_ckpt[cid] = {"stage": payload["stage"], "step": step,
-                                              "uri": f"{payload['uri']}/{cid}"}
+        if kind == "checkpoint":  # members: [{concept_id, job_key, step}], all in the folder ``uri``
+            for m in payload["members"]:
+                key = f"{m['job_key']}/s{payload['stage']}"
+                prev = self._latest_ckpt.get(key)
+                if prev is None or prev["step"] <= m["step"]:
+                    self._latest_ckpt[key] = {"step": m["step"], "uri": f"{payload['uri']}/{m['concept_id']}"}
         self._messages.append(msg)
 
     def drain(self) -> list[dict[str, Any]]:
@@ -40,8 +43,13 @@ class ProgressBoard:
     def cancel(self, concept_ids: list[str]) -> None:
         self._cancel.update(concept_ids)
 
+    def uncancel(self, concept_ids: list[str]) -> None:
+        self._cancel.difference_update(concept_ids)
+
     def cancelled(self, concept_ids: list[str]) -> list[str]:
         return [c for c in concept_ids if c in self._cancel]
 
-    def latest_checkpoints(self, concept_ids: list[str]) -> dict[str, dict[str, Any]]:
-        return {c: self._latest_ckpt[c] for c in concept_ids if c in self._latest_ckpt}
+    def latest_checkpoints(self, job_keys: list[str], stage: int) -> dict[str, dict[str, Any]]:
+        """Newest checkpoint of each job's ``stage`` seen by this board: job_key -> {step, uri}."""
+        keys = {k: f"{k}/s{stage}" for k in job_keys}
+        return {k: self._latest_ckpt[s] for k, s in keys.items() if s in self._latest_ckpt}

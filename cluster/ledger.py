@@ -230,7 +230,7 @@ class JobLedger:
     def jobs(self, states: Sequence[str] | None = None) -> list[JobRecord]:
         """Jobs in submission order (optionally only those in ``states``)."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY submitted_at, concept_id").fetchall()
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY rowid").fetchall()
         recs = [self._record(r) for r in rows]
         return [r for r in recs if states is None or r.state in states]
 
@@ -279,7 +279,7 @@ class JobLedger:
                     if requeue and row["state"] in ("failed", "cancelled"):
                         to = "stage2" if row["stage1_adapter"] else "queued"
                         db.execute("UPDATE jobs SET state = ?, error = NULL, failures = 0, cancel_requested = 0, "
-                                   "pack = NULL, generation = generation + 1, updated_at = ? WHERE concept_id = ?",
+                                   "pack = NULL, updated_at = ? WHERE concept_id = ?",
                                    (to, now, job.concept_id))
                         self._event(db, job.concept_id, "requeued", {"from": row["state"], "to": to}, now)
                         report.requeued.append(job.concept_id)
@@ -330,26 +330,33 @@ class JobLedger:
         db.execute(f"UPDATE jobs SET {cols} WHERE concept_id = ?", (*values.values(), concept_id))
         self._event(db, concept_id, to, detail, now)
 
-    def launch(self, pack: str, stage: int, members: Sequence[str]) -> int:
-        """Commit a run before it starts: members enter ``stage<n>``, get ``pack`` and one more attempt."""
+    def launch(self, pack: str, stage: int, members: Sequence[str]) -> tuple[int | None, list[str]]:
+        """Commit a run before it starts: members enter ``stage<n>``, get ``pack`` and one more attempt.
+
+        Members that stopped being launchable since the caller looked (cancelled, replaced...) are left
+        out. Returns the run id (None when no member is left) and the members launched.
+        """
         now = time.time()
+        want = ("queued", "stage1") if stage == 1 else ("stage2",)
         with self._tx() as db:
+            launched = []
             for cid in members:
-                row = db.execute("SELECT state FROM jobs WHERE concept_id = ?", (cid,)).fetchone()
-                want = ("queued", "stage1") if stage == 1 else ("stage2",)
-                if row is None or row["state"] not in want:
-                    raise LedgerError(f"{cid}: cannot launch stage {stage} from state "
-                                      f"{row['state'] if row else None!r}")
+                row = db.execute("SELECT state, cancel_requested FROM jobs WHERE concept_id = ?", (cid,)).fetchone()
+                if row is None or row["state"] not in want or row["cancel_requested"]:
+                    continue
                 if row["state"] == "queued":
                     self._transition(db, cid, "stage1", None, None, {})
                 db.execute("UPDATE jobs SET pack = ?, attempts = attempts + 1, updated_at = ? WHERE concept_id = ?",
                            (pack, now, cid))
+                launched.append(cid)
+            if not launched:
+                return None, []
             cur = db.execute("INSERT INTO runs (pack, stage, members, launched_at) VALUES (?, ?, ?, ?)",
-                             (pack, stage, json.dumps(list(members)), now))
+                             (pack, stage, json.dumps(launched), now))
             run_id = cur.lastrowid
-            for cid in members:
+            for cid in launched:
                 self._event(db, cid, "launched", {"run": run_id, "pack": pack, "stage": stage}, now)
-        return run_id
+        return run_id, launched
 
     def end_run(self, run_id: int, outcome: str, error: str | None = None) -> None:
         with self._tx() as db:
@@ -475,6 +482,17 @@ class JobLedger:
     def heartbeat(self, owner: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE driver SET heartbeat = ? WHERE id = 1 AND owner = ?", (time.time(), owner))
+
+    def release_driver_if_idle(self, owner: str) -> bool:
+        """Give up the lease only if no job is active, in the same transaction: a submission that
+        commits first is seen here, one that commits after sees no live driver and starts one."""
+        with self._tx() as db:
+            n = db.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued','stage1','stage2')").fetchone()[0]
+            if n:
+                return False
+            db.execute("DELETE FROM driver WHERE id = 1 AND owner = ?", (owner,))
+            self._event(db, None, "driver-stop", {"owner": owner})
+        return True
 
     def release_driver(self, owner: str) -> None:
         with self._tx() as db:

@@ -25,13 +25,24 @@ def loopback_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def is_loopback(address: str) -> bool:
+    """True for ``127.x.x.x:port``, ``localhost:port`` (optionally ``ray://``-prefixed)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 def start_local_ray(num_cpus: int | None = None, *, temp_dir: str | Path | None = None,
                     address: str | None = None, quiet: bool = True):
     """``ray.init`` for a laptop/CI run (no dashboard, 127.0.0.1), or join ``address`` on a cluster.
 
+    The loopback environment is exported for a local cluster or a loopback ``address`` only, and
+    must be in place before Ray is first imported (Ray reads it at import): import ``ray`` after
+    this call, or call ``loopback_env()`` first.
+
     Returns the ``ray`` module. Idempotent: an already-initialised Ray is reused.
     """
-    loopback_env()
+    if not address or is_loopback(address):
+        loopback_env()   # not when joining a remote head: the driver must keep its real node IP
     import ray
 
     if ray.is_initialized():

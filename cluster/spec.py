@@ -314,3 +314,13 @@ def _concept_problems(c: ConceptSpec, head: BatchSpec | None, source: str, label
         except (ValueError, TypeError) as exc:
             out.append(Problem(source, label, f"concepts.{i}.overrides.stage{stage}", str(exc)))
     return out
+
+
+def ledger_path_of(path: str | Path) -> str:
+    """The ledger a batch file points at, without validating the rest of the batch."""
+    data, base = read_batch_file(path), Path(path).resolve().parent
+    if isinstance(data.get("ledger"), str):
+        return _resolve(data["ledger"], base)
+    if isinstance(data.get("storage"), str):
+        return f"{_resolve(data['storage'], base)}/ledger.sqlite"
+    raise BatchSpecError([Problem(str(path), None, "storage", "neither ledger nor storage is set")])

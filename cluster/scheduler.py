@@ -1,0 +1,316 @@
+"""The driver: turns ledger jobs into packs and packs into concurrent Ray Train runs.
+
+Each pack is one ``TorchTrainer`` run (one worker) launched from a ``num_cpus=0`` task, so several
+runs proceed at once up to the concurrency limit (a run queued on resources would sit on its
+placement group; queueing happens here instead). A pack holds concepts of the same stage, base model,
+storage, resources and batch shape (``purecc.trainer.PACK_KEYS``); its run is named after its members
+(``s<stage>-<first id>-<n>-<digest>``) and the name is kept in the ledger, so a restarted driver
+relaunches an interrupted pack under the same name and Ray Train restores its latest checkpoint.
+
+The loop: heartbeat, forward cancellations, drain the progress board into the ledger, reap finished
+runs, launch ready packs. A concept's stage 2 is launched as soon as its stage 1 reports done. A run
+that fails after Ray Train's own worker restarts costs each unfinished member one failure; survivors
+are retried one per run from their last checkpoints, and a member out of attempts is failed with the
+run's error while the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from purecc.trainer import PACK_KEYS
+
+from .board import start_board
+from .ledger import ACTIVE, JobLedger, JobRecord, LedgerError
+
+CHECKPOINTS_KEPT = 3
+MAX_RUN_ERROR = 3000
+
+
+def job_key(rec: JobRecord) -> str:
+    """Identity of a job's training content: checkpoints of another content are never loaded."""
+    return f"{rec.concept_id}:{rec.content_hash[:16]}:{rec.generation}"
+
+
+def pack_name(stage: int, recs: list[JobRecord]) -> str:
+    digest = hashlib.sha256(json.dumps(sorted(job_key(r) for r in recs)).encode()).hexdigest()[:10]
+    return f"s{stage}-{recs[0].concept_id[:24]}-{len(recs)}-{digest}"
+
+
+def pack_key(rec: JobRecord, stage: int) -> str:
+    """Jobs with equal keys may share a pack (and so a run)."""
+    s = rec.spec
+    recipe = s.recipes[str(stage)]
+    return json.dumps([stage, s.base_model, s.base_id, s.storage, s.resources.model_dump(),
+                       s.validation.model_dump(), [recipe[k] for k in PACK_KEYS]], sort_keys=True)
+
+
+def _short_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= MAX_RUN_ERROR else text[:1000] + "\n...\n" + text[-(MAX_RUN_ERROR - 1000):]
+
+
+def run_pack(plan: dict[str, Any], resources: dict[str, Any]) -> dict[str, Any]:
+    """Launch one Ray Train run for a pack and wait for it (runs in a zero-CPU Ray task)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .worker import train_pack
+
+    gpus = float(resources["gpus_per_worker"])
+    per_worker = {"CPU": float(resources["cpus_per_worker"]), **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        train_pack, train_loop_config=plan,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=gpus > 0, resources_per_worker=per_worker),
+        run_config=RunConfig(name=plan["run_name"], storage_path=plan["runs_path"],
+                             failure_config=FailureConfig(max_failures=int(resources["max_failures"])),
+                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
+    t0 = time.time()
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 -- reported to the driver, which decides on retries
+        return {"ok": False, "error": _short_error(exc), "wall_s": time.time() - t0}
+    return {"ok": True, "error": None, "wall_s": time.time() - t0}
+
+
+@dataclass
+class _Launch:
+    run_id: int
+    pack: str
+    stage: int
+    members: list[str]
+    max_attempts: int
+    cancel_sent: set[str] = field(default_factory=set)
+
+
+@dataclass
+class RunSummary:
+    states: dict[str, str]
+    runs_launched: int
+    wall_s: float
+
+
+class BatchRunner:
+    """The scheduling driver over one ledger. ``run()`` returns when no job is left to do.
+
+    ``max_concurrent`` overrides the jobs' own limit; ``on_tick(jobs)`` is called every poll
+    (progress displays); ``fault`` (tests) makes a worker ``os._exit`` once at a given step.
+    """
+
+    def __init__(self, ledger: JobLedger, *, poll_s: float = 0.5, max_concurrent: int | None = None,
+                 on_tick: Callable[[list[JobRecord]], None] | None = None, fault: dict | None = None,
+                 scratch: str | None = None, owner: str | None = None):
+        self.ledger, self.poll_s, self.max_concurrent = ledger, poll_s, max_concurrent
+        self.on_tick, self.fault, self.scratch = on_tick, fault, scratch
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.launches: dict[Any, _Launch] = {}    # ObjectRef of the launcher task -> launch
+        self._speed: dict[str, tuple[int, float, int]] = {}   # cid -> (stage, t0, step0) of this launch
+        self._runs = 0
+        self.board = None
+
+    # ----- the loop --------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        """Drive until no job is left (Ray must be initialised; the module never imports it at load,
+        so ``cluster.local_ray`` can set the loopback environment first)."""
+        import ray
+
+        self._ray = ray
+        self._launcher = ray.remote(num_cpus=0, max_retries=0)(run_pack)
+        t0 = time.time()
+        self.ledger.claim_driver(self.owner)
+        self.board = start_board()
+        try:
+            self._recover()
+            while True:
+                self.ledger.heartbeat(self.owner)
+                self._cancellations()
+                self._drain()
+                self._reap()
+                self._schedule()
+                if self.on_tick:
+                    self.on_tick(self.ledger.jobs())
+                if not self.launches and not self._ready() and self.ledger.release_driver_if_idle(self.owner):
+                    break
+        finally:
+            self._stop()
+        return RunSummary({j.concept_id: j.state for j in self.ledger.jobs()}, self._runs, time.time() - t0)
+
+    def _stop(self) -> None:
+        for ref in self.launches:
+            self._ray.cancel(ref, force=True, recursive=True)
+        self.launches.clear()
+        if self.board is not None:
+            self._ray.kill(self.board)
+            self.board = None
+        if self.ledger.live_driver() and self.ledger.live_driver()["owner"] == self.owner:
+            self.ledger.release_driver(self.owner)
+
+    def _recover(self) -> None:
+        """After a driver death: close its runs; cancel flagged jobs. Packs keep their names."""
+        for run in self.ledger.runs():
+            if run["ended_at"] is None:
+                self.ledger.end_run(run["id"], "interrupted", "the driver stopped before the run ended")
+        for rec in self.ledger.jobs(ACTIVE):
+            if rec.cancel_requested:
+                self.ledger.transition(rec.concept_id, "cancelled", pack=None, detail={"requested": True})
+
+    def _running_ids(self) -> set[str]:
+        return {cid for launch in self.launches.values() for cid in launch.members}
+
+    def _ready(self) -> list[JobRecord]:
+        busy = self._running_ids()
+        return [r for r in self.ledger.jobs(ACTIVE) if r.concept_id not in busy and not r.cancel_requested]
+
+    # ----- cancellation ----------------------------------------------------------------------
+    def _cancellations(self) -> None:
+        running = {cid: launch for launch in self.launches.values() for cid in launch.members}
+        for rec in self.ledger.jobs(ACTIVE):
+            if not rec.cancel_requested:
+                continue
+            launch = running.get(rec.concept_id)
+            if launch is None:
+                self.ledger.transition(rec.concept_id, "cancelled", pack=None, detail={"requested": True})
+                self.board.uncancel.remote([rec.concept_id])
+            elif rec.concept_id not in launch.cancel_sent:
+                self.board.cancel.remote([rec.concept_id])
+                launch.cancel_sent.add(rec.concept_id)
+
+    # ----- messages from workers -------------------------------------------------------------
+    def _drain(self) -> None:
+        progress: dict[str, dict] = {}
+        for msg in self._ray.get(self.board.drain.remote()):
+            kind, cid = msg["kind"], msg.get("concept_id")
+            if kind == "progress":
+                progress[cid] = self._with_eta(msg)
+            elif kind == "checkpoint":
+                for m in msg["members"]:
+                    self.ledger.record_checkpoint(m["concept_id"], msg["stage"], m["step"],
+                                                  f"{msg['uri']}/{m['concept_id']}")
+            elif kind == "event":
+                if msg["event"] == "resumed":
+                    self._speed.pop(cid, None)
+                self.ledger.record_event(cid, msg["event"], msg.get("detail"), msg["at"])
+            elif kind == "outcome":
+                self.ledger.record_progress(list(progress.values()))
+                progress.clear()
+                self._outcome(msg)
+        self.ledger.record_progress(list(progress.values()))
+
+    def _with_eta(self, msg: dict) -> dict:
+        """ETA of the current stage from the step rate seen since this launch's first report."""
+        cid, stage, step, at = msg["concept_id"], msg["stage"], msg["step"], msg["at"]
+        first = self._speed.get(cid)
+        if first is None or first[0] != stage or step <= first[2]:
+            self._speed[cid] = first = (stage, at, step)
+        done = step - first[2]
+        return {**msg, "eta_s": (msg["total"] - step) * (at - first[1]) / done if done > 0 else None}
+
+    def _outcome(self, msg: dict) -> None:
+        cid, stage, status = msg["concept_id"], msg["stage"], msg["status"]
+        try:
+            rec = self.ledger.get(cid)
+            if rec.state != f"stage{stage}":
+                return  # stale (e.g. a duplicate after a restart): the ledger already moved on
+            if status == "done":
+                self.ledger.stage_done(cid, stage, msg["output"], at=msg["at"])
+            elif status == "failed":
+                self.ledger.fail(cid, msg["error"])
+            elif status == "stopped" and rec.cancel_requested:
+                self.ledger.transition(cid, "cancelled", pack=None, detail={"step": msg.get("step")})
+                self.board.uncancel.remote([cid])   # a later requeue must not be stopped again
+        except LedgerError as exc:
+            self.ledger.record_event(cid, "outcome-ignored", {"status": status, "why": str(exc)})
+
+    # ----- runs ------------------------------------------------------------------------------
+    def _reap(self) -> None:
+        if not self.launches:
+            return
+        refs = list(self.launches)
+        done, _ = self._ray.wait(refs, num_returns=1, timeout=self.poll_s)
+        if done:
+            done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in done:
+            launch = self.launches.pop(ref)
+            try:
+                result = self._ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 -- the launcher task itself died
+                result = {"ok": False, "error": _short_error(exc)}
+            self._drain()  # outcomes pushed just before the run ended
+            self._settle(launch, result)
+
+    def _settle(self, launch: _Launch, result: dict) -> None:
+        left = [cid for cid in launch.members
+                if (rec := self.ledger.get(cid)).state == f"stage{launch.stage}" and rec.pack == launch.pack]
+        if left:
+            error = result["error"] or "the run ended before these concepts finished their stage"
+            self.ledger.run_failed(left, error, max_attempts=launch.max_attempts, isolate=len(launch.members) > 1)
+        self.ledger.end_run(launch.run_id, "ok" if result["ok"] and not left else "failed", result["error"])
+
+    def _limit(self, jobs: list[JobRecord]) -> int:
+        if self.max_concurrent:
+            return self.max_concurrent
+        return min((j.spec.resources.max_concurrent for j in jobs), default=1)
+
+    def _schedule(self) -> None:
+        ready = self._ready()
+        free = self._limit(ready + [self.ledger.get(c) for c in self._running_ids()]) - len(self.launches)
+        if free <= 0 or not ready:
+            return
+        sticky: dict[str, list[JobRecord]] = {}
+        groups: dict[str, list[JobRecord]] = {}
+        for rec in ready:
+            if rec.pack:
+                sticky.setdefault(rec.pack, []).append(rec)
+            else:
+                groups.setdefault(pack_key(rec, rec.next_stage), []).append(rec)
+        packs = [(recs[0].next_stage, name, recs) for name, recs in sticky.items()]
+        for key in sorted(groups, key=lambda k: -json.loads(k)[0]):  # stage 2 first: closer to done
+            recs = groups[key]
+            size = recs[0].spec.resources.concepts_per_pack
+            for i in range(0, len(recs), size):
+                chunk = recs[i:i + size]
+                packs.append((chunk[0].next_stage, pack_name(chunk[0].next_stage, chunk), chunk))
+        for stage, name, recs in packs[:free]:
+            self._launch(stage, name, recs)
+
+    def _launch(self, stage: int, name: str, recs: list[JobRecord]) -> None:
+        run_id, ids = self.ledger.launch(name, stage, [r.concept_id for r in recs])  # committed first
+        if run_id is None:
+            return
+        recs = [self.ledger.get(c) for c in ids]
+        spec = recs[0].spec
+        plan = {
+            "run_name": name, "stage": stage, "storage": spec.storage, "runs_path": f"{spec.storage}/runs",
+            "base_model": spec.base_model, "validation": spec.validation.model_dump(), "board": self.board,
+            "scratch": self.scratch, "members": [self._member(r, stage) for r in recs],
+            "fault": self._fault_for(ids, spec.storage),
+        }
+        ref = self._launcher.remote(plan, spec.resources.model_dump())
+        self.launches[ref] = _Launch(run_id, name, stage, ids, spec.resources.max_attempts)
+        for cid in ids:
+            self._speed.pop(cid, None)
+        self._runs += 1
+
+    @staticmethod
+    def _member(rec: JobRecord, stage: int) -> dict:
+        s = rec.spec
+        return {"concept_id": rec.concept_id, "trigger": s.trigger, "manifest": s.manifest,
+                "data_hash": s.data_hash, "recipe": s.recipes[str(stage)], "seed": s.seed,
+                "validation_prompts": s.validation_prompts, "batch": rec.batch, "content_hash": rec.content_hash,
+                "job_key": job_key(rec), "resume": rec.checkpoint if rec.checkpoint_stage == stage else None}
+
+    def _fault_for(self, ids: list[str], storage: str) -> dict | None:
+        f = self.fault
+        if not f or f["concept_id"] not in ids:
+            return None
+        name = f"{f['concept_id']}-s{f['stage']}-{f['step']}.fired"
+        folder = f"{storage}/work/faults" if "://" not in storage else f"{tempfile.gettempdir()}/purecc-faults"
+        return {**f, "marker": f.get("marker") or f"{folder}/{name}"}

@@ -1,0 +1,134 @@
+"""Batch specs: a bad batch is rejected whole, with every problem named (file, concept, field)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster import api
+from cluster.spec import BatchSpecError, load_batch, validate_batch
+
+from cluster_helpers import batch_dict, copy_concept, write_batch
+
+
+def problems_of(path: Path) -> list:
+    with pytest.raises(BatchSpecError) as err:
+        load_batch(path)
+    assert str(path) in str(err.value)
+    return err.value.problems
+
+
+def test_valid_batch_resolves_paths_and_merges_defaults(tmp_path, tiny_model_dir, sample_manifests):
+    data = batch_dict(tiny_model_dir, Path("store"), sample_manifests)
+    data["concepts"][0]["overrides"] = {"lambda_mode": "adaptive", "stage2": {"steps": 9}, "seed": 3}
+    spec = load_batch(write_batch(tmp_path / "b.yaml", data))
+    assert spec.storage == str(tmp_path / "store") and spec.ledger_path == f"{tmp_path}/store/ledger.sqlite"
+    jobs = {j.concept_id: j for j in spec.jobs()}
+    z = jobs["zigzag-star"]
+    assert z.recipes["2"]["lambda_mode"] == "adaptive" and z.recipes["2"]["steps"] == 9
+    assert z.recipes["2"]["checkpoint_every"] == 2 and z.recipes["1"]["steps"] == 6   # from defaults
+    assert z.recipes["1"]["resolution"] == z.recipes["2"]["resolution"] == 64 and z.seed == 3
+    assert jobs["ringed-circle"].recipes["2"]["lambda_mode"] == "fixed"
+
+
+def test_json_batch_and_content_hash(tmp_path, tiny_model_dir, sample_manifests):
+    data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests)
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    h1 = {j.concept_id: j.content_hash() for j in load_batch(path).jobs()}
+    assert h1 == {j.concept_id: j.content_hash() for j in load_batch(path).jobs()}
+    data["concepts"][1]["overrides"] = {"stage1": {"lr": 1e-3}}
+    data["resources"]["max_concurrent"] = 7          # scheduling knobs are not content
+    path.write_text(json.dumps(data))
+    h2 = {j.concept_id: j.content_hash() for j in load_batch(path).jobs()}
+    assert h2["zigzag-star"] == h1["zigzag-star"] and h2["ringed-circle"] != h1["ringed-circle"]
+
+
+def test_every_problem_is_listed_at_once(tmp_path, tiny_model_dir, sample_manifests):
+    data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests)
+    data["concepts"][0]["id"] = "../escape"
+    data["concepts"][1]["data"] = str(tmp_path / "missing.csv")
+    data["concepts"][2]["overrides"] = {"stage1": {"steps": 0}, "lambda_mode": "sometimes"}
+    data["concepts"].append({"id": "ringed-circle", "data": str(sample_manifests["ringed-circle"]),
+                             "trigger": "vlk"})
+    data["resources"]["concepts_per_pack"] = 0
+    data["unknown_key"] = 1
+    probs = problems_of(write_batch(tmp_path / "bad.yaml", data))
+    fields = {p.field for p in probs}
+    assert {"concepts.0.id", "concepts.1.data", "concepts.2.overrides.stage1.steps",
+            "concepts.2.overrides.lambda_mode", "concepts.3.id", "resources.concepts_per_pack",
+            "unknown_key"} <= fields, fields
+    by_field = {p.field: p for p in probs}
+    assert "duplicate" in by_field["concepts.3.id"].message
+    assert by_field["concepts.1.data"].concept == "'ringed-circle' (#2)"
+    assert "does not exist" in by_field["concepts.1.data"].message
+
+
+@pytest.mark.parametrize("case", ["bad_id", "uppercase_id", "bad_trigger", "bad_manifest_column",
+                                  "bad_image", "base_model", "resolution", "unknown_override",
+                                  "storage_scheme", "uri_without_ledger", "no_concepts", "extractor"])
+def test_invalid_batch_cases(case, tmp_path, tiny_model_dir, sample_manifests):
+    data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests, ids=["zigzag-star"])
+    c = data["concepts"][0]
+    field = {
+        "bad_id": "concepts.0.id", "uppercase_id": "concepts.0.id", "bad_trigger": "concepts.0.trigger",
+        "bad_manifest_column": "concepts.0.data", "bad_image": "concepts.0.data", "base_model": "base_model",
+        "resolution": "concepts.0.overrides.resolution", "unknown_override": "concepts.0.overrides.stage2.stpes",
+        "storage_scheme": "storage", "uri_without_ledger": "ledger", "no_concepts": "concepts",
+        "extractor": "defaults.extractor",
+    }[case]
+    if case == "bad_id":
+        c["id"] = "a/b"
+    elif case == "uppercase_id":
+        c["id"] = "Zigzag"
+    elif case == "bad_trigger":
+        c["trigger"] = "two words"
+    elif case in ("bad_manifest_column", "bad_image"):
+        man = copy_concept(sample_manifests["zigzag-star"], tmp_path / "copy")
+        if case == "bad_manifest_column":
+            lines = man.read_text().splitlines()
+            man.write_text("\n".join([lines[0].replace("base_prompt", "other")] + lines[1:]) + "\n")
+        else:
+            (man.parent / "imgs" / "00.png").write_bytes(b"not an image")
+        c["data"] = str(man)
+    elif case == "base_model":
+        data["base_model"] = str(tmp_path)
+    elif case == "resolution":
+        c["overrides"] = {"resolution": 60}
+    elif case == "unknown_override":
+        c["overrides"] = {"stage2": {"stpes": 3}}
+    elif case == "storage_scheme":
+        data["storage"] = "http://example.com/x"
+    elif case == "uri_without_ledger":
+        data["storage"] = "s3://bucket/prefix"
+    elif case == "no_concepts":
+        data["concepts"] = []
+    elif case == "extractor":
+        data["defaults"]["extractor"] = "other"
+    probs = problems_of(write_batch(tmp_path / f"{case}.yaml", data))
+    assert field in {p.field for p in probs}, probs
+
+
+@pytest.mark.parametrize("text,suffix", [("concepts: [unclosed", ".yaml"), ("- a\n- b\n", ".yaml"),
+                                         ("{bad json", ".json"), ("x", ".toml")])
+def test_unparseable_files(tmp_path, text, suffix):
+    path = tmp_path / f"b{suffix}"
+    path.write_text(text)
+    probs = problems_of(path)
+    assert len(probs) == 1 and probs[0].field in ("(file)", "(root)")
+
+
+def test_rejected_batch_records_nothing(tmp_path, tiny_model_dir, sample_manifests):
+    data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests)
+    data["concepts"][2]["data"] = str(tmp_path / "nope.csv")   # one bad concept rejects them all
+    with pytest.raises(BatchSpecError):
+        api.submit(write_batch(tmp_path / "b.yaml", data))
+    assert not (tmp_path / "store").exists()
+
+
+def test_validate_batch_from_a_dict(tmp_path, tiny_model_dir, sample_manifests):
+    data = batch_dict(tiny_model_dir, "store", sample_manifests)
+    spec = validate_batch(data, base_dir=tmp_path)
+    assert spec.storage == str(tmp_path / "store") and len(spec.concepts) == 3
