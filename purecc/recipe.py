@@ -50,6 +50,14 @@ class StageRecipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "StageRecipe":
+        """Inverse of ``to_dict`` (JSON turns the betas tuple into a list)."""
+        fields = dict(data)
+        if "betas" in fields:
+            fields["betas"] = tuple(fields["betas"])
+        return cls(**fields)
+
 
 STAGE2_DEFAULTS = dict(stage=2, steps=800, lr=1e-4, grad_accum=1, precondition=False)
 

@@ -31,8 +31,7 @@ class AdapterRegistry:
     def __init__(self, root: str | Path):
         self.root = str(root)
         self.fs, self.base = resolve_fs(self.root)
-        self.adapters = f"{self.base}/adapters"
-        self.fs.create_dir(self.adapters, recursive=True)
+        self.adapters = f"{self.base}/adapters"  # created by the first publish; reading never writes
 
     @property
     def is_local(self) -> bool:
@@ -46,6 +45,7 @@ class AdapterRegistry:
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
             raise AdapterFileError(f"publish {concept_id}: {folder} has no {MANIFEST}")
+        self.fs.create_dir(self.adapters, recursive=True)
         staging = f"{self.adapters}/.staging-{concept_id}-{uuid.uuid4().hex[:8]}"
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
         for p in files + [folder / MANIFEST]:  # manifest last
