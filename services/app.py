@@ -1,0 +1,229 @@
+"""The HTTP API (FastAPI ingress) and the Serve application that puts it in front of the generator.
+
+    POST /v1/generate   prompt + concepts [{id, weight}] -> PNGs (base64) with metadata
+    GET  /v1/concepts   servable concepts
+    GET  /healthz       200 once a generator replica has its model loaded, 503 before
+    GET  /openapi.json  the schema (interactive docs at /docs)
+
+Status codes: 422 names the offending field (FastAPI's own shape, also for the limits checked
+here); 404 names an unknown concept; 503 (with Retry-After) means overloaded (the generator's
+bounded queue is full, or every adapter slot is held by in-flight requests) or timed out. Bad input
+never produces a 500.
+
+Two deployments: this ingress (cheap, validates, resolves trigger words, answers 404/422 without
+touching a GPU) and ``ConceptGenerator`` behind a handle, routed by ``services.routing``.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see the route signatures' real types
+# through serve.ingress's wrappers
+import asyncio
+import base64
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.serve.handle import DeploymentHandle
+
+from purecc.generate import RenderSettings, fill_placeholders
+from purecc.registry import AdapterRegistry
+
+from .adapter_cache import adapter_version
+from .catalog import ConceptCatalog
+from .config import ServiceConfig
+from .deployment import ConceptGenerator, ConceptUse, RenderJob, RenderResult
+from .errors import ConceptUnloadable, SlotsBusy, TooManyConcepts, UnknownConcept
+from .schemas import (ConceptInfo, ConceptList, ConceptUsed, ErrorBody, GeneratedImage, GenerateRequest,
+                      GenerateResponse, Health, Timings)
+
+HEALTH_TIMEOUT_S = 2.0
+INGRESS_HEADROOM = 32      # requests the ingress holds beyond the generators' capacity (404/422s, health)
+ROUTER = "services.routing:ConceptAffinityRouter"
+
+api = FastAPI(title="purecc", version="0.1.0",
+              description="Multi-concept generation on one shared SD3/SD3.5 base with hot-loaded PureCC adapters.")
+ERRORS = {404: {"model": ErrorBody, "description": "A requested concept is not servable."},
+          503: {"model": ErrorBody, "description": "Overloaded or timed out; retry after Retry-After seconds."}}
+
+
+class ApiError(Exception):
+    """An error with its HTTP answer. ``loc``: the request field at fault (answered in FastAPI's 422 shape)."""
+
+    def __init__(self, status: int, detail: str, *, loc: tuple = (), concept: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.loc = status, detail, loc
+        self.concept, self.retry_after = concept, retry_after
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    if exc.loc:
+        body = {"detail": [{"loc": ["body", *exc.loc], "msg": exc.detail, "type": "value_error"}]}
+    else:
+        body = ErrorBody(detail=exc.detail, concept=exc.concept).model_dump()
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 shape without the offending input, which may not even be JSON (NaN) or be huge."""
+    errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The generator's own exception inside Ray's wrapper (RayTaskError.cause)."""
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        exc = exc.cause
+    return exc
+
+
+def _as_api_error(exc: BaseException, concept_index: dict[str, int]) -> ApiError | None:
+    cause = _cause(exc)
+    if isinstance(cause, UnknownConcept):
+        return ApiError(404, str(cause), concept=cause.concept_id)
+    if isinstance(cause, ConceptUnloadable):
+        return ApiError(422, str(cause), loc=("concepts", concept_index.get(cause.concept_id, 0), "id"),
+                        concept=cause.concept_id)
+    if isinstance(cause, TooManyConcepts):
+        return ApiError(422, str(cause), loc=("concepts",))
+    if isinstance(cause, SlotsBusy):
+        return ApiError(503, str(cause), retry_after=1)
+    if isinstance(cause, BackPressureError):
+        return ApiError(503, "the service is at capacity (generator queue full); retry later", retry_after=1)
+    if isinstance(cause, RayServeException):
+        return ApiError(503, f"the generator is unavailable: {cause}", retry_after=5)
+    return None
+
+
+@serve.deployment(name="GenerationAPI", ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class GenerationAPI:
+    def __init__(self, generator: DeploymentHandle, config: ServiceConfig):
+        self.generator, self.config = generator, config
+        self.catalog = ConceptCatalog(AdapterRegistry(config.registry), config.catalog_ttl_s)
+        self._model: dict | None = None
+
+    async def _call(self, method: str, *args, timeout: float, concept_index: dict[str, int] | None = None):
+        """``generator.<method>(*args)`` with a deadline, its errors mapped to HTTP answers."""
+        response = None
+
+        async def result():
+            return await response
+        try:
+            # inside the try: a full handle queue may raise BackPressureError from .remote() itself
+            response = getattr(self.generator, method).remote(*args)
+            return await asyncio.wait_for(result(), max(timeout, 0.001))
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ApiError(503, f"no answer within {max(1, round(timeout))}s; the service is overloaded, "
+                                "still loading, or the request is too large", retry_after=5) from None
+        except Exception as exc:
+            mapped = _as_api_error(exc, concept_index or {})
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    async def _model_info(self, timeout: float) -> dict:
+        if self._model is None:
+            self._model = await self._call("describe", timeout=timeout)
+        return self._model
+
+    @api.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS,
+              summary="Generate images with concepts composed on the shared base")
+    async def generate(self, body: GenerateRequest) -> GenerateResponse:
+        start = time.perf_counter()
+        deadline = start + self.config.request_timeout_s
+        info = await self._model_info(deadline - time.perf_counter())
+        width, height = body.width or info["native_side"], body.height or info["native_side"]
+        self._check_limits(body, info, width, height)
+        manifests = {}
+        for c in body.concepts:
+            m = await self.catalog.lookup(c.id)
+            if m is None:
+                raise ApiError(404, f"concept {c.id!r} is not in the adapter registry", concept=c.id)
+            if m.base_fingerprint != info["base_fingerprint"]:
+                raise ApiError(404, f"concept {c.id!r} was trained on another base model", concept=c.id)
+            manifests[c.id] = m
+        try:
+            prompt = fill_placeholders(body.prompt, {cid: m.trigger for cid, m in manifests.items()})
+        except KeyError as exc:
+            raise ApiError(422, f"placeholder <{exc.args[0]}> names no concept of this request",
+                           loc=("prompt",)) from None
+        job = RenderJob(prompt=prompt, seeds=tuple(body.seed + i for i in range(body.num_images)),
+                        settings=RenderSettings(steps=body.steps, guidance=body.guidance, width=width, height=height),
+                        concepts=tuple(ConceptUse(c.id, c.weight, adapter_version(manifests[c.id]))
+                                       for c in body.concepts),
+                        negative_prompt=body.negative_prompt)
+        index = {c.id: i for i, c in enumerate(body.concepts)}
+        result: RenderResult = await self._call("render", job, timeout=deadline - time.perf_counter(),
+                                                concept_index=index)
+        return self._response(body, job, result, manifests, time.perf_counter() - start)
+
+    def _check_limits(self, body: GenerateRequest, info: dict, width: int, height: int) -> None:
+        for name, side in (("width", width), ("height", height)):
+            if side > info["max_side"]:
+                raise ApiError(422, f"{side} exceeds this model's largest side, {info['max_side']}", loc=(name,))
+        if body.num_images > info["max_images"]:
+            raise ApiError(422, f"{body.num_images} images requested, at most {info['max_images']} per request",
+                           loc=("num_images",))
+        if len(body.concepts) > info["slots"]:
+            raise ApiError(422, str(TooManyConcepts(len(body.concepts), info["slots"])), loc=("concepts",))
+
+    @staticmethod
+    def _response(body: GenerateRequest, job: RenderJob, result: RenderResult, manifests: dict,
+                  total_s: float) -> GenerateResponse:
+        ms = lambda s: round(1000 * s, 3)  # noqa: E731
+        used = [ConceptUsed(id=c.concept_id, weight=c.weight, trigger=manifests[c.concept_id].trigger,
+                            stage=manifests[c.concept_id].stage, version=c.version or "",
+                            slot=result.slot_of[c.concept_id], hot_loaded=c.concept_id in result.hot_loaded)
+                for c in job.concepts]
+        timings = Timings(queue_ms=ms(max(total_s - result.load_s - result.denoise_s, 0.0)),
+                          adapter_load_ms=ms(result.load_s), denoise_ms=ms(result.denoise_s), total_ms=ms(total_s))
+        images = [GeneratedImage(seed=s, png_base64=base64.b64encode(png).decode("ascii"))
+                  for s, png in zip(result.seeds, result.pngs)]
+        return GenerateResponse(images=images, concepts=used, prompt=job.prompt, seed=body.seed, steps=body.steps,
+                                guidance=body.guidance, width=job.settings.width, height=job.settings.height,
+                                batch_images=result.batch_images, replica=result.replica, timings=timings)
+
+    @api.get("/v1/concepts", response_model=ConceptList, responses={503: ERRORS[503]},
+             summary="List the concepts this service can compose")
+    async def concepts(self) -> ConceptList:
+        info = await self._model_info(self.config.request_timeout_s)
+        manifests = await self.catalog.list()
+        return ConceptList(concepts=[
+            ConceptInfo(id=m.concept_id, trigger=m.trigger, stage=m.stage, steps=m.steps, rank=m.rank,
+                        version=adapter_version(m), created=m.created)
+            for m in manifests if m.base_fingerprint == info["base_fingerprint"]])
+
+    @api.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}},
+             summary="Readiness: 200 once a generator replica has its model loaded")
+    async def healthz(self):
+        try:
+            info = await self._model_info(HEALTH_TIMEOUT_S)
+        except ApiError as exc:
+            return JSONResponse(Health(status="loading", detail=exc.detail).model_dump(), status_code=503)
+        return Health(status="ok", slots=info["slots"], max_side=info["max_side"])
+
+
+def build_app(args: ServiceConfig | dict):
+    """Serve application builder (``import_path: services.app:build_app`` in a ``serve deploy`` file)."""
+    cfg = args if isinstance(args, ServiceConfig) else ServiceConfig.model_validate(args)
+    generator = serve.deployment(ConceptGenerator, name="ConceptGenerator").options(
+        num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER,
+                                                  request_routing_stats_period_s=cfg.routing_stats_period_s))
+    # the ingress admits more than the generators hold (its requests mostly wait on them), so
+    # overload surfaces as the generator queue's 503 with Retry-After; only far beyond that does
+    # Serve's proxy answer 503 itself (it counts requests still being routed as queued)
+    capacity = cfg.replicas * cfg.max_ongoing_requests + cfg.max_queued_requests + INGRESS_HEADROOM
+    return GenerationAPI.options(max_ongoing_requests=capacity, max_queued_requests=capacity).bind(
+        generator.bind(cfg), cfg)

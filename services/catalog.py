@@ -1,0 +1,36 @@
+"""The ingress's view of the registry: manifests cached for a short TTL; unknown ids always re-read.
+
+So a concept published while the service runs is found on its first request, and a re-published
+one is picked up within ``ttl_s`` (its new weights' sha256 becomes the version the generator loads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from purecc.adapter_files import AdapterManifest
+from purecc.registry import AdapterRegistry
+
+
+class ConceptCatalog:
+    def __init__(self, registry: AdapterRegistry, ttl_s: float = 2.0):
+        self.registry, self.ttl_s = registry, ttl_s
+        self._manifests: dict[str, tuple[float, AdapterManifest]] = {}
+
+    async def lookup(self, concept_id: str) -> AdapterManifest | None:
+        cached = self._manifests.get(concept_id)
+        if cached is not None and time.monotonic() - cached[0] < self.ttl_s:
+            return cached[1]
+        manifest = await asyncio.to_thread(self.registry.manifest, concept_id)
+        if manifest is None:
+            self._manifests.pop(concept_id, None)
+        else:
+            self._manifests[concept_id] = (time.monotonic(), manifest)
+        return manifest
+
+    async def list(self) -> list[AdapterManifest]:
+        manifests = await asyncio.to_thread(self.registry.list)
+        now = time.monotonic()
+        self._manifests = {m.concept_id: (now, m) for m in manifests}
+        return manifests

@@ -1,0 +1,108 @@
+"""Python client of the purecc HTTP service, and ``purecc generate --url`` on top of it.
+
+    client = ServiceClient("http://127.0.0.1:8000")
+    result = client.generate("a <zigzag-star> star", concepts=[("zigzag-star", 1.0)], seed=7)
+    result.save("out/")          # out/image_7.png, like ``purecc generate --model``
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import requests
+
+from purecc.fileio import atomic_write_bytes
+
+
+class ServiceError(RuntimeError):
+    """A non-2xx answer: ``status`` and the service's ``detail`` (for 422, the fields at fault)."""
+
+    def __init__(self, status: int, detail: str, body: object = None):
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.detail, self.body = status, detail, body
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[tuple[int, bytes]]            # (seed, PNG bytes)
+    metadata: dict = field(default_factory=dict)  # the response without the images
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write ``image_<seed>.png`` files, as the local ``purecc generate`` does."""
+        return [atomic_write_bytes(Path(folder) / f"image_{seed}.png", png) for seed, png in self.images]
+
+
+def _detail(body: object) -> str:
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):   # FastAPI's 422 shape: [{loc, msg, ...}]
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+    return str(detail)
+
+
+class ServiceClient:
+    """Talks to one service URL. Not shared between threads (it keeps one HTTP session)."""
+
+    def __init__(self, url: str, *, timeout: float = 300.0, session: requests.Session | None = None):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = session or requests.Session()
+
+    def _request(self, method: str, path: str, **kwargs) -> dict:
+        resp = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        if resp.status_code >= 400:
+            raise ServiceError(resp.status_code, _detail(body), body)
+        return body
+
+    def health(self) -> dict:
+        return self._request("GET", "/healthz")
+
+    def wait_ready(self, timeout: float = 120.0, interval: float = 0.25) -> dict:
+        """Poll /healthz until 200; raises TimeoutError with the last answer."""
+        deadline, last = time.monotonic() + timeout, "no answer"
+        while time.monotonic() < deadline:
+            try:
+                return self.health()
+            except (ServiceError, requests.ConnectionError) as exc:
+                last = str(exc)
+            time.sleep(interval)
+        raise TimeoutError(f"{self.url} not ready after {timeout:g}s: {last}")
+
+    def concepts(self) -> list[dict]:
+        return self._request("GET", "/v1/concepts")["concepts"]
+
+    def generate(self, prompt: str, *, concepts: Iterable[tuple[str, float]] | Mapping[str, float] = (),
+                 seed: int = 0, steps: int = 28, guidance: float = 7.0, width: int | None = None,
+                 height: int | None = None, num_images: int = 1, negative_prompt: str = "") -> GenerationResult:
+        pairs = concepts.items() if isinstance(concepts, Mapping) else concepts
+        payload = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
+                   "guidance": guidance, "num_images": num_images,
+                   "concepts": [{"id": cid, "weight": float(w)} for cid, w in pairs]}
+        payload.update({k: v for k, v in (("width", width), ("height", height)) if v is not None})
+        body = self._request("POST", "/v1/generate", json=payload)
+        images = [(img["seed"], base64.b64decode(img["png_base64"])) for img in body.pop("images")]
+        return GenerationResult(images, body)
+
+
+def generate_cli(args: argparse.Namespace) -> int:
+    """``purecc generate --url URL ...``: same flags and output files as the local mode."""
+    client = ServiceClient(args.url)
+    try:
+        result = client.generate(args.prompt, concepts=list(args.concept), seed=args.seed, steps=args.steps,
+                                 guidance=args.guidance, width=args.width, height=args.height,
+                                 num_images=args.num_images, negative_prompt=args.negative_prompt)
+    except (ServiceError, requests.RequestException) as exc:
+        print(f"error: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    for path in result.save(args.out):
+        print(path)
+    return 0

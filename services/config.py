@@ -1,0 +1,60 @@
+"""Service configuration: what ``purecc serve`` flags and the ``serve deploy`` file's ``args`` set.
+
+Every knob has a default and a sentence of advice. The HTTP request bounds live in
+``services.schemas``; this is the deployment side.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ServiceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Local diffusers SD3/SD3.5 folder, present on every replica's node "
+                                   "(nothing is downloaded).")
+    registry: str = Field(description="Adapter registry root written by cluster/: a folder or a pyarrow.fs "
+                                      "URI such as s3://bucket/prefix.")
+    slots: int = Field(8, ge=1, le=256, description="Adapter slots per replica: concepts resident on the device "
+                                                    "at once. 9 MiB each on SD3.5-M; also the most concepts "
+                                                    "one request can compose.")
+    rank: int = Field(4, ge=1, le=128, description="LoRA rank of the slots; every served adapter must match it.")
+    host_cache: int = Field(64, ge=1, description="Concepts kept in host memory per replica (pinned on CUDA), "
+                                                  "so a re-load into a slot skips the registry.")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    load_t5: bool = Field(True, description="Load T5 when the model folder has it; false saves ~9 GiB.")
+    replicas: int = Field(1, ge=1, description="Generator replicas; each loads the base once.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per generator replica (1 on a GPU cluster).")
+    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per generator replica.")
+    max_batch_images: int = Field(8, ge=1, le=64, description="Most images in one denoising pass; requests "
+                                                              "that share size, steps and guidance are batched.")
+    batch_wait_s: float = Field(0.02, ge=0, le=5, description="How long a pass waits for more requests to "
+                                                              "join before it starts.")
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests a generator replica accepts at once "
+                                                            "(loading, queued for a pass, or rendering); keep "
+                                                            ">= max_batch_images so a pass can fill.")
+    max_queued_requests: int = Field(64, ge=1, description="Requests waiting for a replica beyond that; more "
+                                                           "are answered 503 at once.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request still unanswered after this is "
+                                                              "cancelled and answered 503.")
+    slot_wait_s: float = Field(30.0, ge=0, description="How long a request waits for a slot when every slot is "
+                                                       "held by in-flight requests, before 503.")
+    catalog_ttl_s: float = Field(2.0, ge=0, description="How long the ingress trusts a concept's manifest "
+                                                        "before re-reading it (unknown ids are always re-read).")
+    routing_stats_period_s: float = Field(2.0, gt=0, description="How often replicas report their resident "
+                                                                 "concepts to the request router.")
+    warmup: bool = Field(True, description="Run one tiny pass before taking traffic (first-pass costs on GPU).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServiceConfig":
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        return self
+
+    @property
+    def max_images_per_request(self) -> int:
+        from .schemas import MAX_IMAGES
+
+        return min(MAX_IMAGES, self.max_batch_images)

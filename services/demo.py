@@ -1,0 +1,260 @@
+"""``purecc demo``: the whole product on one machine, end to end, on the embedded model.
+
+1. the base model (the committed world base when present, else the tiny random model) and the three
+   sample concepts are written into the output folder, with a batch spec for them;
+2. a local Ray cluster starts on 127.0.0.1; the batch is submitted to Ray Train and trained (stage 1,
+   then stage 2, several trainings at once) with live progress until every concept is published;
+3. the Serve deployment starts on the same cluster; one request per concept and two-concept
+   compositions go over HTTP; the images, a grid PNG and a report (losses, stage times, latencies) are
+   saved; everything shuts down, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+QUICK = {"steps1": 6, "steps2": 4, "checkpoint_every": 3, "render_steps": 4}
+FULL = {"steps1": 60, "steps2": 40, "checkpoint_every": 20, "render_steps": 20}
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    out: Path
+    quick: bool
+    port: int
+    resolution: int = 64
+
+    @property
+    def knobs(self) -> dict:
+        return QUICK if self.quick else FULL
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train the sample concepts on Ray Train, serve them on Ray Serve, "
+                                    "query and compose them over HTTP (all on 127.0.0.1)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="demo-out", help="output folder (model, data, storage, images, report)")
+    p.add_argument("--quick", action="store_true", help="CI-sized run: a few steps per stage")
+    p.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--force", action="store_true", help="reuse a non-empty --out folder")
+    p.set_defaults(func=_demo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base_model(out: Path) -> tuple[Path, str]:
+    """The committed pretrained world base if the package has it, else a freshly built tiny model."""
+    try:
+        from purecc.pretrain import verify_world_base, world_base_path
+
+        path = world_base_path()
+        verify_world_base(path)
+        return path, "pretrained world base (purecc/assets/world-base)"
+    except (ImportError, FileNotFoundError, ValueError):
+        from purecc.tiny import write_tiny_model
+
+        dest = out / "model"
+        if not (dest / "model_index.json").is_file():
+            write_tiny_model(dest)
+        return dest, "embedded tiny model (random weights)"
+
+
+def write_batch(plan: DemoPlan, model: Path) -> Path:
+    """The sample concepts as a batch spec (two trainings at once, one concept per pack)."""
+    from purecc.samples import SAMPLE_CONCEPTS, write_sample_concepts
+
+    manifests = write_sample_concepts(plan.out / "data")
+    k = plan.knobs
+    batch = {
+        "name": "demo", "base_model": str(model), "storage": str(plan.out / "storage"),
+        "resources": {"gpus_per_worker": 0, "cpus_per_worker": 0.5, "concepts_per_pack": 1,
+                      "max_concurrent": 2, "max_failures": 1, "max_attempts": 1},
+        "defaults": {"resolution": plan.resolution,
+                     "stage1": {"steps": k["steps1"], "checkpoint_every": k["checkpoint_every"],
+                                "grad_accum": 1, "lr": 2e-3},
+                     "stage2": {"steps": k["steps2"], "checkpoint_every": k["checkpoint_every"], "lr": 1e-3}},
+        "concepts": [{"id": c.concept_id, "data": str(manifests[c.concept_id]), "trigger": c.trigger_word}
+                     for c in SAMPLE_CONCEPTS],
+    }
+    path = plan.out / "batch.yaml"
+    path.write_text(yaml.safe_dump(batch, sort_keys=False))
+    return path
+
+
+def train(plan: DemoPlan, batch: Path, ray_tmp: str) -> list:
+    from cluster import api
+    from cluster.progress import LiveTable
+
+    print(f"submitting {batch} to Ray Train (2 trainings at once)", flush=True)
+    table = LiveTable()
+    result = api.submit(batch, num_cpus=2, ray_temp_dir=ray_tmp, on_tick=table)
+    jobs = api.status(result.ledger)
+    table.final(jobs)
+    bad = [j for j in jobs if j.state != "published"]
+    if bad:
+        raise RuntimeError("not published: " + ", ".join(f"{j.concept_id} ({j.state}: {j.error})" for j in bad))
+    return jobs
+
+
+def requests_for(jobs) -> list[dict]:
+    """One request per concept, two compositions and one without concepts (the base)."""
+    from purecc.samples import SAMPLE_CONCEPTS
+
+    word = {c.concept_id: c.class_word for c in SAMPLE_CONCEPTS}
+    ids = [j.concept_id for j in jobs]
+    name = lambda cid: f"<{cid}> {word.get(cid, '')}".strip()  # noqa: E731
+    reqs = [{"name": cid, "prompt": f"a {name(cid)} on a plain white background", "concepts": [(cid, 1.0)]}
+            for cid in ids]
+    reqs.append({"name": f"{ids[0]}+{ids[1]}", "prompt": f"a {name(ids[0])} left of a {name(ids[1])}",
+                 "concepts": [(ids[0], 1.0), (ids[1], 1.0)]})
+    reqs.append({"name": f"{ids[1]}+{ids[2]}", "prompt": f"a {name(ids[1])} above a {name(ids[2])}",
+                 "concepts": [(ids[1], 0.8), (ids[2], 1.0)]})
+    reqs.append({"name": "base", "prompt": "a red circle on a grid background", "concepts": []})
+    return reqs
+
+
+def serve_and_query(plan: DemoPlan, model: Path, jobs) -> list[dict]:
+    from ray import serve
+
+    from .app import build_app
+    from .client import ServiceClient
+    from .config import ServiceConfig
+
+    config = ServiceConfig(model=str(model), registry=str(plan.out / "storage"), slots=4, cpus_per_replica=1.0,
+                           max_batch_images=4)
+    serve.start(http_options={"host": "127.0.0.1", "port": plan.port})
+    serve.run(build_app(config), name="purecc", route_prefix="/")
+    url = f"http://127.0.0.1:{plan.port}"
+    client = ServiceClient(url, timeout=120)
+    client.wait_ready(timeout=120)
+    served = [c["id"] for c in client.concepts()]
+    print(f"service ready at {url}; servable concepts: {served}", flush=True)
+    results = []
+    for i, req in enumerate(requests_for(jobs)):
+        start = time.perf_counter()
+        res = client.generate(req["prompt"], concepts=req["concepts"], seed=100 + i, steps=plan.knobs["render_steps"],
+                              guidance=4.0, width=plan.resolution, height=plan.resolution)
+        latency = time.perf_counter() - start
+        (seed, png), = res.images
+        path = plan.out / "images" / f"{i:02d}-{req['name'].replace('+', '_and_')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+        results.append({"name": req["name"], "prompt": req["prompt"], "concepts": req["concepts"], "seed": seed,
+                        "latency_s": latency, "image": str(path.relative_to(plan.out)),
+                        "server": res.metadata})
+        print(f"  POST /v1/generate {req['name']:<28} {latency * 1000:7.0f} ms -> {path.name}", flush=True)
+    return results
+
+
+def grid(plan: DemoPlan, results: list[dict]) -> Path:
+    """One row of labelled tiles, upscaled so the tiny images are visible."""
+    from PIL import Image, ImageDraw
+
+    tile, label_h = 192, 28
+    sheet = Image.new("RGB", (tile * len(results), tile + label_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, r in enumerate(results):
+        img = Image.open(plan.out / r["image"]).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
+        sheet.paste(img, (i * tile, label_h))
+        draw.text((i * tile + 4, 6), r["name"][:30], fill="black")
+    path = plan.out / "grid.png"
+    sheet.save(path)
+    return path
+
+
+def report(plan: DemoPlan, model_note: str, jobs, results: list[dict], timings: dict) -> Path:
+    concepts = []
+    for j in jobs:
+        from purecc.adapter_files import read_manifest
+
+        manifest = read_manifest(j.adapter) if j.adapter and "://" not in j.adapter else None
+        losses = (manifest.metrics.get("losses") or []) if manifest else []
+        concepts.append({
+            "id": j.concept_id, "trigger": j.spec.trigger, "state": j.state, "adapter": j.adapter,
+            "stage1_s": (j.stage1_ended or 0) - (j.stage1_started or 0),
+            "stage2_s": (j.stage2_ended or 0) - (j.stage2_started or 0),
+            "stage2_first_loss": losses[0] if losses else None, "stage2_last_loss": losses[-1] if losses else None,
+        })
+    latencies = sorted(r["latency_s"] for r in results)
+    data = {"model": model_note, "quick": plan.quick, "timings_s": timings, "concepts": concepts,
+            "requests": results, "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1]}
+    (plan.out / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    lines = [f"# purecc demo report\n", f"model: {model_note}\n", "| concept | stage 1 training s | "
+             "stage 2 training s | stage-2 loss first -> last |", "|---|---|---|---|"]
+    for c in concepts:
+        first, last = c["stage2_first_loss"], c["stage2_last_loss"]
+        loss = f"{first:.4f} -> {last:.4f}" if first is not None else "n/a"
+        lines.append(f"| {c['id']} | {c['stage1_s']:.1f} | {c['stage2_s']:.1f} | {loss} |")
+    lines += ["", "| request | latency ms | image |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['latency_s'] * 1000:.0f} | {r['image']} |" for r in results]
+    lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "", "![grid](grid.png)"]
+    path = plan.out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_demo(plan: DemoPlan) -> Path:
+    from cluster.local_ray import start_local_ray
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    model, note = _base_model(plan.out)
+    batch = write_batch(plan, model)
+    print(f"base model: {note} at {model}", flush=True)
+    ray_tmp = tempfile.mkdtemp(prefix="purecc-demo-")  # short path: Ray's sockets live under it
+    ray = start_local_ray(2, temp_dir=ray_tmp)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        timings["setup"] = time.perf_counter() - t0
+        jobs = train(plan, batch, ray_tmp)
+        timings["train"] = time.perf_counter() - t0 - timings["setup"]
+        t1 = time.perf_counter()
+        results = serve_and_query(plan, model, jobs)
+        timings["serve_and_query"] = time.perf_counter() - t1
+        grid(plan, results)
+        timings["total"] = time.perf_counter() - t0
+        return report(plan, note, jobs, results, timings)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("shutting down Serve and Ray", flush=True)
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"--out: {out} is not empty (use --force to reuse it, or another folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = DemoPlan(out=out, quick=args.quick, port=args.port or _free_port())
+    try:
+        path = run_demo(plan)
+    except KeyboardInterrupt:
+        print("demo interrupted; everything was shut down", file=sys.stderr)
+        return 130
+    print(f"done: report {path}, grid {out / 'grid.png'}, images in {out / 'images'}")
+    return 0

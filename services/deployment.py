@@ -1,0 +1,208 @@
+"""The generation deployment: one shared base per replica, an adapter bank, batched passes.
+
+A replica loads the base once (in ``__init__``, so Serve routes nothing to it before the model is
+ready) and attaches an ``AdapterBank`` of ``slots`` rows once. A request names (concept, weight,
+version) triples: ``AdapterSlots.acquire`` holds a slot for each, hot-loading missing ones from
+the registry. Held requests then meet in ``@serve.batch``: every request whose render settings
+(size, steps, guidance) match shares one ``purecc.generate.generate`` call, each sample with its
+own routing row and seed, so a batched image equals the image the request gets alone. Requests
+with other settings in the same batch get their own pass, one after the other.
+
+The heavy work runs in worker threads (``asyncio.to_thread``), so the replica keeps answering
+health checks, routing-stats polls and slot bookkeeping while it renders.
+
+Routing affinity: a custom Serve request router (``services.routing.ConceptAffinityRouter``), not
+model multiplexing. Each replica reports its resident concepts (``record_routing_stats``) and a
+request goes to the replica holding most of its concepts; multiplexing would key affinity and
+eviction on one id per concept *set*, while residency here is per concept and sets overlap (the
+full reasoning is in ``services.routing``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from ray import serve
+
+from purecc.bank import attach_bank
+from purecc.generate import RenderSettings, Sample, generate
+from purecc.model import ModelConfig, base_fingerprint, load_pipeline
+from purecc.registry import AdapterRegistry
+
+from .adapter_cache import AdapterSlots, HostAdapterCache, SlotLease
+from .config import ServiceConfig
+from .schemas import MAX_SIDE
+
+
+class ConceptUse(NamedTuple):
+    concept_id: str
+    weight: float
+    version: str | None = None      # sha256 of the adapter weights; None: the registry's current one
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """One request as the generator sees it: placeholders already replaced by trigger words."""
+
+    prompt: str
+    seeds: tuple[int, ...]
+    settings: RenderSettings
+    concepts: tuple[ConceptUse, ...] = ()
+    negative_prompt: str = ""
+
+    @property
+    def concept_ids(self) -> tuple[str, ...]:   # read by services.routing
+        return tuple(c.concept_id for c in self.concepts)
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    pngs: list[bytes]
+    seeds: tuple[int, ...]
+    slot_of: dict[str, int]
+    hot_loaded: tuple[str, ...]
+    batch_images: int
+    replica: str
+    wait_s: float           # waiting for free slots
+    load_s: float           # waiting for adapter loads
+    queue_s: float          # holding slots, waiting for a pass
+    denoise_s: float        # the pass
+    elapsed_s: float        # everything inside the replica
+
+
+@dataclass(eq=False)
+class _Pending:
+    job: RenderJob
+    lease: SlotLease
+    held_at: float
+
+
+@dataclass(frozen=True)
+class _PassOutcome:
+    pngs: list[bytes]
+    started: float
+    denoise_s: float
+    batch_images: int
+
+
+def _images_in(items: list[_Pending]) -> int:
+    return sum(len(p.job.seeds) for p in items)
+
+
+def png_bytes(image) -> bytes:
+    """Encoded exactly as ``purecc.generate.save_png`` writes files (same pixels -> same bytes)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def model_limits(pipe) -> tuple[int, int]:
+    """(native side, largest side) in pixels for this SD3 pipeline."""
+    cfg = pipe.transformer.config
+    native = int(cfg.sample_size) * pipe.vae_scale_factor
+    if cfg.pos_embed_max_size is None:
+        return native, MAX_SIDE
+    return native, min(MAX_SIDE, int(cfg.pos_embed_max_size) * int(cfg.patch_size) * pipe.vae_scale_factor)
+
+
+class ConceptGenerator:
+    """Serve deployment class (wrapped by ``serve.deployment`` in ``services.app``)."""
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.pipe = load_pipeline(ModelConfig(path=config.model, dtype=config.dtype, device=config.device,
+                                              load_t5=config.load_t5))
+        tr = self.pipe.transformer
+        self.fingerprint = base_fingerprint(tr)
+        self.bank = attach_bank(tr, config.slots, rank=config.rank, dtype=tr.dtype)
+        host = HostAdapterCache(AdapterRegistry(config.registry), self.bank, base_fingerprint=self.fingerprint,
+                                capacity=config.host_cache)
+        self.slots = AdapterSlots(self.bank, host)
+        self.native_side, self.max_side = model_limits(self.pipe)
+        self._slot_keys = {str(s): s for s in range(self.bank.num_slots)}
+        self._render_batch.set_max_batch_size(config.max_batch_images)
+        self._render_batch.set_batch_wait_timeout_s(config.batch_wait_s)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:      # constructed outside Serve (benchmarks, tests)
+            self.replica = "local"
+        if config.warmup:
+            self._warmup()
+
+    def _warmup(self) -> None:
+        """One 2-step pass through the banked layers (slot 0 is all zeros, so it is the bare base)."""
+        side = min(self.native_side, 256)
+        sample = Sample("warm up", 0, (("0", 1.0),))
+        generate(self.pipe, [sample], self._slot_keys, RenderSettings(steps=2, guidance=2.0, width=side, height=side))
+
+    # ----- requests ------------------------------------------------------------------------
+    async def render(self, job: RenderJob) -> RenderResult:
+        arrived = time.perf_counter()
+        lease = await self.slots.acquire([(c.concept_id, c.version) for c in job.concepts],
+                                         timeout=self.config.slot_wait_s)
+        pending = _Pending(job, lease, time.perf_counter())
+        try:
+            outcome = await self._render_batch(pending)
+        finally:
+            lease.release()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        done = time.perf_counter()
+        return RenderResult(
+            pngs=outcome.pngs, seeds=job.seeds, slot_of=lease.slot_of, hot_loaded=lease.hot_loaded,
+            batch_images=outcome.batch_images, replica=self.replica, wait_s=lease.wait_s, load_s=lease.load_s,
+            queue_s=max(outcome.started - pending.held_at, 0.0), denoise_s=outcome.denoise_s, elapsed_s=done - arrived)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
+    async def _render_batch(self, items: list[_Pending]) -> list[_PassOutcome | BaseException]:
+        for p in items:     # the pass holds its slots itself: a cancelled caller releases only its own hold
+            self.slots.pin(p.lease.entries)
+        try:
+            groups: dict[RenderSettings, list[_Pending]] = {}
+            for p in items:
+                groups.setdefault(p.job.settings, []).append(p)
+            results: dict[int, _PassOutcome | BaseException] = {}
+            for settings, group in groups.items():
+                started = time.perf_counter()
+                try:
+                    pngs = await asyncio.to_thread(self._run_pass, group, settings)
+                except Exception as exc:   # answer this group's requests; other groups still run
+                    results.update({id(p): exc for p in group})
+                    continue
+                took, n = time.perf_counter() - started, _images_in(group)
+                for p in group:
+                    k = len(p.job.seeds)
+                    results[id(p)] = _PassOutcome(pngs[:k], started, took, n)
+                    pngs = pngs[k:]
+            return [results[id(p)] for p in items]
+        finally:
+            for p in items:
+                self.slots.unpin(p.lease.entries)
+
+    def _run_pass(self, group: list[_Pending], settings: RenderSettings) -> list[bytes]:
+        # concepts are addressed by slot number, so two publications of one concept id can share a pass
+        samples = []
+        for p in group:
+            slot_of = p.lease.slot_of
+            concepts = tuple((str(slot_of[c.concept_id]), c.weight) for c in p.job.concepts)
+            samples += [Sample(p.job.prompt, seed, concepts, p.job.negative_prompt) for seed in p.job.seeds]
+        images = generate(self.pipe, samples, self._slot_keys, settings)
+        return [png_bytes(im) for im in images]
+
+    # ----- introspection -------------------------------------------------------------------
+    async def describe(self) -> dict:
+        """What the ingress needs to validate requests; answering at all means the model is loaded."""
+        return {"replica": self.replica, "slots": self.bank.num_slots, "native_side": self.native_side,
+                "max_side": self.max_side, "base_fingerprint": self.fingerprint,
+                "max_images": self.config.max_images_per_request}
+
+    async def record_routing_stats(self) -> dict:
+        """Polled by Serve every ``routing_stats_period_s``; read by ``services.routing``."""
+        return {"concepts": self.slots.resident()}
+
+    async def stats(self) -> dict:
+        return {"replica": self.replica, **self.slots.snapshot()}

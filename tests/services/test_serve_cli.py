@@ -1,0 +1,90 @@
+"""``purecc serve`` flags, the ``serve deploy`` file, and (slow) the command end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+import services
+from purecc.cli import build_parser
+from services.app import build_app
+from services.cli import config_from_args
+from services.config import ServiceConfig
+
+CONFIG_FILE = Path(services.__file__).parent / "serve_config.yaml"
+
+
+def test_serve_flags_become_the_service_config():
+    args = build_parser().parse_args(["serve", "--model", "/m", "--registry", "s3://b/p", "--slots", "4",
+                                      "--replicas", "2", "--gpus-per-replica", "1", "--batch-wait-ms", "50",
+                                      "--max-queued", "8", "--timeout", "30"])
+    cfg = config_from_args(args)
+    assert (cfg.slots, cfg.replicas, cfg.gpus_per_replica, cfg.batch_wait_s) == (4, 2, 1.0, 0.05)
+    assert (cfg.max_queued_requests, cfg.request_timeout_s, cfg.registry) == (8, 30.0, "s3://b/p")
+    assert args.host == "127.0.0.1"
+
+
+def test_config_rejects_bad_values_naming_them():
+    with pytest.raises(ValueError, match="slots"):
+        ServiceConfig(model="/m", registry="/r", slots=0)
+    with pytest.raises(ValueError, match="dtype"):
+        ServiceConfig(model="/m", registry="/r", dtype="int8")
+    with pytest.raises(ValueError, match="colour"):
+        ServiceConfig(model="/m", registry="/r", colour="red")
+
+
+def test_serve_deploy_file_is_valid_and_builds_the_application():
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load(CONFIG_FILE.read_text())
+    app = ServeDeploySchema.model_validate(data).applications[0]
+    assert app.import_path == "services.app:build_app"
+    built = build_app(app.args)                     # what `serve deploy` calls with `args`
+    generator = built._bound_deployment.init_args[0]._bound_deployment
+    assert generator.name == "ConceptGenerator"
+    assert generator.ray_actor_options["num_gpus"] == app.args["gpus_per_replica"]
+    assert generator.num_replicas == app.args["replicas"]
+    assert generator._deployment_config.max_queued_requests == app.args["max_queued_requests"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.ray
+def test_purecc_serve_starts_prints_the_url_and_stops_on_ctrl_c(tiny_model_dir, tmp_path):
+    port = _free_port()
+    temp_dir = f"/tmp/pccli-{os.getpid()}"
+    cmd = [sys.executable, "-m", "purecc.cli", "serve", "--model", str(tiny_model_dir), "--registry",
+           str(tmp_path / "registry"), "--port", str(port), "--num-cpus", "2", "--cpus-per-replica", "0.5",
+           "--temp-dir", temp_dir]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, line = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and "ready at" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "purecc serve exited early"
+        assert f"http://127.0.0.1:{port}" in line
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{port}/v1/concepts", timeout=30).json() == {"concepts": []}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
