@@ -7,6 +7,7 @@ generator), so a sample's image does not depend on what else is in the batch.
 
 from __future__ import annotations
 
+import io
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from PIL import Image
 
 from .adapter_files import AdapterManifest, load_flat
 from .bank import AdapterBank, attach_bank
+from .fileio import atomic_write_bytes
 from .model import base_fingerprint
 
 PLACEHOLDER = re.compile(r"<([a-z0-9][a-z0-9_-]{0,63})>")
@@ -39,6 +41,14 @@ class RenderSettings:
     guidance: float = 7.0
     width: int = 1024
     height: int = 1024
+    max_sequence_length: int | None = None   # T5 tokens; None: 256 with T5, else 77 (as in training)
+
+
+def sequence_length(pipe, settings: RenderSettings) -> int:
+    """Without T5 the pipeline pads zeros in its place: as many as training saw (77), not 256."""
+    if settings.max_sequence_length is not None:
+        return settings.max_sequence_length
+    return 256 if getattr(pipe, "text_encoder_3", None) is not None else 77
 
 
 def fill_placeholders(prompt: str, triggers: Mapping[str, str]) -> str:
@@ -74,7 +84,8 @@ def generate(pipe, samples: Sequence[Sample], slot_of: Mapping[str, int], settin
         out = pipe(prompt=[s.prompt for s in samples], negative_prompt=[s.negative_prompt for s in samples],
                    num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                    width=settings.width, height=settings.height, generator=gens,
-                   latents=_initial_latents(pipe, gens, settings, device), output_type=output_type)
+                   latents=_initial_latents(pipe, gens, settings, device), output_type=output_type,
+                   max_sequence_length=sequence_length(pipe, settings))
     return out.images
 
 
@@ -112,11 +123,12 @@ def load_concepts(pipe, folders: Sequence[str | Path], *, num_slots: int | None 
     return loaded
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    import io
-
-    from .fileio import atomic_write_bytes
-
+def png_bytes(image: Image.Image) -> bytes:
+    """The one PNG encoding of generated images (files and HTTP answers): same pixels, same bytes."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    return atomic_write_bytes(path, png_bytes(image))

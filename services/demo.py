@@ -194,7 +194,7 @@ def report(plan: DemoPlan, model_note: str, jobs, results: list[dict], timings: 
     data = {"model": model_note, "quick": plan.quick, "timings_s": timings, "concepts": concepts,
             "requests": results, "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1]}
     (plan.out / "report.json").write_text(json.dumps(data, indent=2, default=str))
-    lines = [f"# purecc demo report\n", f"model: {model_note}\n", "| concept | stage 1 training s | "
+    lines = ["# purecc demo report\n", f"model: {model_note}\n", "| concept | stage 1 training s | "
              "stage 2 training s | stage-2 loss first -> last |", "|---|---|---|---|"]
     for c in concepts:
         first, last = c["stage2_first_loss"], c["stage2_last_loss"]

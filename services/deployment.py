@@ -21,7 +21,6 @@ full reasoning is in ``services.routing``).
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -29,7 +28,7 @@ from typing import NamedTuple
 from ray import serve
 
 from purecc.bank import attach_bank
-from purecc.generate import RenderSettings, Sample, generate
+from purecc.generate import RenderSettings, Sample, generate, png_bytes
 from purecc.model import ModelConfig, base_fingerprint, load_pipeline
 from purecc.registry import AdapterRegistry
 
@@ -91,13 +90,6 @@ class _PassOutcome:
 
 def _images_in(items: list[_Pending]) -> int:
     return sum(len(p.job.seeds) for p in items)
-
-
-def png_bytes(image) -> bytes:
-    """Encoded exactly as ``purecc.generate.save_png`` writes files (same pixels -> same bytes)."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def model_limits(pipe) -> tuple[int, int]:

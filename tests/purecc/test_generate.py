@@ -48,7 +48,7 @@ def test_exported_adapter_loads_in_peft_and_diffusers(tiny_model_dir, adapters):
         gen = [torch.Generator().manual_seed(7)]
         latents = torch.randn((16, 8, 8), generator=torch.Generator().manual_seed(7))[None]
         return pipe("a zqx star", negative_prompt="", num_inference_steps=4, guidance_scale=4.0, width=64,
-                    height=64, generator=gen, latents=latents, output_type="np").images[0]
+                    height=64, generator=gen, latents=latents, output_type="np", max_sequence_length=77).images[0]
 
     peft_pipe = load_pipeline(str(tiny_model_dir))
     peft_pipe.transformer = PeftModel.from_pretrained(peft_pipe.transformer, folder)  # the seed's Quick Start
