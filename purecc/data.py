@@ -141,12 +141,28 @@ def _parse_row(path: Path, i: int, raw: dict, trigger: str, max_pixels: int) -> 
             raise ManifestError(f"{where(col)}: prompt {raw[col]!r} lacks the placeholder {PLACEHOLDER}")
     if PLACEHOLDER in raw["base_prompt"]:
         raise ManifestError(f"{where('base_prompt')}: must not contain the placeholder {PLACEHOLDER}")
-    image = Path(raw["image_path"])
-    image = image if image.is_absolute() else path.parent / image
+    image = _image_path(path, raw["image_path"])
     check_image(image, where=where("image_path"), max_pixels=max_pixels)
     sub = lambda s: s.replace(PLACEHOLDER, trigger)  # noqa: E731
     return ConceptRow(image_path=image, prompt=sub(raw["prompt"]), base_prompt=sub(raw["base_prompt"]),
                       target_prompt=sub(raw["target_prompt"]), instance_word=sub(raw["instance_word"]))
+
+
+def _image_path(manifest: Path, value: str) -> Path:
+    image = Path(value)
+    return image if image.is_absolute() else manifest.parent / image
+
+
+def manifest_image_paths(path: str | Path) -> list[Path]:
+    """The image paths a manifest names, resolved as ``read_manifest`` does, without opening any
+    image (to check where they point before reading them). Raises ``ManifestError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest file does not exist")
+    table = _read_table(path)
+    if "image_path" not in table.column_names:
+        raise ManifestError(f"{path}: missing column 'image_path'")
+    return [_image_path(path, str(v or "")) for v in table.column("image_path").to_pylist()]
 
 
 def load_image(path: Path) -> Image.Image:

@@ -1,14 +1,21 @@
 """The HTTP API (FastAPI ingress) and the Serve application that puts it in front of the generator.
 
-    POST /v1/generate   prompt + concepts [{id, weight}] -> PNGs (base64) with metadata
-    GET  /v1/concepts   servable concepts
-    GET  /healthz       200 once a generator replica has its model loaded, 503 before
-    GET  /openapi.json  the schema (interactive docs at /docs)
+    POST /v1/generate       prompt + concepts [{id, weight}] -> PNGs (base64) with metadata
+    GET  /v1/concepts       servable concepts
+    POST /v1/batches        a concept batch to train (202, Location: /v1/batches/{name})
+    GET  /v1/batches/{name} its jobs: state, step/total, loss, ETA, error, adapter, timestamps
+    GET  /v1/batches        batches in the ledger
+    GET  /healthz           200 once a generator replica has its model loaded, 503 before
+    GET  /openapi.json      the schema (interactive docs at /docs)
 
 Status codes: 422 names the offending field (FastAPI's own shape, also for the limits checked
-here); 404 names an unknown concept; 503 (with Retry-After) means overloaded (the generator's
-bounded queue is full, or every adapter slot is held by in-flight requests) or timed out. Bad input
-never produces a 500.
+here; a rejected batch lists every problem); 404 names an unknown concept or batch; 503 (with
+Retry-After) means overloaded (the generator's bounded queue is full, or every adapter slot is held
+by in-flight requests) or timed out. Bad input never produces a 500.
+
+The batch routes need ``storage`` in the service config (``services.batches``); without it they
+answer 404 "batch submission is not enabled on this service". A published concept is servable by
+the next request, without a restart (unknown ids are always looked up in the registry).
 
 Two deployments: this ingress (cheap, validates, resolves trigger words, answers 404/422 without
 touching a GPU) and ``ConceptGenerator`` behind a handle, routed by ``services.routing``.
@@ -18,26 +25,36 @@ touching a GPU) and ``ConceptGenerator`` behind a handle, routed by ``services.r
 # through serve.ingress's wrappers
 import asyncio
 import base64
+import json
+import sqlite3
 import time
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from cluster.ledger import ContentConflict, LedgerError
 from purecc.generate import RenderSettings, fill_placeholders
+from purecc.ids import CONCEPT_ID_PATTERN
 from purecc.registry import AdapterRegistry
 
 from .adapter_cache import adapter_version
+from .batches import BaseModelUnreadable, BatchRejected, StorageBatches, UnknownBatch
 from .catalog import ConceptCatalog
 from .config import ServiceConfig
 from .deployment import ConceptGenerator, ConceptUse, RenderJob, RenderResult
 from .errors import ConceptUnloadable, SlotsBusy, TooManyConcepts, UnknownConcept
-from .schemas import (ConceptInfo, ConceptList, ConceptUsed, ErrorBody, GeneratedImage, GenerateRequest,
-                      GenerateResponse, Health, Timings)
+from .schemas import (MAX_BATCH_BYTES, BatchList, BatchRequest, BatchStatus, BatchSubmitted, ConceptInfo,
+                      ConceptList, ConceptUsed, ErrorBody, GeneratedImage, GenerateRequest, GenerateResponse,
+                      Health, Timings)
 
 HEALTH_TIMEOUT_S = 2.0
 INGRESS_HEADROOM = 32      # requests the ingress holds beyond the generators' capacity (404/422s, health)
@@ -47,6 +64,18 @@ api = FastAPI(title="purecc", version="0.1.0",
               description="Multi-concept generation on one shared SD3/SD3.5 base with hot-loaded PureCC adapters.")
 ERRORS = {404: {"model": ErrorBody, "description": "A requested concept is not servable."},
           503: {"model": ErrorBody, "description": "Overloaded or timed out; retry after Retry-After seconds."}}
+NO_BATCHES = "batch submission is not enabled on this service (it was started without a storage root)"
+BATCH_ERRORS = {
+    404: {"model": ErrorBody, "description": "Unknown batch, or " + NO_BATCHES + "."},
+    409: {"model": ErrorBody, "description": "A concept is in the ledger with other content (resubmit with "
+                                             "replace), or is training and cannot be replaced now."},
+    413: {"model": ErrorBody, "description": f"The body exceeds {MAX_BATCH_BYTES} bytes."},
+    503: {"model": ErrorBody, "description": "The ledger or the service's model cannot be read now, or the "
+                                             "training driver could not be started (the jobs are recorded)."}}
+INVALID = {422: {"description": "The batch is rejected: every problem, in FastAPI's shape (detail: [{loc, msg, "
+                                "type}]).",
+                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}}
+BatchName = Annotated[str, PathParam(pattern=CONCEPT_ID_PATTERN, description="Batch name, as submitted.")]
 
 
 class ApiError(Exception):
@@ -75,6 +104,46 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
               for e in exc.errors()]
     return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _openapi() -> dict:
+    """FastAPI's schema plus the batch request body, which the route reads itself (to list the
+    schema's problems together with the data's in one 422)."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        body = BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(body.pop("$defs", {}))
+        schemas["BatchRequest"] = body
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}}}}
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    """The JSON body, counted on the bytes received (413 past ``limit``); 422 if it is not JSON."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body ({declared} bytes) exceeds {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the body exceeds {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise RequestValidationError([{"loc": ("body",), "msg": f"invalid JSON: {exc}",
+                                       "type": "json_invalid"}]) from None
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -108,6 +177,7 @@ class GenerationAPI:
     def __init__(self, generator: DeploymentHandle, config: ServiceConfig):
         self.generator, self.config = generator, config
         self.catalog = ConceptCatalog(AdapterRegistry(config.registry), config.catalog_ttl_s)
+        self.batches = StorageBatches(config.storage, config.model) if config.storage else None
         self._model: dict | None = None
 
     async def _call(self, method: str, *args, timeout: float, concept_index: dict[str, int] | None = None):
@@ -201,6 +271,47 @@ class GenerationAPI:
             ConceptInfo(id=m.concept_id, trigger=m.trigger, stage=m.stage, steps=m.steps, rank=m.rank,
                         version=adapter_version(m), created=m.created)
             for m in manifests if m.base_fingerprint == info["base_fingerprint"]])
+
+    async def _on_batches(self, method: str, *args):
+        """``self.batches.<method>(*args)`` in a thread, its errors mapped to HTTP answers."""
+        if self.batches is None:
+            raise ApiError(404, NO_BATCHES)
+        try:
+            return await asyncio.to_thread(getattr(self.batches, method), *args)
+        except BatchRejected as exc:
+            raise RequestValidationError([i.as_error() for i in exc.issues]) from None
+        except UnknownBatch as exc:
+            raise ApiError(404, str(exc)) from None
+        except ContentConflict as exc:
+            raise ApiError(409, str(exc), concept=exc.ids[0]) from None
+        except (BaseModelUnreadable, sqlite3.Error) as exc:
+            raise ApiError(503, f"batches are unavailable: {exc}", retry_after=30) from None
+        except RayError as exc:        # the jobs are recorded; resubmitting starts a driver again
+            raise ApiError(503, f"the training driver could not be started: {exc}", retry_after=30) from None
+        except LedgerError as exc:     # e.g. replacing a concept that is training
+            raise ApiError(409, str(exc)) from None
+
+    @api.post("/v1/batches", status_code=202, response_model=BatchSubmitted, responses={**BATCH_ERRORS, **INVALID},
+              openapi_extra=BATCH_BODY, summary="Submit a concept batch to train (idempotent)",
+              description="Validates the whole batch (422 lists every problem), records its jobs in the "
+                          "training ledger and makes sure a driver runs them. Data paths are relative to "
+                          "<storage>/data/ on the service. Poll the Location for progress.")
+    async def submit_batch(self, request: Request, response: Response) -> BatchSubmitted:
+        if self.batches is None:
+            raise ApiError(404, NO_BATCHES)
+        raw = await _json_body(request, MAX_BATCH_BYTES)
+        result = await self._on_batches("submit", raw)
+        response.headers["Location"] = f"{request.scope.get('root_path', '')}/v1/batches/{result.batch}"
+        return result
+
+    @api.get("/v1/batches/{name}", response_model=BatchStatus, responses=BATCH_ERRORS,
+             summary="A batch's jobs: state, progress, errors, adapters")
+    async def batch_status(self, name: BatchName) -> BatchStatus:
+        return await self._on_batches("status", name)
+
+    @api.get("/v1/batches", response_model=BatchList, responses=BATCH_ERRORS, summary="Batches in the ledger")
+    async def batches_list(self) -> BatchList:
+        return await self._on_batches("list")
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}},
              summary="Readiness: 200 once a generator replica has its model loaded")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import signal
 import time
+from pathlib import Path
 
 from .config import ServiceConfig
 
@@ -19,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve multi-concept generation over HTTP (Ray Serve)",
                        description="Start Ray (or join a cluster) and Serve, print the URL, serve until Ctrl-C.")
     p.add_argument("--model", required=True, help="local diffusers SD3/SD3.5 folder")
-    p.add_argument("--registry", required=True, help="adapter registry: folder or pyarrow.fs URI (s3://...)")
+    p.add_argument("--registry", help="adapter registry: folder or pyarrow.fs URI (s3://...); default: --storage")
+    p.add_argument("--storage", help="training storage root (local folder): enables POST /v1/batches, with "
+                                     "concept data under <storage>/data/; the registry is then this folder")
     p.add_argument("--slots", type=int, default=DEFAULTS["slots"].default, help="adapter slots per replica")
     p.add_argument("--replicas", type=int, default=1, help="generator replicas (each loads the base once)")
     p.add_argument("--gpus-per-replica", type=float, default=None,
@@ -52,8 +55,9 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         import torch
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
+    storage = str(Path(args.storage).expanduser().resolve()) if args.storage else None
     return ServiceConfig(
-        model=args.model, registry=args.registry, slots=args.slots, replicas=args.replicas,
+        model=args.model, registry=args.registry, storage=storage, slots=args.slots, replicas=args.replicas,
         gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica, max_batch_images=args.max_batch_images,
         batch_wait_s=args.batch_wait_ms / 1000, max_ongoing_requests=args.max_ongoing,
         max_queued_requests=args.max_queued, request_timeout_s=args.timeout, host_cache=args.host_cache,
@@ -80,8 +84,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(config), name=args.name, route_prefix="/")
+        batches = ", POST /v1/batches, GET /v1/batches/{name}" if config.storage else ""
         print(f"purecc service ready at http://{args.host}:{args.port}  "
-              "(POST /v1/generate, GET /v1/concepts, GET /healthz, docs at /docs); Ctrl-C stops it", flush=True)
+              f"(POST /v1/generate, GET /v1/concepts{batches}, GET /healthz, docs at /docs); Ctrl-C stops it",
+              flush=True)
         signal.signal(signal.SIGTERM, _raise_interrupt)
         while True:
             time.sleep(3600)

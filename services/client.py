@@ -3,6 +3,9 @@
     client = ServiceClient("http://127.0.0.1:8000")
     result = client.generate("a <zigzag-star> star", concepts=[("zigzag-star", 1.0)], seed=7)
     result.save("out/")          # out/image_7.png, like ``purecc generate --model``
+    client.submit_batch({"name": "shapes", "concepts": [{"id": "zigzag-star", "trigger": "zqx",
+                                                         "data": "zigzag-star/manifest.csv"}]})
+    client.batch_status("shapes")["done"]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
+from urllib.parse import quote
 
 import requests
 
@@ -79,6 +83,19 @@ class ServiceClient:
 
     def concepts(self) -> list[dict]:
         return self._request("GET", "/v1/concepts")["concepts"]
+
+    def submit_batch(self, spec: Mapping) -> dict:
+        """POST /v1/batches: a batch spec without base_model/storage (the service's own), data paths
+        relative to the service's <storage>/data/. Returns the batch's status with what was recorded;
+        raises ``ServiceError`` (422 listing every problem, 409 for a changed concept without replace)."""
+        return self._request("POST", "/v1/batches", json=dict(spec))
+
+    def batch_status(self, name: str) -> dict:
+        """GET /v1/batches/{name}: ``done``, ``counts`` and per-job state, progress, error and adapter."""
+        return self._request("GET", f"/v1/batches/{quote(name, safe='')}")
+
+    def batches(self) -> list[dict]:
+        return self._request("GET", "/v1/batches")["batches"]
 
     def generate(self, prompt: str, *, concepts: Iterable[tuple[str, float]] | Mapping[str, float] = (),
                  seed: int = 0, steps: int = 28, guidance: float = 7.0, width: int | None = None,

@@ -6,6 +6,9 @@ Every knob has a default and a sentence of advice. The HTTP request bounds live 
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -14,8 +17,14 @@ class ServiceConfig(BaseModel):
 
     model: str = Field(description="Local diffusers SD3/SD3.5 folder, present on every replica's node "
                                    "(nothing is downloaded).")
-    registry: str = Field(description="Adapter registry root written by cluster/: a folder or a pyarrow.fs "
-                                      "URI such as s3://bucket/prefix.")
+    registry: Optional[str] = Field(None, description="Adapter registry root written by cluster/: a folder or a "
+                                                      "pyarrow.fs URI such as s3://bucket/prefix. Default: "
+                                                      "`storage` (required when `storage` is unset).")
+    storage: Optional[str] = Field(None, description="Training storage root (a local or NFS folder on the ingress's "
+                                                     "node): enables POST /v1/batches. Concept data is read from "
+                                                     "<storage>/data/ only, jobs are recorded in "
+                                                     "<storage>/ledger.sqlite and adapters published to the "
+                                                     "registry, which must then be this same folder.")
     slots: int = Field(8, ge=1, le=256, description="Adapter slots per replica: concepts resident on the device "
                                                     "at once. 9 MiB each on SD3.5-M; also the most concepts "
                                                     "one request can compose.")
@@ -47,10 +56,26 @@ class ServiceConfig(BaseModel):
                                                                  "concepts to the request router.")
     warmup: bool = Field(True, description="Run one tiny pass before taking traffic (first-pass costs on GPU).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _registry_defaults_to_storage(cls, data):
+        if isinstance(data, dict) and data.get("registry") is None and data.get("storage"):
+            data = {**data, "registry": data["storage"]}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "ServiceConfig":
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if not self.registry:
+            raise ValueError("registry: required (or set storage, whose adapters/ folder is then the registry)")
+        if self.storage is not None:
+            if "://" in self.storage:
+                raise ValueError(f"storage: {self.storage!r} must be a local folder (its ledger is SQLite)")
+            if "://" in self.registry or os.path.realpath(self.registry) != os.path.realpath(self.storage):
+                raise ValueError(f"registry: {self.registry!r} must be the storage root {self.storage!r} when "
+                                 "storage is set (batches publish into <storage>/adapters/, which this service "
+                                 "must serve)")
         return self
 
     @property

@@ -135,8 +135,8 @@ def serve_and_query(plan: DemoPlan, model: Path, jobs) -> list[dict]:
     from .client import ServiceClient
     from .config import ServiceConfig
 
-    config = ServiceConfig(model=str(model), registry=str(plan.out / "storage"), slots=4, cpus_per_replica=1.0,
-                           max_batch_images=4)
+    config = ServiceConfig(model=str(model), storage=str(plan.out / "storage"), slots=4, cpus_per_replica=1.0,
+                           max_batch_images=4)   # the registry is the storage root; batches can be posted too
     serve.start(http_options={"host": "127.0.0.1", "port": plan.port})
     serve.run(build_app(config), name="purecc", route_prefix="/")
     url = f"http://127.0.0.1:{plan.port}"

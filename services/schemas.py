@@ -7,11 +7,11 @@ slots, images per pass) are checked by the ingress and answered the same way.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from purecc.ids import CONCEPT_ID_PATTERN
+from purecc.ids import CONCEPT_ID_PATTERN, TRIGGER_PATTERN
 
 MAX_PROMPT_CHARS = 1000
 MAX_CONCEPTS = 8
@@ -131,3 +131,147 @@ class Health(BaseModel):
 class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong.")
     concept: Optional[str] = Field(None, description="The concept id at fault, when one is.")
+
+
+# ----- concept batches (POST /v1/batches) ------------------------------------------------------
+# These mirror cluster.spec's BatchSpec without what the service fixes (base_model: its own model;
+# storage and ledger: its storage root), with tighter bounds; cluster.spec validates the result again.
+MAX_BATCH_CONCEPTS = 32
+MAX_BATCH_BYTES = 1024 * 1024
+MAX_PATH_CHARS = 1024
+MAX_TRAIN_STEPS = 100_000
+MAX_VALIDATION_PROMPTS = 8
+BATCH_PROMPT_CHARS = 500
+
+BatchPrompt = Annotated[str, Field(min_length=1, max_length=BATCH_PROMPT_CHARS)]
+
+
+class _BatchPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchStage(_BatchPart):
+    steps: Optional[int] = Field(None, ge=1, le=MAX_TRAIN_STEPS, description="Optimiser steps of this stage; "
+                                 "default: the seed recipe's.")
+    lr: Optional[float] = Field(None, gt=0, le=1.0, description="Learning rate (constant schedule).")
+    grad_accum: Optional[int] = Field(None, ge=1, le=64, description="Micro-batches per optimiser step.")
+    checkpoint_every: Optional[int] = Field(None, ge=1, le=MAX_TRAIN_STEPS,
+                                            description="Steps between checkpoints (a run resumes from the last).")
+
+
+class BatchOverrides(_BatchPart):
+    resolution: Optional[int] = Field(None, ge=16, le=2048, multiple_of=16, description="Training resolution "
+                                      "in pixels (SD3.5 Medium: 512 to 1024).")
+    seed: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="Seed of data order, noise and init.")
+    eta: Optional[float] = Field(None, ge=0, le=100, description="Stage 2: weight of L_pure.")
+    lambda_mode: Optional[Literal["fixed", "adaptive"]] = Field(None, description="Stage 2: fixed or adaptive "
+                                                                "lambda.")
+    extractor: Optional[Literal["stage1", "base"]] = Field(None, description="Stage 2: the frozen extractor "
+                                                           "(base + the stage-1 LoRA, or the base alone).")
+    validation_prompts: Optional[list[BatchPrompt]] = Field(
+        None, max_length=MAX_VALIDATION_PROMPTS, description="Rendered at the end of each stage; [v] becomes "
+                                                             "the trigger word.")
+    stage1: BatchStage = Field(default_factory=BatchStage, description="Stage 1 (DreamBooth LoRA) knobs.")
+    stage2: BatchStage = Field(default_factory=BatchStage, description="Stage 2 (PureCC LoRA) knobs.")
+
+
+class BatchResources(_BatchPart):
+    gpus_per_worker: float = Field(0.0, ge=0, le=8, description="GPUs per training worker (0: CPU; a fraction "
+                                                                "lets several packs share one GPU).")
+    cpus_per_worker: float = Field(1.0, gt=0, le=64, description="CPUs per training worker.")
+    concepts_per_pack: int = Field(4, ge=1, le=16, description="Concepts trained together on one worker.")
+    max_concurrent: int = Field(2, ge=1, le=64, description="Training runs at the same time.")
+    max_failures: int = Field(1, ge=1, le=10, description="Worker restarts per run, each resuming from the "
+                                                          "last checkpoint.")
+    max_attempts: int = Field(2, ge=1, le=10, description="Failed runs per job stage before the job fails.")
+
+
+class BatchValidation(_BatchPart):
+    steps: int = Field(20, ge=1, le=MAX_STEPS, description="Denoising steps of the validation images.")
+    guidance: float = Field(4.0, ge=0, le=MAX_GUIDANCE, description="Guidance scale of the validation images.")
+
+
+class BatchConcept(_BatchPart):
+    id: str = Field(pattern=CONCEPT_ID_PATTERN, description="Concept id: [a-z0-9][a-z0-9_-]{0,63}; the "
+                    "published adapter's id in the registry.")
+    data: str = Field(min_length=1, max_length=MAX_PATH_CHARS, description="The concept's manifest (CSV or "
+                      "Parquet), relative to <storage>/data/ on the service; it and its images must stay inside "
+                      "that folder (no absolute paths, no escaping '..' or symlinks).")
+    trigger: str = Field(pattern=TRIGGER_PATTERN, description="Trigger word substituted for [v] in the prompts.")
+    overrides: BatchOverrides = Field(default_factory=BatchOverrides,
+                                      description="This concept's recipe overrides, on top of `defaults`.")
+
+
+class BatchRequest(_BatchPart):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "name": "shapes-v1",
+        "resources": {"gpus_per_worker": 1, "concepts_per_pack": 4, "max_concurrent": 2},
+        "defaults": {"resolution": 512, "stage1": {"steps": 1000}, "stage2": {"steps": 800}},
+        "concepts": [{"id": "zigzag-star", "data": "zigzag-star/manifest.csv", "trigger": "zqx"}]}]})
+
+    name: str = Field(pattern=CONCEPT_ID_PATTERN, description="Batch name (same rule as concept ids); its status "
+                                                              "is at GET /v1/batches/{name}.")
+    concepts: list[BatchConcept] = Field(min_length=1, max_length=MAX_BATCH_CONCEPTS,
+                                         description="The concepts to train; ids must be distinct.")
+    resources: BatchResources = Field(default_factory=BatchResources,
+                                      description="How the training runs are placed on the cluster.")
+    defaults: BatchOverrides = Field(default_factory=BatchOverrides,
+                                     description="Recipe overrides for every concept of the batch.")
+    validation: BatchValidation = Field(default_factory=BatchValidation,
+                                        description="How validation images are rendered.")
+    replace: bool = Field(False, description="Retrain concepts already in the ledger with other content (data, "
+                                             "trigger, recipe); without it such a concept is answered 409.")
+    requeue: bool = Field(False, description="Put identical failed or cancelled concepts back in line (they "
+                                             "resume from their checkpoints).")
+
+
+class BatchJob(BaseModel):
+    id: str = Field(description="Concept id.")
+    state: str = Field(description="queued, stage1 or stage2 (training that stage), published, failed or "
+                                   "cancelled.")
+    stage: Optional[int] = Field(None, description="Stage of the latest progress report (1 or 2).")
+    step: Optional[int] = Field(None, description="Steps done in that stage.")
+    total: Optional[int] = Field(None, description="Steps of that stage.")
+    loss: Optional[float] = Field(None, description="Latest training loss.")
+    eta_s: Optional[float] = Field(None, description="Estimated seconds left in the current stage.")
+    attempts: int = Field(description="Training runs launched for this job so far.")
+    cancel_requested: bool = Field(description="Whether a cancellation is pending or was done.")
+    error: Optional[str] = Field(None, description="Why the job failed, or the failure its retry follows.")
+    adapter: Optional[str] = Field(None, description="The published adapter's folder (state published); the "
+                                                     "concept is then servable by its id.")
+    submitted_at: float = Field(description="When the job was first recorded (Unix time).")
+    updated_at: float = Field(description="Its last state change (Unix time).")
+    stage1_started: Optional[float] = Field(None, description="Stage 1's first step (Unix time).")
+    stage1_ended: Optional[float] = Field(None, description="Stage 1's end (Unix time).")
+    stage2_started: Optional[float] = Field(None, description="Stage 2's first step (Unix time).")
+    stage2_ended: Optional[float] = Field(None, description="Stage 2's end (Unix time).")
+    published_at: Optional[float] = Field(None, description="When the adapter was published (Unix time).")
+
+
+class BatchStatus(BaseModel):
+    batch: str = Field(description="Batch name.")
+    done: bool = Field(description="True once no job of the batch is queued or training.")
+    counts: dict[str, int] = Field(description="Jobs per state.")
+    jobs: list[BatchJob] = Field(description="The batch's jobs, in submission order.")
+
+
+class BatchSubmitted(BatchStatus):
+    added: list[str] = Field(description="Concepts recorded by this request.")
+    unchanged: list[str] = Field(description="Concepts already recorded with the same content (kept as they are).")
+    replaced: list[str] = Field(description="Concepts recorded with other content before, now retrained.")
+    requeued: list[str] = Field(description="Failed or cancelled concepts put back in line.")
+    driver: Literal["started", "running", "idle"] = Field(
+        description="started: this request started the training driver; running: a live driver holds the "
+                    "ledger and picks the jobs up; idle: nothing is left to train.")
+
+
+class BatchSummary(BaseModel):
+    batch: str = Field(description="Batch name.")
+    done: bool = Field(description="True once no job of the batch is queued or training.")
+    counts: dict[str, int] = Field(description="Jobs per state.")
+    submitted_at: float = Field(description="Its first job's submission (Unix time).")
+    updated_at: float = Field(description="Its latest job change (Unix time).")
+
+
+class BatchList(BaseModel):
+    batches: list[BatchSummary] = Field(description="Batches in the ledger, oldest first.")

@@ -1,0 +1,292 @@
+"""Concept batches over HTTP: a request becomes a cluster ``BatchSpec`` under the service's storage
+root, its jobs go into the training ledger, and a driver is kept running for them.
+
+The service fixes what a user may not choose: the base model (its own), the storage root, and with
+it the ledger (``<storage>/ledger.sqlite``) and the registry the adapters are published to
+(``<storage>/adapters/``). Concept data is read from ``<storage>/data/`` only: a manifest path is
+relative, without ``..``, and the manifest and every image it names resolve (symlinks followed)
+inside that folder; nothing outside it is ever opened.
+
+Validation reports every problem at once, in FastAPI's 422 shape: the request's own schema
+(``services.schemas``, tighter bounds than cluster's), the data paths, then ``cluster.spec``'s
+validation of the batch (manifests, recipes, duplicate ids), one problem per field.
+
+The ledger is opened by the ingress and by the driver it starts, both on the ingress's node (SQLite
+is not safe across hosts). The driver is a detached zero-CPU Ray actor running
+``cluster.api.resume``: it outlives the request and the ingress replica, and exits once no job is
+left. It is started unless a live driver holds the ledger; two started at once are harmless (the
+ledger's driver lease lets one schedule, the other exits).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from math import isfinite
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from cluster.ledger import ACTIVE, JobLedger, JobRecord
+from cluster.spec import BatchSpec, BatchSpecError, validate_batch
+from purecc.data import ManifestError, manifest_image_paths
+
+from .schemas import (MAX_BATCH_CONCEPTS, BatchJob, BatchList, BatchRequest, BatchStatus, BatchSubmitted,
+                      BatchSummary)
+
+DATA_DIR = "data"
+LEDGER_FILE = "ledger.sqlite"
+DRIVER_NAMESPACE = "purecc"          # `ray list actors` shows the drivers there
+FIXED = {"base_model": "its own model", "storage": "its storage root", "ledger": "<storage>/ledger.sqlite"}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem of a request, located in its body (FastAPI's ``loc`` without the leading "body")."""
+
+    loc: tuple
+    msg: str
+    type: str = "value_error"
+
+    def as_error(self) -> dict:
+        return {"loc": ("body", *self.loc), "msg": self.msg, "type": self.type}
+
+
+class BatchRejected(ValueError):
+    def __init__(self, issues: list[Issue]):
+        self.issues = issues
+        super().__init__("; ".join(f"{'.'.join(map(str, i.loc)) or '(body)'}: {i.msg}" for i in issues))
+
+
+class UnknownBatch(KeyError):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"batch {self.name!r} is not in the ledger"
+
+
+class BaseModelUnreadable(RuntimeError):
+    """The service's own model folder cannot be read where the ingress runs: not the request's fault."""
+
+
+# ----- validation ------------------------------------------------------------------------------
+def confine(value: str, root: Path) -> Path:
+    """``value``, a path relative to ``root`` (resolved), resolved with symlinks followed; raises
+    ValueError saying why it is refused (absolute, URI, ``..``, or it resolves outside ``root``)."""
+    if "\x00" in value:
+        raise ValueError("the path contains a NUL character")
+    if "://" in value:
+        raise ValueError(f"{value!r} must be a path relative to <storage>/{DATA_DIR}/, not a URI")
+    rel = Path(value)
+    if rel.is_absolute():
+        raise ValueError(f"{value!r} must be relative to <storage>/{DATA_DIR}/, not an absolute path")
+    if ".." in rel.parts:
+        raise ValueError(f"{value!r} must not contain '..'")
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{value!r} resolves outside <storage>/{DATA_DIR}/ (through a symlink)")
+    return path
+
+
+def _images_outside(manifest: Path, root: Path) -> str | None:
+    """Why the manifest's images are refused (one outside ``root``), or None."""
+    try:
+        images = manifest_image_paths(manifest)
+    except ManifestError:
+        return None                    # cluster.spec reports a missing or unreadable manifest
+    for row, image in enumerate(images, 1):
+        if not image.resolve().is_relative_to(root):
+            return f"row {row}: its image resolves outside <storage>/{DATA_DIR}/"
+    return None
+
+
+def _label(raw: Any, i: int) -> str:
+    cid = raw.get("id") if isinstance(raw, dict) else None
+    return f"concept {cid!r} (#{i + 1})" if isinstance(cid, str) and len(cid) <= 64 else f"concept #{i + 1}"
+
+
+def _issue(loc: tuple, msg: str, type_: str, concepts: list) -> Issue:
+    if len(loc) >= 2 and loc[0] == "concepts" and isinstance(loc[1], int) and loc[1] < len(concepts):
+        msg = f"{_label(concepts[loc[1]], loc[1])}: {msg}"
+    return Issue(loc, msg, type_)
+
+
+def _field_loc(field: str) -> tuple:
+    """cluster.spec's dotted field back into a loc (digits become list indices)."""
+    if field in ("(root)", "(file)"):
+        return ()
+    return tuple(int(p) if p.isdigit() else p for p in field.split("."))
+
+
+def _order(issue: Issue) -> tuple[int, int]:
+    """The batch's own fields first, then concept by concept."""
+    loc = issue.loc
+    if loc[:1] == ("concepts",):
+        return 1, loc[1] if len(loc) > 1 and isinstance(loc[1], int) else -1
+    return 0, 0
+
+
+def batch_from_request(raw: Any, *, base_model: str, storage: Path) -> tuple[BatchSpec, BatchRequest]:
+    """Validate a request body into a cluster ``BatchSpec`` (data confined to ``<storage>/data/``);
+    raises ``BatchRejected`` listing every problem."""
+    if not isinstance(raw, dict):
+        raise BatchRejected([Issue((), "expected a JSON object (the batch)", "model_attributes_type")])
+    issues = [Issue((k,), f"set by the service ({why}); leave it out", "extra_forbidden")
+              for k, why in FIXED.items() if k in raw]
+    body = {k: v for k, v in raw.items() if k not in FIXED}
+    concepts = body.get("concepts") if isinstance(body.get("concepts"), list) else []
+    request = None
+    try:
+        request = BatchRequest.model_validate(body)
+    except ValidationError as exc:
+        issues += [_issue(tuple(e["loc"]), e["msg"], e["type"], concepts) for e in exc.errors()]
+    root = (storage / DATA_DIR).resolve()
+    checked = []
+    for i, c in enumerate(concepts[:MAX_BATCH_CONCEPTS]):     # beyond the bound: reported by the schema
+        if not isinstance(c, dict):
+            checked.append(c)
+            continue
+        path = None
+        if isinstance(c.get("data"), str) and not any(x.loc == ("concepts", i, "data") for x in issues):
+            try:
+                path = confine(c["data"], root)
+                why = _images_outside(path, root)
+            except ValueError as exc:
+                why = str(exc)
+            if why:
+                issues.append(_issue(("concepts", i, "data"), why, "value_error", concepts))
+                path = None
+        # a refused path is never opened: cluster.spec gets the data folder itself (no manifest)
+        checked.append({**c, "data": str(path or root)})
+    head = {k: body[k] for k in ("name", "resources", "defaults", "validation") if k in body}
+    data = {**head, "base_model": str(Path(base_model).resolve()), "storage": str(storage), "concepts": checked}
+    try:
+        spec = validate_batch(data, source="request", base_dir=storage)
+    except BatchSpecError as exc:
+        spec = None
+        taken = {x.loc for x in issues}
+        for p in exc.problems:
+            if p.field == "base_model":
+                raise BaseModelUnreadable(f"the service's model cannot be read here: {p.message}") from None
+            loc = _field_loc(p.field)
+            if loc not in taken:
+                issues.append(_issue(loc, p.message, "value_error", concepts))
+                taken.add(loc)
+    if issues:
+        raise BatchRejected(sorted(issues, key=_order))
+    assert spec is not None and request is not None
+    return spec, request
+
+
+# ----- the driver ------------------------------------------------------------------------------
+class LedgerDriver:
+    """Drives one ledger until no job is left, then exits (a detached actor: see the module doc)."""
+
+    def run(self, ledger: str) -> None:
+        import ray
+
+        from cluster import api
+        from cluster.ledger import DriverBusy
+
+        try:
+            api.resume(ledger)
+        except DriverBusy:
+            pass        # another driver took the ledger since the ingress looked; it runs these jobs
+        except Exception:  # noqa: BLE001 -- nobody awaits this actor: the log is where it goes
+            log.exception("the driver of %s stopped", ledger)
+        finally:
+            ray.actor.exit_actor()
+
+
+def start_driver(ledger: str) -> None:
+    """A detached zero-CPU driver actor on this node (where the ledger is opened), not awaited."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0, max_restarts=0)(LedgerDriver).options(
+        name=f"driver-{uuid.uuid4().hex[:12]}", namespace=DRIVER_NAMESPACE, lifetime="detached",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+    actor.run.remote(ledger)
+
+
+# ----- the batches of one storage root ----------------------------------------------------------
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and isfinite(x) else None
+
+
+def job_status(rec: JobRecord) -> BatchJob:
+    return BatchJob(id=rec.concept_id, state=rec.state, stage=rec.stage, step=rec.step, total=rec.total,
+                    loss=_finite(rec.loss), eta_s=_finite(rec.eta_s), attempts=rec.attempts,
+                    cancel_requested=rec.cancel_requested, error=rec.error, adapter=rec.adapter,
+                    submitted_at=rec.submitted_at, updated_at=rec.updated_at, stage1_started=rec.stage1_started,
+                    stage1_ended=rec.stage1_ended, stage2_started=rec.stage2_started,
+                    stage2_ended=rec.stage2_ended, published_at=rec.published_at)
+
+
+def _summary(name: str, jobs: list[JobRecord]) -> dict:
+    return {"batch": name, "done": not any(j.state in ACTIVE for j in jobs),
+            "counts": dict(Counter(j.state for j in jobs))}
+
+
+class StorageBatches:
+    """The batches of one storage root as the ingress sees them. Methods block (SQLite, data
+    files): call them from a thread. The ledger is created by the first submission, never by a read."""
+
+    def __init__(self, storage: str, base_model: str):
+        self.storage = Path(storage).expanduser().resolve()
+        self.base_model = str(Path(base_model).expanduser().resolve())
+        self.ledger_path = self.storage / LEDGER_FILE
+        self._ledger: JobLedger | None = None
+        self._lock = threading.Lock()
+
+    def _open(self, create: bool) -> JobLedger | None:
+        with self._lock:
+            if self._ledger is None and (create or self.ledger_path.is_file()):
+                self._ledger = JobLedger(self.ledger_path)
+            return self._ledger
+
+    def submit(self, raw: Any) -> BatchSubmitted:
+        """Validate, record (idempotent; ``ContentConflict`` for a changed concept without
+        ``replace``) and make sure a driver runs the jobs."""
+        spec, request = batch_from_request(raw, base_model=self.base_model, storage=self.storage)
+        try:
+            jobs = spec.jobs()
+        except ManifestError as exc:     # the data changed since it was checked
+            raise BatchRejected([Issue(("concepts",), str(exc))]) from None
+        ledger = self._open(create=True)
+        report = ledger.submit(jobs, replace=request.replace, requeue=request.requeue)
+        if not ledger.jobs(ACTIVE):
+            driver = "idle"
+        elif ledger.live_driver():
+            driver = "running"
+        else:
+            start_driver(str(ledger.path))
+            driver = "started"
+        return BatchSubmitted(**self.status(spec.name).model_dump(), added=report.added,
+                              unchanged=report.unchanged, replaced=report.replaced, requeued=report.requeued,
+                              driver=driver)
+
+    def status(self, name: str) -> BatchStatus:
+        ledger = self._open(create=False)
+        jobs = [j for j in ledger.jobs() if j.batch == name] if ledger else []
+        if not jobs:
+            raise UnknownBatch(name)
+        return BatchStatus(**_summary(name, jobs), jobs=[job_status(j) for j in jobs])
+
+    def list(self) -> BatchList:
+        ledger = self._open(create=False)
+        groups: dict[str, list[JobRecord]] = {}
+        for j in ledger.jobs() if ledger else []:
+            groups.setdefault(j.batch, []).append(j)
+        return BatchList(batches=[
+            BatchSummary(**_summary(name, jobs), submitted_at=min(j.submitted_at for j in jobs),
+                         updated_at=max(j.updated_at for j in jobs)) for name, jobs in groups.items()])

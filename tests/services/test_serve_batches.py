@@ -1,0 +1,227 @@
+"""Concept batches over HTTP: submit, watch, serve; every problem of a bad batch in one 422.
+
+One local Ray (2 CPUs on 127.0.0.1) and Serve with two applications of the tiny model:
+- ``main`` at / with a storage root (the sample concepts copied under ``<storage>/data/``; the
+  registry is the same folder);
+- ``plain`` at /plain without one (the batch routes answer 404).
+
+The main batch trains two concepts in one pack for a few steps per stage (two Ray Train runs),
+driven by the detached driver actor that the submission starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from services.client import ServiceClient, ServiceError
+
+pytestmark = pytest.mark.ray
+
+TRIGGERS = {"zigzag-star": "zqx", "ringed-circle": "vlk"}
+DEFAULTS = {"resolution": 64, "stage1": {"steps": 4, "checkpoint_every": 2, "grad_accum": 1, "lr": 2e-3},
+            "stage2": {"steps": 3, "checkpoint_every": 2, "lr": 1e-3}}
+TRAIN_TIMEOUT_S = 240
+
+
+@dataclass
+class BatchService:
+    url: str
+    storage: Path
+    outside: Path
+
+    def post(self, body: dict, path: str = "/v1/batches") -> requests.Response:
+        return requests.post(self.url + path, json=body, timeout=60)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batch(name: str, ids=tuple(TRIGGERS), **extra) -> dict:
+    return {"name": name, "resources": {"cpus_per_worker": 0.5, "concepts_per_pack": 2, "max_concurrent": 1,
+                                        "max_attempts": 1},
+            "defaults": DEFAULTS, "validation": {"steps": 2},
+            "concepts": [{"id": cid, "data": f"{cid}/manifest.csv", "trigger": TRIGGERS[cid]} for cid in ids],
+            **extra}
+
+
+@pytest.fixture(scope="module")
+def batch_service(tiny_model_dir, sample_manifests, tmp_path_factory):
+    from cluster.local_ray import start_local_ray
+    from services.app import build_app
+    from services.config import ServiceConfig
+
+    work = tmp_path_factory.mktemp("batches")
+    storage = work / "storage"
+    for cid in TRIGGERS:
+        shutil.copytree(sample_manifests[cid].parent, storage / "data" / cid)
+    outside = work / "outside"
+    shutil.copytree(sample_manifests["zigzag-star"].parent, outside)
+    (storage / "data" / "escape").symlink_to(outside, target_is_directory=True)
+    temp_dir = Path(f"/tmp/pcbat-{os.getpid()}")
+    ray = start_local_ray(2, temp_dir=temp_dir)
+    from ray import serve
+
+    port = free_port()
+    common = dict(model=str(tiny_model_dir), cpus_per_replica=0.5, warmup=False, slots=2)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(ServiceConfig(**common, registry=str(work / "registry"))), name="plain",
+                  route_prefix="/plain")
+        serve.run(build_app(ServiceConfig(**common, storage=str(storage))), name="main", route_prefix="/")
+        yield BatchService(f"http://127.0.0.1:{port}", storage, outside)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_done(client: ServiceClient, name: str, timeout: float) -> tuple[dict, list[tuple]]:
+    """Poll the batch until no job is active; returns the last status and the (state, stage, step) seen."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        status = client.batch_status(name)
+        for j in status["jobs"]:
+            point = (j["id"], j["state"], j["stage"], j["step"])
+            if point not in seen:
+                seen.append(point)
+        if status["done"]:
+            return status, seen
+        time.sleep(0.5)
+    raise AssertionError(f"batch {name} not done after {timeout} s: {status}")
+
+
+def test_a_batch_posted_over_http_trains_publishes_and_is_served(batch_service):
+    client = ServiceClient(batch_service.url, timeout=60)
+    resp = batch_service.post(batch("shapes"))
+    assert resp.status_code == 202, resp.text
+    assert resp.headers["location"] == "/v1/batches/shapes"
+    first = resp.json()
+    assert (first["batch"], first["added"], first["driver"]) == ("shapes", list(TRIGGERS), "started"), first
+    assert not first["done"] and {j["state"] for j in first["jobs"]} <= {"queued", "stage1"}
+
+    status, seen = wait_done(client, "shapes", TRAIN_TIMEOUT_S)
+    print("progress seen:", seen)
+    assert status["counts"] == {"published": 2}, status
+    for job in status["jobs"]:
+        assert job["adapter"] and Path(job["adapter"]).is_relative_to(batch_service.storage / "adapters"), job
+        assert job["published_at"] >= job["stage2_started"] >= job["stage1_ended"] >= job["stage1_started"], job
+        assert (job["stage"], job["step"], job["total"]) == (2, 3, 3), job
+        assert job["error"] is None and job["loss"] is not None
+    assert any(state == "stage1" for _, state, _, _ in seen) or any(s == "stage2" for _, s, _, _ in seen), seen
+
+    # servable at once, by the same service, without a restart
+    served = {c["id"] for c in client.concepts()}
+    assert set(TRIGGERS) <= served, served
+    result = client.generate("a <zigzag-star> star beside a <ringed-circle> circle", seed=3, steps=2,
+                             concepts=[("zigzag-star", 1.0), ("ringed-circle", 1.0)], width=64, height=64)
+    assert result.metadata["prompt"] == "a zqx star beside a vlk circle" and len(result.images) == 1
+
+    # idempotent: the same batch again records nothing and starts no driver
+    again = client.submit_batch(batch("shapes"))
+    assert (again["unchanged"], again["added"], again["driver"], again["done"]) == (list(TRIGGERS), [], "idle", True)
+    # a changed concept without replace: 409 naming it, nothing recorded
+    changed = batch("shapes", ids=["ringed-circle"])
+    changed["concepts"][0]["trigger"] = "qqv"
+    resp = batch_service.post(changed)
+    assert resp.status_code == 409 and resp.json()["concept"] == "ringed-circle", resp.text
+    assert "ringed-circle" in resp.json()["detail"] and "replace" in resp.json()["detail"]
+    listed = client.batches()
+    assert [(b["batch"], b["counts"], b["done"]) for b in listed] == [("shapes", {"published": 2}, True)], listed
+
+
+def test_a_bad_batch_gets_one_422_listing_every_problem(batch_service):
+    body = batch("broken", ids=["zigzag-star"] * 7)
+    concepts = body["concepts"]
+    for i, c in enumerate(concepts):
+        c["id"] = f"c{i}"
+    concepts[0]["data"] = str(batch_service.storage / "data" / "zigzag-star" / "manifest.csv")   # absolute
+    concepts[1]["data"] = "../outside/manifest.csv"                                              # .. escape
+    concepts[2]["colour"] = "red"                                                                # unknown field
+    concepts[3]["id"] = "Not An Id"                                                              # bad id
+    concepts[4]["data"] = "nowhere/manifest.csv"                                                 # no manifest
+    concepts[5]["data"] = "escape/manifest.csv"                                                  # symlink out
+    body["storage"] = "/elsewhere"                                                               # service's own
+    resp = batch_service.post(body)
+    assert resp.status_code == 422, resp.text
+    detail = resp.json()["detail"]
+    print("\n".join(f"{d['loc']}: {d['msg']}" for d in detail))
+    problems = {tuple(d["loc"]): d["msg"] for d in detail}
+    assert set(problems) == {("body", "storage"), ("body", "concepts", 0, "data"), ("body", "concepts", 1, "data"),
+                             ("body", "concepts", 2, "colour"), ("body", "concepts", 3, "id"),
+                             ("body", "concepts", 4, "data"), ("body", "concepts", 5, "data")}, detail
+    assert "absolute" in problems[("body", "concepts", 0, "data")]
+    assert "'..'" in problems[("body", "concepts", 1, "data")]
+    assert "does not exist" in problems[("body", "concepts", 4, "data")]
+    assert "outside" in problems[("body", "concepts", 5, "data")]
+    assert all({"loc", "msg", "type"} <= set(d) for d in detail)
+    assert str(batch_service.outside) not in resp.text       # nothing outside the data folder is named
+    assert requests.get(batch_service.url + "/v1/batches/broken", timeout=30).status_code == 404  # nothing recorded
+
+
+@pytest.mark.parametrize("data,code", [(b"not json", 422), (b"[1]", 422), (b'{"name": NaN}', 422),
+                                       (b" " * (1024 * 1024 + 1), 413)], ids=["text", "list", "nan", "huge"])
+def test_malformed_batch_bodies_are_4xx(batch_service, data, code):
+    resp = requests.post(batch_service.url + "/v1/batches", data=data, timeout=30,
+                         headers={"content-type": "application/json"})
+    assert resp.status_code == code, resp.text
+
+
+def test_unknown_batch_is_404_and_a_bad_name_422(batch_service):
+    resp = requests.get(batch_service.url + "/v1/batches/never-submitted", timeout=30)
+    assert resp.status_code == 404 and "never-submitted" in resp.json()["detail"], resp.text
+    assert requests.get(batch_service.url + "/v1/batches/Bad%20Name", timeout=30).status_code == 422
+    with pytest.raises(ServiceError) as err:
+        ServiceClient(batch_service.url).batch_status("never-submitted")
+    assert err.value.status == 404
+
+
+def test_a_service_without_storage_answers_404(batch_service):
+    plain = batch_service.url + "/plain"
+    for method, path in (("POST", "/v1/batches"), ("GET", "/v1/batches/shapes"), ("GET", "/v1/batches")):
+        resp = requests.request(method, plain + path, json=batch("shapes") if method == "POST" else None, timeout=30)
+        assert resp.status_code == 404, resp.text
+        assert "not enabled" in resp.json()["detail"]
+
+
+def test_openapi_documents_the_batch_api(batch_service):
+    spec = requests.get(batch_service.url + "/openapi.json", timeout=30).json()
+    assert {"/v1/batches", "/v1/batches/{name}"} <= set(spec["paths"])
+    post = spec["paths"]["/v1/batches"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/BatchRequest"
+    assert {"202", "404", "409", "413", "422", "503"} <= set(post["responses"])
+    schemas = spec["components"]["schemas"]
+    names = ("BatchRequest", "BatchConcept", "BatchOverrides", "BatchStage", "BatchResources", "BatchValidation",
+             "BatchSubmitted", "BatchStatus", "BatchJob", "BatchList", "BatchSummary")
+    undocumented = [f"{n}.{p}" for n in names for p, s in schemas[n]["properties"].items() if not s.get("description")]
+    assert not undocumented, undocumented
+    assert schemas["BatchRequest"]["properties"]["concepts"]["maxItems"] == 32
+    assert "base_model" not in schemas["BatchRequest"]["properties"]
+
+
+def test_storage_is_the_registry_and_serve_takes_it(tmp_path, monkeypatch):
+    from purecc.cli import build_parser
+    from services.cli import config_from_args
+    from services.config import ServiceConfig
+
+    assert ServiceConfig(model="/m", storage="/s").registry == "/s"
+    assert ServiceConfig(model="/m", storage="/s", registry="/s/").storage == "/s"
+    for bad, field in (({}, "registry"), ({"storage": "/s", "registry": "/r"}, "registry"),
+                       ({"storage": "s3://b/p"}, "storage")):
+        with pytest.raises(ValueError, match=field):
+            ServiceConfig(model="/m", **bad)
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_args(build_parser().parse_args(["serve", "--model", "/m", "--storage", "store",
+                                                      "--gpus-per-replica", "0"]))
+    assert cfg.storage == cfg.registry == str((tmp_path / "store").resolve())
