@@ -6,9 +6,10 @@ the background from the whole image. Its per-position *object embedding* (the fe
 heads read from) is what concept fidelity compares, so a concept is compared with its
 reference images object to object, wherever each one stands.
 
-Architecture: four stride-2/stride-1 conv stages to an (C, 8, 8) map; each position pools
-that map with a fixed Gaussian window around the position's centre; a shared MLP turns the
-pooled vector into the object embedding, shared heads read the attributes from it.
+Architecture: a full-resolution stem (it sees 2 px stripes and dots), then three
+stride-2/stride-1 conv stages to a (C, 8, 8) map; each position pools that map with a fixed
+Gaussian window around the position's centre; a shared MLP turns the pooled vector into the
+object embedding, shared heads read the attributes from it.
 Weights: ``assets/world-metric/reader.safetensors`` + ``reader.json`` (config, vocabulary,
 training report), trained by ``python -m purecc.eval.train_reader``.
 """
@@ -38,8 +39,8 @@ VOCAB: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "pattern"
 class ReaderConfig:
     """Shapes of the reader; ``image_size`` is what images are resized to before reading."""
 
-    channels: tuple[int, int, int, int] = (32, 48, 96, 128)
-    embed_dim: int = 128
+    channels: tuple[int, int, int, int] = (16, 32, 64, 96)
+    embed_dim: int = 96
     pool_sigma: float = 1.0          # Gaussian window, in cells of the 8x8 map (8 px each)
     image_size: int = 64
 
@@ -72,7 +73,8 @@ class WorldReader(nn.Module):
         self.cfg = cfg
         c1, c2, c3, c4 = cfg.channels
         self.trunk = nn.Sequential(
-            _conv(3, c1, 2), _conv(c1, c1, 1),            # 32x32
+            nn.Conv2d(3, 16, 3, 1, 1), nn.SiLU(),          # 64x64, unnormalised: keeps contrast
+            _conv(16, c1, 2), _conv(c1, c1, 1),            # 32x32
             _conv(c1, c2, 2), _conv(c2, c2, 1),           # 16x16
             _conv(c2, c3, 2), _conv(c3, c3, 1),           # 8x8
             _conv(c3, c4, 1), nn.Conv2d(c4, c4, 3, 1, 2, dilation=2))

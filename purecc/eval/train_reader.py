@@ -34,7 +34,7 @@ IGNORE = -100
 @dataclass(frozen=True)
 class ReaderTraining:
     seed: int = 0
-    steps: int = 1500
+    steps: int = 2400
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4

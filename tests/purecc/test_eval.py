@@ -1,0 +1,219 @@
+"""Tests for purecc.eval: prompt facts, the world reader, the toy-world metrics, CLIP/DINO."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from purecc.eval.facts import caption_facts, concept_positions, parse_prompt, scene_facts
+from purecc.eval.metrics import (concept_fidelity, concept_references, drift_unrelated, fact_recall,
+                                 preservation_same_seed, text_alignment, total_variation)
+from purecc.eval.reader import load_reader, world_metric_path
+from purecc.eval.train_reader import EVAL_SEED0, TRAIN_SEED0, ReaderTraining, fact_accuracy
+from purecc.samples import PACKAGED_SAMPLES_DIR
+from purecc.world import POSITION_PHRASES, world_batch
+
+# Accuracy of the committed reader on world images it never saw (seeds far from training's).
+# Measured when committed (256 images): background 1.0, present 1.0, shape 0.995, colour 0.998,
+# pattern 0.918, size 0.998; patterns are the hard part (small dotted vs solid objects).
+READER_MIN_ACCURACY = {"background": 0.97, "present": 0.97, "shape": 0.97, "color": 0.97,
+                       "pattern": 0.88, "size": 0.97}
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return load_reader()
+
+
+def _manifest(cid: str):
+    return PACKAGED_SAMPLES_DIR / cid / "manifest.csv"
+
+
+# ---------------------------------------------------------------- facts
+
+def test_caption_facts_match_scene_facts_for_world_captions():
+    for _, caption, scene in world_batch(11, 400):
+        assert caption_facts(caption) == scene_facts(scene), caption
+
+
+def test_concept_and_composition_prompts_state_only_named_attributes():
+    facts = caption_facts("a zqx star on the left and a vlk circle at the top, on a grid background")
+    assert facts == {"background": "grid", "left.shape": "star", "top.shape": "circle"}
+    assert concept_positions("a zqx star on the left and a vlk circle at the top, on a grid background",
+                             "vlk") == ["top"]
+    assert caption_facts("a small red circle in the center, on a plain gray background")["center.pattern"] == "solid"
+
+
+@pytest.mark.parametrize("bad", ["a red circle", "a red circle on the left, on a purple background",
+                                 "a red circle somewhere, on a grid background"])
+def test_parse_prompt_names_the_bad_prompt(bad):
+    with pytest.raises(ValueError, match="prompt"):
+        parse_prompt(bad)
+
+
+# ---------------------------------------------------------------- the reader
+
+def test_reader_reads_fresh_world_images_above_stated_accuracy(reader):
+    assert EVAL_SEED0 > TRAIN_SEED0 + 10 * ReaderTraining.steps  # evaluation seeds are never trained on
+    acc = fact_accuracy(reader, n=256, seed=EVAL_SEED0 + 12345)
+    low = {k: round(acc[k], 3) for k, floor in READER_MIN_ACCURACY.items() if acc[k] < floor}
+    assert not low, f"reader accuracy below the stated floor: {low} (floors {READER_MIN_ACCURACY})"
+
+
+def test_reader_refuses_tampered_weights(tmp_path):
+    folder = tmp_path / "metric"
+    shutil.copytree(world_metric_path(), folder)
+    data = bytearray((folder / "reader.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "reader.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        load_reader(folder)
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_text_alignment_is_high_on_truth_and_low_on_other_prompts(reader):
+    batch = world_batch(EVAL_SEED0 + 777, 48)
+    images, captions = [b[0] for b in batch], [b[1] for b in batch]
+    truth = text_alignment(reader, images, captions).mean()
+    shuffled = text_alignment(reader, images, captions[1:] + captions[:1]).mean()
+    assert truth > 0.95 and shuffled < 0.5, (truth, shuffled)
+
+
+def test_concept_fidelity_separates_concepts(reader):
+    star, star_pos = concept_references(_manifest("zigzag-star"))
+    circle, circle_pos = concept_references(_manifest("ringed-circle"))
+    own = concept_fidelity(reader, star, star_pos, star, star_pos).mean()
+    other = concept_fidelity(reader, circle, circle_pos, star, star_pos).mean()
+    assert own > other + 0.2, (own, other)
+
+
+def test_concept_references_find_the_placeholder_position():
+    images, positions = concept_references(_manifest("zigzag-star"))
+    assert len(images) == 5 and positions[0] == "left" and images[0].size == (64, 64)
+
+
+def test_preservation_ignores_the_concept_region_and_sees_the_rest(reader):
+    _, _, scene = world_batch(3, 1)[0]
+    base = Image.new("RGB", (64, 64), (128, 128, 128))
+    changed_concept = base.copy()
+    changed_concept.paste((255, 0, 0), (20, 20, 44, 44))       # inside the centre object's box
+    changed_context = base.copy()
+    changed_context.paste((255, 0, 0), (0, 0, 8, 8))            # a corner
+    res = preservation_same_seed(reader, [base, base], [changed_concept, changed_context],
+                                 [["center"], ["center"]])
+    assert res["context_psnr"][0] == float("inf")
+    assert res["context_psnr"][1] < 40
+    del scene
+
+
+def test_drift_is_zero_for_identical_models(reader):
+    batch = world_batch(EVAL_SEED0 + 5, 8)
+    images, captions = [b[0] for b in batch], [b[1] for b in batch]
+    d = drift_unrelated(reader, images, images, captions)
+    assert d["alignment_delta"] == 0 and d["attribute_tv"] == 0 and d["same_seed_agreement"] == 1
+
+
+def test_fact_recall_and_total_variation():
+    from collections import Counter
+
+    assert fact_recall({"a": "1", "b": "2"}, {"a": "1", "b": "3"}) == 0.5
+    assert total_variation(Counter("aabb"), Counter("aabb")) == 0
+    assert total_variation(Counter("aa"), Counter("bb")) == 1
+    with pytest.raises(ValueError):
+        fact_recall({}, {})
+
+
+# ---------------------------------------------------------------- CLIP and DINO
+
+@pytest.fixture(scope="module")
+def tiny_clip_dino(tmp_path_factory):
+    """Tiny random CLIP and DINOv2 folders, saved the way real ones are."""
+    from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
+                              Dinov2Config, Dinov2Model)
+
+    from purecc.tokenizer import build_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("realmetrics")
+    tok = build_clip_tokenizer()
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    text = dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **small)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **small),
+                                projection_dim=16))
+    clip.save_pretrained(root / "clip")
+    crop = {"height": 32, "width": 32}
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=crop),
+                  tokenizer=tok).save_pretrained(root / "clip")
+    Dinov2Model(Dinov2Config(image_size=32, patch_size=8, **small)).save_pretrained(root / "dino")
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size=crop).save_pretrained(root / "dino")
+    return root
+
+
+def test_clip_t_and_clip_i_match_the_model_forward(tiny_clip_dino):
+    from transformers import CLIPModel
+
+    from purecc.eval.clip_metrics import ClipScorer
+
+    scorer = ClipScorer(tiny_clip_dino / "clip")
+    images = [b[0] for b in world_batch(1, 3)]
+    prompts = [b[1] for b in world_batch(1, 3)]
+    ct = scorer.clip_t(images, prompts)
+    model = CLIPModel.from_pretrained(tiny_clip_dino / "clip").eval()
+    inputs = scorer.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image.diagonal() / model.logit_scale.exp()
+    np.testing.assert_allclose(ct, 100 * logits.numpy(), atol=1e-4)
+    ci = scorer.clip_i(images, images)
+    assert ci.shape == (3,) and np.all(ci <= 1 + 1e-6)
+    np.testing.assert_allclose(scorer.clip_i(images[:1], images[:1]), [1.0], atol=1e-5)
+
+
+def test_dino_similarity_is_one_for_the_same_image(tiny_clip_dino):
+    from purecc.eval.clip_metrics import DinoScorer
+
+    scorer = DinoScorer(tiny_clip_dino / "dino")
+    images = [b[0] for b in world_batch(2, 3)]
+    np.testing.assert_allclose(scorer.dino(images[:1], images[:1]), [1.0], atol=1e-5)
+    sims = scorer.dino(images, images[:2])
+    assert sims.shape == (3,) and np.all(np.abs(sims) <= 1 + 1e-6)
+
+
+# ---------------------------------------------------------------- fidelity of a customised model
+
+# A short stage 1 (DreamBooth LoRA) on the world base must draw its concept closer to the
+# references than the base does with the same prompts and noise: reader-embedding fidelity.
+FIDELITY_STEPS = 60
+FIDELITY_MIN_GAIN = 0.3  # measured: 0.027 -> 0.719 when committed
+
+
+def test_customised_model_scores_higher_fidelity_than_the_base(reader, tmp_path):
+    from purecc.generate import RenderSettings, Sample, generate, load_concepts
+    from purecc.local_train import train_concepts
+    from purecc.model import ModelConfig, load_pipeline
+    from purecc.pretrain import world_base_path
+
+    base = str(world_base_path())
+    manifest = _manifest("zigzag-star")
+    train_concepts(model=base, concepts=[("zigzag-star", "zqx", str(manifest))], out=tmp_path, stages=(1,),
+                   steps={1: FIDELITY_STEPS}, overrides={"resolution": 64, "lr": 2e-3, "grad_accum": 1,
+                                                         "checkpoint_every": 10 ** 6},
+                   progress=False)
+    pipe = load_pipeline(ModelConfig(path=base))
+    slot_of = load_concepts(pipe, [tmp_path / "zigzag-star" / "stage1"]).slot_of
+    views = [("grid", "center"), ("plain gray", "left"), ("gradient", "right"), ("striped gray", "top")]
+    prompts = [f"a zqx star {POSITION_PHRASES[pos]}, on a {bg} background" for bg, pos in views]
+    settings = RenderSettings(steps=16, guidance=5.0, width=64, height=64)
+    base_imgs = generate(pipe, [Sample(p, 7 + i) for i, p in enumerate(prompts)], slot_of, settings)
+    custom_imgs = generate(pipe, [Sample(p, 7 + i, (("zigzag-star", 1.0),)) for i, p in enumerate(prompts)],
+                           slot_of, settings)
+    refs, ref_pos = concept_references(manifest)
+    positions = [pos for _, pos in views]
+    before = concept_fidelity(reader, base_imgs, positions, refs, ref_pos).mean()
+    after = concept_fidelity(reader, custom_imgs, positions, refs, ref_pos).mean()
+    assert after > before + FIDELITY_MIN_GAIN, (before, after)
