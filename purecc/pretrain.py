@@ -21,8 +21,8 @@ backgrounds, positions and sizes but shapes only at chance); ``gpu`` gave the co
 (``--preset gpu --minutes 7`` on one H200; its pretrain.json holds the step counts).
 ``--minutes N`` times a few steps of each phase first and sets the step counts so the whole
 run fits N minutes on this machine; the planned counts are recorded, and
-``--vae-steps/--vae-full-steps/--steps`` with them reproduce the run. Same machine, same counts, same thread count: the same weights on CPU
-(on CUDA, as close as cuDNN allows).
+``--vae-steps/--vae-full-steps/--steps`` with them reproduce the run. Same machine, same
+counts, same thread count: the same weights on CPU (on CUDA, as close as cuDNN allows).
 """
 
 from __future__ import annotations
@@ -319,9 +319,10 @@ def plan_steps(pipe, pixels: torch.Tensor, cfg: PretrainConfig, seconds: float) 
     g = torch.Generator().manual_seed(12345)
     vae = copy.deepcopy(pipe.vae).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
-    t_crop = _seconds_per_step(lambda i: _vae_step(vae, opt, _vae_batch(pixels, cfg.vae_crop, cfg.vae_batch, g), cfg, g))
     size = pixels.shape[-1]
-    t_full = _seconds_per_step(lambda i: _vae_step(vae, opt, _vae_batch(pixels, size, cfg.vae_batch, g), cfg, g))
+    vae_step = lambda crop: _vae_step(vae, opt, _vae_batch(pixels, crop, cfg.vae_batch, g), cfg, g)  # noqa: E731
+    t_crop = _seconds_per_step(lambda i: vae_step(cfg.vae_crop))
+    t_full = _seconds_per_step(lambda i: vae_step(size))
     tr = copy.deepcopy(pipe.transformer).train()
     n, dev, h = 4 * cfg.batch, pixels.device, size // 8
     e, p = encode_captions(pipe, [""])                               # (1, L, D), (1, P)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import load_image, read_manifest
-from ..world import POSITIONS, SIZES, WorldObject, object_box
+from ..world import SIZES, WorldObject, object_box
 from .facts import ATTRIBUTES, caption_facts, concept_positions
 from .reader import WorldReader, object_embeddings, read_facts
 
@@ -151,4 +151,4 @@ def drift_unrelated(reader: WorldReader, base_images: Sequence[Image.Image],
 
 
 __all__ = ["text_alignment", "concept_fidelity", "concept_references", "preservation_same_seed",
-           "drift_unrelated", "fact_recall", "total_variation", "psnr", "POSITIONS"]
+           "drift_unrelated", "fact_recall", "total_variation", "psnr"]

@@ -98,7 +98,6 @@ def test_concept_references_find_the_placeholder_position():
 
 
 def test_preservation_ignores_the_concept_region_and_sees_the_rest(reader):
-    _, _, scene = world_batch(3, 1)[0]
     base = Image.new("RGB", (64, 64), (128, 128, 128))
     changed_concept = base.copy()
     changed_concept.paste((255, 0, 0), (20, 20, 44, 44))       # inside the centre object's box
@@ -108,7 +107,6 @@ def test_preservation_ignores_the_concept_region_and_sees_the_rest(reader):
                                  [["center"], ["center"]])
     assert res["context_psnr"][0] == float("inf")
     assert res["context_psnr"][1] < 40
-    del scene
 
 
 def test_drift_is_zero_for_identical_models(reader):

@@ -1,0 +1,416 @@
+"""PureCC vs a plain DreamBooth LoRA on the pretrained world base, scored by the world reader.
+
+For every training seed the three sample concepts are trained as one pack: stage 1 alone (the
+DreamBooth LoRA baseline), then stage 2 (PureCC) twice, with the stage-1 extractor and with the
+bare base as extractor. Every method is then scored on held-out prompts (never a reference
+view) with fixed noise seeds, so that base and customised images of one prompt share their
+starting noise:
+
+- fidelity: the concept's object embedding vs its reference objects' (purecc.eval.metrics);
+- alignment: the share of the prompt's facts (shape, position, background) the reader sees;
+- preservation (a): base on ``base_prompt`` vs customised on ``prompt``, same seed: the
+  reader's facts outside the concept, and the PSNR of the pixels away from it;
+- preservation (b): prompts without the trigger, base vs customised model (one concept
+  loaded): alignment change, same-seed agreement, attribute-distribution distance; once on
+  random world captions ("unrelated") and once on captions with the concept's class shape;
+- composition: two concepts loaded at weight 1 each, both in one prompt.
+
+The table (mean +/- standard deviation over training seeds) goes to bench/RESULTS.md under
+"## Quality (bench/quality.py)" (other sections are kept), the grid to bench/quality_grid.png.
+
+    nice -n 19 python bench/quality.py                 # 3 seeds, the recipe below
+    python bench/quality.py --quick                    # 1 seed, few steps: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from itertools import combinations
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from purecc.eval.facts import caption_facts
+from purecc.eval.metrics import (concept_fidelity, concept_references, drift_unrelated,
+                                 preservation_same_seed, text_alignment)
+from purecc.eval.reader import load_reader, object_embeddings, read_facts, world_metric_path
+from purecc.generate import RenderSettings, Sample, generate, load_concepts
+from purecc.local_train import train_concepts
+from purecc.model import ModelConfig, load_pipeline
+from purecc.pretrain import verify_world_base, world_base_path
+from purecc.samples import CONCEPT_OBJECTS, PACKAGED_SAMPLES_DIR, SAMPLE_CONCEPTS, SampleConcept, concept_views
+from purecc.world import BACKGROUNDS, POSITION_PHRASES, POSITIONS, concept_caption, sample_scene, world_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS, GRID = ROOT / "bench" / "RESULTS.md", ROOT / "bench" / "quality_grid.png"
+SECTION = "## Quality (bench/quality.py)"
+NOISE_SEED0 = 50_000          # image noise seeds: the same for every model and training seed
+UNRELATED_SEED = 424_242      # world captions for drift
+METHODS = ("DreamBooth LoRA (stage 1)", "PureCC, extractor=stage1", "PureCC, extractor=base")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The seed's recipes (METHOD.md, recipe.py) with only the resolution changed to 64 px."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    stage1_steps: int = 1000      # x grad_accum 4, batch 1 per concept
+    stage1_lr: float = 4e-4
+    stage2_steps: int = 800       # batch 1 per concept
+    stage2_lr: float = 1e-4
+    lambda_mode: str = "fixed"
+    render_steps: int = 20
+    guidance: float = 5.0
+    concept_prompts: int = 8      # per concept
+    drift_prompts: int = 16       # per set (unrelated, class word)
+    composition_prompts: int = 4  # per pair of concepts
+
+
+QUICK = BenchConfig(seeds=(0,), stage1_steps=30, stage2_steps=30, render_steps=8,
+                    concept_prompts=2, drift_prompts=3, composition_prompts=1)
+
+
+# ---------------------------------------------------------------- prompts
+
+def concept_prompts(c: SampleConcept, n: int) -> list[tuple[str, str, str]]:
+    """(prompt, base_prompt, position) at views the references never show."""
+    seen = set(concept_views(c))
+    views = [(bg, pos) for bg in BACKGROUNDS for pos in POSITIONS if (bg, pos) not in seen]
+    random.Random(f"bench/{c.concept_id}").shuffle(views)
+    obj = CONCEPT_OBJECTS[c.concept_id]
+    return [(concept_caption(obj, bg, pos, c.trigger_word), concept_caption(obj, bg, pos, ""), pos)
+            for bg, pos in views[:n]]
+
+
+def unrelated_prompts(n: int) -> list[str]:
+    return [caption for _, caption, _ in world_batch(UNRELATED_SEED, n)]
+
+
+def class_prompts(shape: str, n: int) -> list[str]:
+    """World captions in which at least one object has the concept's class shape."""
+    rng, out = random.Random(f"bench/class/{shape}"), []
+    while len(out) < n:
+        scene = sample_scene(rng)
+        if any(o.shape == shape for o in scene.objects):
+            out.append(scene.caption())
+    return out
+
+
+def composition_prompts(a: SampleConcept, b: SampleConcept, n: int) -> list[tuple[str, tuple[str, str]]]:
+    """(prompt, (position of a, position of b)): the two concepts side by side or stacked."""
+    rng = random.Random(f"bench/compose/{a.concept_id}/{b.concept_id}")
+    layouts = (("left", "right"), ("top", "bottom"), ("right", "left"), ("bottom", "top"))
+    out = []
+    for i in range(n):
+        pa, pb = layouts[i % len(layouts)]
+        bg = rng.choice(BACKGROUNDS)
+        prompt = (f"a {a.trigger_word} {a.class_word} {POSITION_PHRASES[pa]} and a {b.trigger_word} "
+                  f"{b.class_word} {POSITION_PHRASES[pb]}, on a {bg} background")
+        out.append((prompt, (pa, pb)))
+    return out
+
+
+# ---------------------------------------------------------------- training
+
+def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig) -> dict[str, list[Path]]:
+    """Train the three methods for one seed (resuming finished runs); method -> adapter folders."""
+    concepts = [(c.concept_id, c.trigger_word, str(PACKAGED_SAMPLES_DIR / c.concept_id / "manifest.csv"))
+                for c in SAMPLE_CONCEPTS]
+    common = dict(model=str(base), concepts=concepts, seed=seed, progress=False)
+    keep = {"resolution": 64, "checkpoint_every": 10 ** 6}
+    run, ext_base = work / f"seed{seed}", work / f"seed{seed}-extractor-base"
+    train_concepts(out=run, stages=(1,), steps={1: cfg.stage1_steps},
+                   overrides={**keep, "lr": cfg.stage1_lr}, **common)
+    for out, extractor in ((run, "stage1"), (ext_base, "base")):
+        train_concepts(out=out, stages=(2,), steps={2: cfg.stage2_steps}, overrides={**keep, "lr": cfg.stage2_lr},
+                       extractor=extractor, lambda_mode=cfg.lambda_mode, **common)
+    ids = [c.concept_id for c in SAMPLE_CONCEPTS]
+    return {METHODS[0]: [run / i / "stage1" for i in ids], METHODS[1]: [run / i / "stage2" for i in ids],
+            METHODS[2]: [ext_base / i / "stage2" for i in ids]}
+
+
+# ---------------------------------------------------------------- rendering and scoring
+
+class Scorer:
+    """Renders prompt sets with one model and scores them against the base's renderings."""
+
+    def __init__(self, base: Path, reader, cfg: BenchConfig):
+        self.base, self.reader, self.cfg = base, reader, cfg
+        self.settings = RenderSettings(steps=cfg.render_steps, guidance=cfg.guidance, width=64, height=64)
+        self.refs = {c.concept_id: concept_references(PACKAGED_SAMPLES_DIR / c.concept_id / "manifest.csv")
+                     for c in SAMPLE_CONCEPTS}
+        self.sets = {c.concept_id: {"concept": concept_prompts(c, cfg.concept_prompts),
+                                    "class": class_prompts(c.class_word, cfg.drift_prompts)}
+                     for c in SAMPLE_CONCEPTS}
+        self.unrelated = unrelated_prompts(cfg.drift_prompts)
+        self.pairs = [(a, b, composition_prompts(a, b, cfg.composition_prompts))
+                      for a, b in combinations(SAMPLE_CONCEPTS, 2)]
+        self.pipe = load_pipeline(ModelConfig(path=str(base)))
+        self.base_images = self._render_base()
+
+    def render(self, prompts: Sequence[str], concepts: Sequence[tuple[tuple[str, float], ...]] = (),
+               slot_of: dict | None = None) -> list[Image.Image]:
+        concepts = list(concepts) or [()] * len(prompts)
+        samples = [Sample(p, NOISE_SEED0 + i, cs) for i, (p, cs) in enumerate(zip(prompts, concepts))]
+        out = []
+        for i in range(0, len(samples), 32):
+            out += generate(self.pipe, samples[i:i + 32], slot_of or {}, self.settings)
+        return out
+
+    def _render_base(self) -> dict:
+        imgs: dict = {"unrelated": self.render(self.unrelated)}
+        for cid, sets in self.sets.items():
+            imgs[cid, "base_prompt"] = self.render([bp for _, bp, _ in sets["concept"]])
+            imgs[cid, "prompt"] = self.render([p for p, _, _ in sets["concept"]])
+            imgs[cid, "class"] = self.render(sets["class"])
+        for a, b, prompts in self.pairs:
+            imgs[a.concept_id, b.concept_id] = self.render([p for p, _ in prompts])
+        return imgs
+
+    def fidelity(self, cid: str, images, positions) -> np.ndarray:
+        refs, ref_pos = self.refs[cid]
+        return concept_fidelity(self.reader, images, positions, refs, ref_pos)
+
+    def base_row(self) -> dict[str, float]:
+        """The base model with the trigger prompts: the floor of fidelity, and its alignment."""
+        fid, align, comp = [], [], []
+        for cid, sets in self.sets.items():
+            imgs = self.base_images[cid, "prompt"]
+            fid.append(self.fidelity(cid, imgs, [pos for *_, pos in sets["concept"]]).mean())
+            align.append(text_alignment(self.reader, imgs, [p for p, _, _ in sets["concept"]]).mean())
+        for a, b, prompts in self.pairs:
+            imgs = self.base_images[a.concept_id, b.concept_id]
+            comp.append(np.mean([self.fidelity(c.concept_id, imgs, [pos[k] for _, pos in prompts]).mean()
+                                 for k, c in enumerate((a, b))]))
+        return {"fidelity": float(np.mean(fid)), "alignment": float(np.mean(align)),
+                "composition_fidelity": float(np.mean(comp))}
+
+    def base_fact_recall(self, n: int = 64) -> dict[str, float]:
+        """Per fact kind, the share the base draws as asked, on ``n`` fresh world captions."""
+        captions = unrelated_prompts(n + len(self.unrelated))[len(self.unrelated):]
+        seen = read_facts(self.reader, self.render(captions))
+        hits: dict[str, list[bool]] = {}
+        for s, c in zip(seen, captions):
+            for k, v in caption_facts(c).items():
+                hits.setdefault(k.split(".")[-1], []).append(s.get(k) == v)
+        return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+
+    def reference_ceiling(self) -> float:
+        """Mean leave-one-out fidelity of the reference images among themselves."""
+        vals = []
+        for refs, pos in self.refs.values():
+            emb = object_embeddings(self.reader, refs, pos)
+            sim = emb @ emb.t()
+            n = len(refs)
+            vals.append(float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))))
+        return float(np.mean(vals))
+
+    def score_method(self, folders: Sequence[Path]) -> tuple[dict[str, float], dict]:
+        """All metrics of one method (one adapter per concept); also returns its images."""
+        self.pipe = load_pipeline(ModelConfig(path=str(self.base)))
+        slot_of = load_concepts(self.pipe, list(folders)).slot_of
+        m: dict[str, list[float]] = {}
+        imgs: dict = {}
+        add = lambda k, v: m.setdefault(k, []).append(float(v))  # noqa: E731
+        for cid, sets in self.sets.items():
+            one = ((cid, 1.0),)
+            prompts, positions = [p for p, _, _ in sets["concept"]], [pos for *_, pos in sets["concept"]]
+            imgs[cid, "prompt"] = self.render(prompts, [one] * len(prompts), slot_of)
+            add("fidelity", self.fidelity(cid, imgs[cid, "prompt"], positions).mean())
+            add("alignment", text_alignment(self.reader, imgs[cid, "prompt"], prompts).mean())
+            pres = preservation_same_seed(self.reader, self.base_images[cid, "base_prompt"], imgs[cid, "prompt"],
+                                          [[p] for p in positions])
+            add("pres_agreement", pres["context_agreement"].mean())
+            add("pres_psnr", pres["context_psnr"].mean())
+            for name, prompts_b, base_key in (("unrelated", self.unrelated, "unrelated"),
+                                              ("class", sets["class"], (cid, "class"))):
+                imgs[cid, name] = self.render(prompts_b, [one] * len(prompts_b), slot_of)
+                d = drift_unrelated(self.reader, self.base_images[base_key], imgs[cid, name], prompts_b)
+                add(f"{name}_dalign", d["alignment_delta"])
+                add(f"{name}_agreement", d["same_seed_agreement"])
+                add(f"{name}_tv", d["attribute_tv"])
+        for a, b, prompts in self.pairs:
+            both = ((a.concept_id, 1.0), (b.concept_id, 1.0))
+            key = (a.concept_id, b.concept_id)
+            imgs[key] = self.render([p for p, _ in prompts], [both] * len(prompts), slot_of)
+            add("composition_fidelity", np.mean([self.fidelity(c.concept_id, imgs[key], [pos[k] for _, pos in prompts]
+                                                               ).mean() for k, c in enumerate((a, b))]))
+            add("composition_alignment", text_alignment(self.reader, imgs[key], [p for p, _ in prompts]).mean())
+        return {k: float(np.mean(v)) for k, v in m.items()}, imgs
+
+
+# ---------------------------------------------------------------- report
+
+COLUMNS_A = (("fidelity", "fidelity ↑"), ("alignment", "alignment ↑"),
+             ("pres_agreement", "(a) context facts kept ↑"), ("pres_psnr", "(a) context PSNR dB ↑"),
+             ("composition_fidelity", "2-concept fidelity ↑"), ("composition_alignment", "2-concept alignment ↑"))
+COLUMNS_B = (("unrelated_dalign", "unrelated: Δ alignment"),
+             ("unrelated_agreement", "unrelated: same-seed facts kept ↑"), ("unrelated_tv", "unrelated: attribute TV ↓"),
+             ("class_dalign", "class word: Δ alignment"),
+             ("class_agreement", "class word: same-seed facts kept ↑"), ("class_tv", "class word: attribute TV ↓"))
+
+
+def _cell(values: Sequence[float], digits: int = 3) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def table(columns, rows: dict[str, list[dict[str, float]]], extra: dict[str, dict[str, str]]) -> str:
+    head = "| method | " + " | ".join(t for _, t in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for name, extra_row in extra.items():
+        lines.append(f"| {name} | " + " | ".join(extra_row.get(k, "–") for k, _ in columns) + " |")
+    for name, per_seed in rows.items():
+        digits = lambda k: 1 if k.endswith("psnr") else 3  # noqa: E731
+        lines.append(f"| {name} | " + " | ".join(_cell([r[k] for r in per_seed], digits(k)) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def grid_image(scorer: Scorer, method_imgs: dict[str, dict], path: Path, scale: int = 2) -> Path:
+    """Rows: references, base, each method. Columns per concept: two concept prompts and one
+    class-word prompt; then one composition per pair."""
+    cols: list[tuple] = []
+    for c in SAMPLE_CONCEPTS:
+        cols += [(c.concept_id, "prompt", 0), (c.concept_id, "prompt", 1), (c.concept_id, "class", 0)]
+    cols += [(a.concept_id, b.concept_id, 0) for a, b, _ in scorer.pairs]
+    rows = [("references", {(cid, "prompt"): scorer.refs[cid][0] for cid in scorer.refs}),
+            ("base", scorer.base_images), *method_imgs.items()]
+    tile, label_w = 64 * scale, 170
+    canvas = Image.new("RGB", (label_w + tile * len(cols), tile * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, imgs) in enumerate(rows):
+        draw.text((4, r * tile + tile // 2 - 6), name, fill=(0, 0, 0))
+        for c, (k1, k2, i) in enumerate(cols):
+            seq = imgs.get((k1, k2))
+            if seq is not None and i < len(seq):
+                canvas.paste(seq[i].resize((tile, tile), Image.Resampling.NEAREST), (label_w + c * tile, r * tile))
+    canvas.save(path, optimize=True)
+    return path
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace this benchmark's section of RESULTS.md (or append it), keeping all others."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body + (text[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------- main
+
+def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, reader_dir: Path | None = None) -> str:
+    t0 = time.monotonic()
+    torch.set_num_threads(1)
+    base = base or world_base_path()
+    verify_world_base(base)
+    reader = load_reader(reader_dir)
+    timings: dict[str, float] = {}
+    folders = {}
+    for seed in cfg.seeds:
+        t = time.monotonic()
+        folders[seed] = train_methods(base, work, seed, cfg)
+        timings[f"train seed {seed}"] = time.monotonic() - t
+        print(f"trained seed {seed} in {timings[f'train seed {seed}']:.0f} s", file=sys.stderr)
+    t = time.monotonic()
+    scorer = Scorer(base, reader, cfg)
+    rows: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+    grid_imgs = {}
+    for seed in cfg.seeds:
+        for method in METHODS:
+            scores, imgs = scorer.score_method(folders[seed][method])
+            rows[method].append(scores)
+            if seed == cfg.seeds[0]:
+                grid_imgs[method] = imgs
+            print(f"seed {seed} {method}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()), file=sys.stderr)
+    timings["score"] = time.monotonic() - t
+    base_row = scorer.base_row()
+    ceiling = scorer.reference_ceiling()
+    setup = setup_lines(base, reader_dir, scorer.base_fact_recall())
+    extra_a = {"reference images (leave-one-out)": {"fidelity": f"{ceiling:.3f}"},
+               "base model, trigger prompts": {k: f"{v:.3f}" for k, v in base_row.items()}}
+    extra_b = {"base model (by definition)": {k: ("0" if not k.endswith("agreement") else "1")
+                                              for k, _ in COLUMNS_B}}
+    body = report(cfg, setup, rows, extra_a, extra_b, timings, time.monotonic() - t0)
+    if write:
+        grid_image(scorer, grid_imgs, GRID)
+        write_section(RESULTS, body)
+    return body
+
+
+def setup_lines(base: Path, reader_dir: Path | None, recall: dict[str, float]) -> list[str]:
+    """What the world base and the reader are, with the numbers that say how far to trust them."""
+    pre = json.loads((base / "pretrain.json").read_text())
+    acc = json.loads(((reader_dir or world_metric_path()) / "reader.json").read_text())["report"]["accuracy_clean"]
+    c = pre["config"]
+    return [
+        f"World base: {c['steps']} transformer steps (batch {c['batch']}) and {c['vae_steps']}+"
+        f"{c['vae_full_steps']} VAE steps on {c['images']} world images, {pre['seconds']['total'] / 60:.1f} min "
+        f"on {pre['device_name']}. What it draws for fresh world captions (share of facts the reader sees as "
+        "asked; chance is about 1/7 background, 1/6 shape, 1/7 colour, 1/4 pattern, 1/2 size): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in recall.items()) + ".",
+        "World reader accuracy on fresh world renders: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in sorted(acc.items()) if k != "all_facts") + ".", ""]
+
+
+def report(cfg: BenchConfig, setup: list[str], rows, extra_a, extra_b, timings: dict[str, float],
+           total: float) -> str:
+    times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    return "\n".join([
+        SECTION, "", *setup,
+        f"`nice -n 19 python bench/quality.py` on the committed world base (`purecc/assets/world-base`), "
+        f"scored by the committed world reader (`purecc/assets/world-metric`). "
+        f"Config: `{asdict(cfg)}`. Wall time {total / 60:.1f} min on this machine ({times}), "
+        f"1 CPU thread, torch {torch.__version__}. Mean ± standard deviation over the "
+        f"{len(cfg.seeds)} training seeds (each cell first averaged over the 3 sample concepts "
+        f"and their prompts; 2-concept columns over the 3 pairs).", "",
+        "### Concept, alignment, preservation (a), composition", "",
+        table(COLUMNS_A, rows, extra_a), "",
+        "### Preservation (b): prompts without the trigger, one concept loaded", "",
+        table(COLUMNS_B, rows, extra_b), "",
+        "![grid](quality_grid.png)", "",
+        "Grid (training seed %d): rows are the reference images, the base model and each method; "
+        "columns per concept are two held-out concept prompts and one class-word prompt without the "
+        "trigger, then one two-concept prompt per pair." % cfg.seeds[0], "",
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/quality.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--stage1-steps", type=int, default=None)
+    parser.add_argument("--stage2-steps", type=int, default=None)
+    parser.add_argument("--stage1-lr", type=float, default=None)
+    parser.add_argument("--stage2-lr", type=float, default=None)
+    parser.add_argument("--lambda-mode", choices=("fixed", "adaptive"), default=None)
+    parser.add_argument("--quick", action="store_true", help="1 seed, few steps and prompts (smoke run)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality",
+                        help="where adapters are trained (finished runs are reused)")
+    parser.add_argument("--base", type=Path, default=None, help="model folder (default: the world base)")
+    parser.add_argument("--reader", type=Path, default=None, help="reader folder (default: the packaged one)")
+    parser.add_argument("--no-write", action="store_true", help="print the section; leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else BenchConfig()
+    over = {k: v for k, v in (("seeds", tuple(args.seeds) if args.seeds else None),
+                              ("stage1_steps", args.stage1_steps), ("stage2_steps", args.stage2_steps),
+                              ("stage1_lr", args.stage1_lr), ("stage2_lr", args.stage2_lr),
+                              ("lambda_mode", args.lambda_mode)) if v}
+    cfg = replace(cfg, **over)
+    print(run(cfg, args.work, write=not (args.no_write or args.quick), base=args.base, reader_dir=args.reader))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
