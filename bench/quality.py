@@ -1,8 +1,9 @@
 """PureCC vs a plain DreamBooth LoRA on the pretrained world base, scored by the world reader.
 
 For every training seed the three sample concepts are trained as one pack: stage 1 alone (the
-DreamBooth LoRA baseline), then stage 2 (PureCC) twice, with the stage-1 extractor and with the
-bare base as extractor. Every method is then scored on held-out prompts (never a reference
+DreamBooth LoRA baseline), then stage 2 (PureCC) three times: with the stage-1 extractor and
+with the bare base as extractor (lambda fixed at 1, the public code's default), and with the
+stage-1 extractor and the adaptive lambda. Every method is then scored on held-out prompts (never a reference
 view) with fixed noise seeds, so that base and customised images of one prompt share their
 starting noise:
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -54,7 +56,23 @@ RESULTS, GRID = ROOT / "bench" / "RESULTS.md", ROOT / "bench" / "quality_grid.pn
 SECTION = "## Quality (bench/quality.py)"
 NOISE_SEED0 = 50_000          # image noise seeds: the same for every model and training seed
 UNRELATED_SEED = 424_242      # world captions for drift
-METHODS = ("DreamBooth LoRA (stage 1)", "PureCC, extractor=stage1", "PureCC, extractor=base")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: stage 1 alone (DreamBooth) or stage 2 (PureCC) with its knobs."""
+
+    name: str
+    folder: str                   # under work/seed<s>/
+    stage: int
+    extractor: str = "stage1"
+    lambda_mode: str = "fixed"
+
+
+METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
+           Method("PureCC, extractor=stage1", "purecc-stage1", 2, "stage1"),
+           Method("PureCC, extractor=base", "purecc-base", 2, "base"),
+           Method("PureCC, extractor=stage1, adaptive λ", "purecc-stage1-adaptive", 2, "stage1", "adaptive"))
 
 
 @dataclass(frozen=True)
@@ -66,7 +84,6 @@ class BenchConfig:
     stage1_lr: float = 4e-4
     stage2_steps: int = 800       # batch 1 per concept
     stage2_lr: float = 1e-4
-    lambda_mode: str = "fixed"
     render_steps: int = 20
     guidance: float = 5.0
     concept_prompts: int = 8      # per concept
@@ -121,20 +138,28 @@ def composition_prompts(a: SampleConcept, b: SampleConcept, n: int) -> list[tupl
 # ---------------------------------------------------------------- training
 
 def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig) -> dict[str, list[Path]]:
-    """Train the three methods for one seed (resuming finished runs); method -> adapter folders."""
+    """Train every method for one seed (finished runs are reused); method name -> adapter folders.
+
+    Stage 1 is trained once; each PureCC variant gets its own folder holding a copy of the
+    stage-1 adapters (its extractor) and its stage-2 adapters."""
     concepts = [(c.concept_id, c.trigger_word, str(PACKAGED_SAMPLES_DIR / c.concept_id / "manifest.csv"))
                 for c in SAMPLE_CONCEPTS]
+    ids = [c.concept_id for c in SAMPLE_CONCEPTS]
     common = dict(model=str(base), concepts=concepts, seed=seed, progress=False)
     keep = {"resolution": 64, "checkpoint_every": 10 ** 6}
-    run, ext_base = work / f"seed{seed}", work / f"seed{seed}-extractor-base"
-    train_concepts(out=run, stages=(1,), steps={1: cfg.stage1_steps},
+    stage1 = work / f"seed{seed}" / METHODS[0].folder
+    train_concepts(out=stage1, stages=(1,), steps={1: cfg.stage1_steps},
                    overrides={**keep, "lr": cfg.stage1_lr}, **common)
-    for out, extractor in ((run, "stage1"), (ext_base, "base")):
-        train_concepts(out=out, stages=(2,), steps={2: cfg.stage2_steps}, overrides={**keep, "lr": cfg.stage2_lr},
-                       extractor=extractor, lambda_mode=cfg.lambda_mode, **common)
-    ids = [c.concept_id for c in SAMPLE_CONCEPTS]
-    return {METHODS[0]: [run / i / "stage1" for i in ids], METHODS[1]: [run / i / "stage2" for i in ids],
-            METHODS[2]: [ext_base / i / "stage2" for i in ids]}
+    out = {METHODS[0].name: [stage1 / i / "stage1" for i in ids]}
+    for m in METHODS[1:]:
+        run = work / f"seed{seed}" / m.folder
+        for i in ids:
+            if not (run / i / "stage1").is_dir():
+                shutil.copytree(stage1 / i / "stage1", run / i / "stage1")
+        train_concepts(out=run, stages=(2,), steps={2: cfg.stage2_steps}, overrides={**keep, "lr": cfg.stage2_lr},
+                       extractor=m.extractor, lambda_mode=m.lambda_mode, **common)
+        out[m.name] = [run / i / "stage2" for i in ids]
+    return out
 
 
 # ---------------------------------------------------------------- rendering and scoring
@@ -284,16 +309,17 @@ def grid_image(scorer: Scorer, method_imgs: dict[str, dict], path: Path, scale: 
     cols += [(a.concept_id, b.concept_id, 0) for a, b, _ in scorer.pairs]
     rows = [("references", {(cid, "prompt"): scorer.refs[cid][0] for cid in scorer.refs}),
             ("base", scorer.base_images), *method_imgs.items()]
-    tile, label_w = 64 * scale, 170
+    tile, label_w = 64 * scale, 240
     canvas = Image.new("RGB", (label_w + tile * len(cols), tile * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for r, (name, imgs) in enumerate(rows):
-        draw.text((4, r * tile + tile // 2 - 6), name, fill=(0, 0, 0))
+        draw.text((4, r * tile + tile // 2 - 6), name.replace("λ", "lambda"), fill=(0, 0, 0))
         for c, (k1, k2, i) in enumerate(cols):
             seq = imgs.get((k1, k2))
             if seq is not None and i < len(seq):
                 canvas.paste(seq[i].resize((tile, tile), Image.Resampling.NEAREST), (label_w + c * tile, r * tile))
-    canvas.save(path, optimize=True)
+    # An octree palette keeps the colours (and the committed file small, ~100 KB).
+    canvas.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, optimize=True)
     return path
 
 
@@ -326,10 +352,10 @@ def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, rea
         print(f"trained seed {seed} in {timings[f'train seed {seed}']:.0f} s", file=sys.stderr)
     t = time.monotonic()
     scorer = Scorer(base, reader, cfg)
-    rows: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+    rows: dict[str, list[dict[str, float]]] = {m.name: [] for m in METHODS}
     grid_imgs = {}
     for seed in cfg.seeds:
-        for method in METHODS:
+        for method in (m.name for m in METHODS):
             scores, imgs = scorer.score_method(folders[seed][method])
             rows[method].append(scores)
             if seed == cfg.seeds[0]:
@@ -394,7 +420,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stage2-steps", type=int, default=None)
     parser.add_argument("--stage1-lr", type=float, default=None)
     parser.add_argument("--stage2-lr", type=float, default=None)
-    parser.add_argument("--lambda-mode", choices=("fixed", "adaptive"), default=None)
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps and prompts (smoke run)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality",
                         help="where adapters are trained (finished runs are reused)")
@@ -405,8 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = QUICK if args.quick else BenchConfig()
     over = {k: v for k, v in (("seeds", tuple(args.seeds) if args.seeds else None),
                               ("stage1_steps", args.stage1_steps), ("stage2_steps", args.stage2_steps),
-                              ("stage1_lr", args.stage1_lr), ("stage2_lr", args.stage2_lr),
-                              ("lambda_mode", args.lambda_mode)) if v}
+                              ("stage1_lr", args.stage1_lr), ("stage2_lr", args.stage2_lr)) if v}
     cfg = replace(cfg, **over)
     print(run(cfg, args.work, write=not (args.no_write or args.quick), base=args.base, reader_dir=args.reader))
     return 0
