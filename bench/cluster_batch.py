@@ -10,7 +10,7 @@ Each configuration gets a fresh storage root and ledger; the Ray cluster is shar
 then one warm-up run so the first configuration does not pay for cold worker processes). On the
 tiny model a run's cost is mostly Ray Train start-up, so the ratios measure the orchestration:
 how well concurrent runs and packs amortise it. On a GPU the pack also batches the math
-(ARCHITECTURE.md: a pack of 8 trains ~6x faster than 8 single-concept jobs).
+(bench/RESULTS.md, H200: a pack of 8 gives 4-7.5x the concept-steps per second of a pack of 1).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ CONFIGS = {"1x1": (1, 1), "2x1": (2, 1), "1x4": (1, 4)}   # name -> (max concurr
 
 
 def make_data(root: Path) -> tuple[Path, list[dict]]:
-    from purecc.samples import SAMPLE_CONCEPTS, write_sample_concepts
+    from purecc.testbed.samples import SAMPLE_CONCEPTS, write_sample_concepts
     from purecc.tiny import write_tiny_model
 
     model = write_tiny_model(root / "model")

@@ -7,7 +7,7 @@ stage-1 extractor and the adaptive lambda. Every method is then scored on held-o
 view) with fixed noise seeds, so that base and customised images of one prompt share their
 starting noise:
 
-- fidelity: the concept's object embedding vs its reference objects' (purecc.eval.metrics);
+- fidelity: the concept's object embedding vs its reference objects' (purecc.testbed.metrics);
 - alignment: the share of the prompt's facts (shape, position, background) the reader sees;
 - preservation (a): base on ``base_prompt`` vs customised on ``prompt``, same seed: the
   reader's facts outside the concept, and the PSNR of the pixels away from it;
@@ -40,16 +40,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from purecc.eval.facts import caption_facts
-from purecc.eval.metrics import (concept_fidelity, concept_references, drift_unrelated,
-                                 preservation_same_seed, text_alignment)
-from purecc.eval.reader import load_reader, object_embeddings, read_facts, world_metric_path
 from purecc.generate import RenderSettings, Sample, generate, load_concepts
 from purecc.local_train import train_concepts
 from purecc.model import ModelConfig, load_pipeline
-from purecc.pretrain import verify_world_base, world_base_path
-from purecc.samples import CONCEPT_OBJECTS, PACKAGED_SAMPLES_DIR, SAMPLE_CONCEPTS, SampleConcept, concept_views
-from purecc.world import BACKGROUNDS, POSITION_PHRASES, POSITIONS, concept_caption, sample_scene, world_batch
+from purecc.testbed import verify_world_base, world_base_path
+from purecc.testbed.facts import caption_facts
+from purecc.testbed.metrics import (concept_fidelity, concept_references, drift_unrelated,
+                                    preservation_same_seed, text_alignment)
+from purecc.testbed.reader import load_reader, object_embeddings, read_facts, world_metric_path
+from purecc.testbed.samples import (CONCEPT_OBJECTS, PACKAGED_SAMPLES_DIR, SAMPLE_CONCEPTS, SampleConcept,
+                                    concept_views)
+from purecc.testbed.world import (BACKGROUNDS, POSITION_PHRASES, POSITIONS, concept_caption, sample_scene,
+                                  world_batch)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS, GRID = ROOT / "bench" / "RESULTS.md", ROOT / "bench" / "quality_grid.png"
@@ -396,8 +398,8 @@ def report(cfg: BenchConfig, setup: list[str], rows, extra_a, extra_b, timings: 
     times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
     return "\n".join([
         SECTION, "", *setup,
-        f"`nice -n 19 python bench/quality.py` on the committed world base (`purecc/assets/world-base`), "
-        f"scored by the committed world reader (`purecc/assets/world-metric`). "
+        f"`nice -n 19 python bench/quality.py` on the committed world base (`purecc/testbed/assets/world-base`), "
+        f"scored by the committed world reader (`purecc/testbed/assets/world-metric`). "
         f"Config: `{asdict(cfg)}`. Wall time {total / 60:.1f} min on this machine ({times}), "
         f"1 CPU thread, torch {torch.__version__}. Mean ± standard deviation over the "
         f"{len(cfg.seeds)} training seeds (each cell first averaged over the 3 sample concepts "

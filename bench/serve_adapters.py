@@ -75,6 +75,7 @@ def time_slot_loads(model: Path, registry: AdapterRegistry, *, host_capacity: in
 
 
 def time_slot_copy(model: Path, registry: AdapterRegistry, rounds: int) -> float:
+    """Seconds per bare ``AdapterBank.load_slot`` of one host-cached adapter (no AdapterSlots bookkeeping)."""
     tr = load_pipeline(str(model)).transformer
     bank = attach_bank(tr, 2)
     flat = HostAdapterCache(registry, bank, base_fingerprint=base_fingerprint(tr)).get("c0").flat
@@ -85,6 +86,7 @@ def time_slot_copy(model: Path, registry: AdapterRegistry, rounds: int) -> float
 
 
 def time_diffusers_loads(model: Path, registry: AdapterRegistry, rounds: int) -> float:
+    """Seconds per diffusers ``load_lora_weights`` + ``delete_adapters`` cycle of one adapter folder."""
     pipe = load_pipeline(str(model))
     folder = registry.path_of("c0")
     pipe.load_lora_weights(folder, adapter_name="warmup_adapter")   # the first call wraps the modules
@@ -107,12 +109,14 @@ def concept_sets(n: int) -> list[list[tuple[str, float]]]:
 
 
 def request_body(concepts, seed: int, steps: int) -> dict:
+    """The ``/v1/generate`` JSON body for one request composing ``concepts`` ((id, weight) pairs)."""
     prompt = "a shape " + " and ".join(f"<{c}>" for c, _ in concepts)
     return {"prompt": prompt, "concepts": [{"id": c, "weight": w} for c, w in concepts], "seed": seed,
             "steps": steps, "guidance": 5.0, "width": SIZE, "height": SIZE}
 
 
 def post(url: str, body: dict) -> tuple[int, float, dict]:
+    """POST ``body`` to ``/v1/generate``: (status code, seconds taken, the JSON answer or {} on an error)."""
     import requests
 
     start = time.perf_counter()
@@ -122,6 +126,7 @@ def post(url: str, body: dict) -> tuple[int, float, dict]:
 
 
 def batched_vs_sequential(url: str, steps: int, rounds: int = 3) -> tuple[float, float, list[int]]:
+    """Median seconds for 8 requests sent one after another vs all at once, and the pass sizes seen."""
     bodies = [request_body(cs, seed=i, steps=steps) for i, cs in enumerate(concept_sets(8))]
     for b in bodies:                                  # warm: every concept resident
         assert post(url, b)[0] == 200
@@ -141,6 +146,7 @@ def batched_vs_sequential(url: str, steps: int, rounds: int = 3) -> tuple[float,
 
 
 def in_process_batching(model: Path, registry: AdapterRegistry, steps: int) -> tuple[float, float]:
+    """Seconds for 8 ``generate`` calls of one sample each vs one call of 8 samples."""
     from purecc.generate import load_concepts
 
     pipe = load_pipeline(str(model))
@@ -158,6 +164,7 @@ def in_process_batching(model: Path, registry: AdapterRegistry, steps: int) -> t
 
 
 def load_test(url: str, steps: int, total: int, concurrency: int) -> dict:
+    """Closed-loop load of ``total`` requests from ``concurrency`` clients: counts, latency quantiles, medians."""
     rng = random.Random(1)
     sets = concept_sets(32)
     bodies = [request_body(rng.choice(sets), seed=i, steps=steps) for i in range(total)]
@@ -168,19 +175,24 @@ def load_test(url: str, steps: int, total: int, concurrency: int) -> dict:
     ok = sorted(t for code, t, _ in results if code == 200)
     q = statistics.quantiles(ok, n=100, method="inclusive")
     served = [r for code, _, r in results if code == 200]
-    med = lambda key: statistics.median(r["timings"][key] for r in served)  # noqa: E731
+
+    def med(key):
+        return statistics.median(r["timings"][key] for r in served)
+
     return {"ok": len(ok), "rejected": sum(code == 503 for code, _, _ in results), "wall": wall,
             "p50": q[49], "p99": q[98], "queue_ms": med("queue_ms"), "load_ms": med("adapter_load_ms"),
             "denoise_ms": med("denoise_ms"), "batch": statistics.mean(r["batch_images"] for r in served)}
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def report_loading(model: Path, registry: AdapterRegistry, rounds: int) -> None:
+    """Measure and print (a): slot hot-load, cold load and bare copy vs diffusers loading."""
     hot = time_slot_loads(model, registry, host_capacity=8, rounds=rounds)
     cold = time_slot_loads(model, registry, host_capacity=1, rounds=rounds // 4)
     copy = time_slot_copy(model, registry, rounds)
@@ -195,6 +207,7 @@ def report_loading(model: Path, registry: AdapterRegistry, rounds: int) -> None:
 
 
 def report_service(url: str, cfg, args, in_process: tuple[float, float]) -> None:
+    """Measure and print (b) and (c) against the running service at ``url``."""
     seq, par, sizes = batched_vs_sequential(url, args.steps)
     print(f"\n(b) 8 requests, 8 different concept sets (batch_wait {1e3 * cfg.batch_wait_s:g} ms)")
     print(f"  HTTP one after another {seq:6.3f} s   concurrent (batched, pass sizes {sizes}) {par:6.3f} s")
@@ -214,6 +227,7 @@ def report_service(url: str, cfg, args, in_process: tuple[float, float]) -> None
 
 
 def run_service(model: Path, registry: AdapterRegistry, root: Path, args, in_process) -> None:
+    """Start a local Ray cluster and the service on 127.0.0.1, run ``report_service``, shut both down."""
     from cluster.local_ray import start_local_ray
 
     ray = start_local_ray(2, temp_dir=root / "ray")
@@ -235,6 +249,7 @@ def run_service(model: Path, registry: AdapterRegistry, root: Path, args, in_pro
 
 
 def main() -> None:
+    """Build the tiny model and random concepts in a temporary folder and run (a), (b) and (c)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--requests", type=int, default=64)

@@ -30,11 +30,15 @@ from purecc.trainer import ConceptJob, PackTrainer  # noqa: E402
 
 
 def synthetic(transformer, n_images: int, latent: int, seed: int):
+    """Random latents (N, 16, L, L) and, per prompt role, (embeds (N, 154, D), pooled (N, Dp))."""
     g = torch.Generator().manual_seed(seed)
     c = transformer.config
     lat = torch.randn(n_images, 16, latent, latent, generator=g)
-    emb = lambda: (torch.randn(n_images, 154, c.joint_attention_dim, generator=g),  # noqa: E731
-                   torch.randn(n_images, c.pooled_projection_dim, generator=g))
+
+    def emb():
+        return (torch.randn(n_images, 154, c.joint_attention_dim, generator=g),
+                torch.randn(n_images, c.pooled_projection_dim, generator=g))
+
     return lat, {"prompt": emb(), "base_prompt": emb(), "target_prompt": emb()}
 
 
@@ -56,6 +60,7 @@ def pack_rate(pipe, stage: int, k: int, steps: int, latent: int, extractor_dir: 
 
 
 def sync(pipe) -> None:
+    """Wait for queued CUDA work when the transformer is on a GPU (no-op on CPU)."""
     if next(pipe.transformer.parameters()).is_cuda:
         torch.cuda.synchronize()
 
@@ -64,14 +69,18 @@ _LOOPS: dict[int, PeftReferenceLoop] = {}
 
 
 def reference_rate(pipe_factory, steps: int, latent: int) -> float:
+    """Steps per second of the plain peft reference loop (after 2 warm-up steps)."""
     pipe = pipe_factory()
     if id(pipe) not in _LOOPS:
         _LOOPS[id(pipe)] = PeftReferenceLoop(pipe.transformer, shifted_sigmas_table(pipe.scheduler))
     loop = _LOOPS[id(pipe)]
     lat, emb = synthetic(pipe.transformer, 4, latent, 0)
     dev = next(pipe.transformer.parameters()).device
-    run = lambda i: loop.step(lat[i % 4:i % 4 + 1].to(dev), emb["prompt"][0][i % 4:i % 4 + 1].to(dev),  # noqa: E731
-                              emb["prompt"][1][i % 4:i % 4 + 1].to(dev), rng_for(0, "ref", i))
+
+    def run(i):
+        return loop.step(lat[i % 4:i % 4 + 1].to(dev), emb["prompt"][0][i % 4:i % 4 + 1].to(dev),
+                         emb["prompt"][1][i % 4:i % 4 + 1].to(dev), rng_for(0, "ref", i))
+
     for i in range(2):
         run(i)
     sync(pipe)
@@ -91,6 +100,7 @@ def extractor_adapter(pipe, root: Path) -> Path:
 
 
 def main() -> None:
+    """Run (a) and (b) and print their rates and ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--resolution", type=int, default=128)
@@ -101,7 +111,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     latent = args.resolution // 8
     cfg = TinyConfig(max_image_size=max(512, args.resolution))
-    factory = lambda: build_tiny_pipeline(cfg)  # noqa: E731
+
+    def factory():
+        return build_tiny_pipeline(cfg)
+
     packs = [int(p) for p in args.packs.split(",")]
     print(f"tiny model, {args.resolution} px, {args.steps} timed steps, torch threads {torch.get_num_threads()}")
 

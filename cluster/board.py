@@ -4,12 +4,23 @@ Workers push metrics, checkpoints and per-concept outcomes to it; the driver dra
 ledger (so only the head node ever opens the SQLite file). The driver posts cancellations to it and
 workers poll them every step. It also remembers each concept's newest persisted checkpoint, so a
 worker restarted by Ray Train can find it even before the driver has drained the message.
+
+Undrained messages are bounded (``max_messages``): a concept's progress message replaces its last
+undrained one; past the bound the oldest message of the cheapest kind to lose goes (progress, then
+events, then checkpoints, outcomes last). Drops are counted (``stats()``) and reported by the next
+``drain`` as one ``board-dropped`` event, so they reach the ledger's history.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import Counter
 from typing import Any
+
+KINDS = ("progress", "checkpoint", "outcome", "event")
+DROP_ORDER = ("progress", "event", "checkpoint", "outcome")   # cheapest to lose first
+MAX_MESSAGES = 10_000   # undrained; a driver drains every second or so, so this is only reached without one
 
 
 def start_board():
@@ -20,13 +31,24 @@ def start_board():
 
 
 class ProgressBoard:
-    def __init__(self) -> None:
-        self._messages: list[dict[str, Any]] = []
+    """Messages from workers to the driver, cancellations from the driver to workers, newest checkpoints."""
+
+    def __init__(self, max_messages: int = MAX_MESSAGES) -> None:
+        if max_messages < 1:
+            raise ValueError(f"board: max_messages must be at least 1, got {max_messages}")
+        self.max_messages = max_messages
+        # kind -> key -> (seq, message); a progress message is keyed by its concept, any other by its seq
+        self._pending: dict[str, dict[Any, tuple[int, dict[str, Any]]]] = {k: {} for k in KINDS}
+        self._seq = itertools.count()
+        self._dropped: Counter[str] = Counter()      # per kind, since the board started
+        self._unreported: Counter[str] = Counter()   # per kind, since the last drain
         self._cancel: set[str] = set()
         self._latest_ckpt: dict[str, dict[str, Any]] = {}
 
     def push(self, kind: str, payload: dict[str, Any]) -> None:
         """``kind``: progress | checkpoint | outcome | event."""
+        if kind not in self._pending:
+            raise ValueError(f"board: message kind {kind!r} is not one of {', '.join(KINDS)}")
         msg = {"kind": kind, "at": time.time(), **payload}
         if kind == "checkpoint":  # members: [{concept_id, job_key, step}], all in the folder ``uri``
             for m in payload["members"]:
@@ -34,19 +56,51 @@ class ProgressBoard:
                 prev = self._latest_ckpt.get(key)
                 if prev is None or prev["step"] <= m["step"]:
                     self._latest_ckpt[key] = {"step": m["step"], "uri": f"{payload['uri']}/{m['concept_id']}"}
-        self._messages.append(msg)
+        seq, queue = next(self._seq), self._pending[kind]
+        key = payload.get("concept_id") if kind == "progress" else seq
+        queue.pop(key, None)   # the newest progress goes to the end: dicts keep insertion order
+        queue[key] = (seq, msg)
+        if sum(map(len, self._pending.values())) > self.max_messages:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        kind = next(k for k in DROP_ORDER if self._pending[k])
+        queue = self._pending[kind]
+        del queue[next(iter(queue))]
+        self._dropped[kind] += 1
+        self._unreported[kind] += 1
 
     def drain(self) -> list[dict[str, Any]]:
-        out, self._messages = self._messages, []
+        """The messages pushed since the last drain, oldest first (the board keeps none).
+
+        Each concept's progress comes once, its newest; when messages were dropped since the last
+        drain, a last ``event`` message ``board-dropped`` says how many of each kind.
+        """
+        items = sorted((item for queue in self._pending.values() for item in queue.values()), key=lambda it: it[0])
+        for queue in self._pending.values():
+            queue.clear()
+        out = [msg for _, msg in items]
+        if self._unreported:
+            out.append({"kind": "event", "at": time.time(), "concept_id": None, "event": "board-dropped",
+                        "detail": dict(self._unreported)})
+            self._unreported.clear()
         return out
 
+    def stats(self) -> dict[str, Any]:
+        """Undrained messages, the bound, and the messages dropped per kind since the board started."""
+        return {"pending": sum(map(len, self._pending.values())), "max_messages": self.max_messages,
+                "dropped": dict(self._dropped)}
+
     def cancel(self, concept_ids: list[str]) -> None:
+        """Ask the workers training ``concept_ids`` to stop them."""
         self._cancel.update(concept_ids)
 
     def uncancel(self, concept_ids: list[str]) -> None:
+        """Withdraw the cancellation of ``concept_ids`` (e.g. once they are requeued)."""
         self._cancel.difference_update(concept_ids)
 
     def cancelled(self, concept_ids: list[str]) -> list[str]:
+        """Those of ``concept_ids`` whose cancellation was requested."""
         return [c for c in concept_ids if c in self._cancel]
 
     def latest_checkpoints(self, job_keys: list[str], stage: int) -> dict[str, dict[str, Any]]:

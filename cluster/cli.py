@@ -77,7 +77,8 @@ def _resume(args: argparse.Namespace) -> int:
 
     ledger = _ledger_of(args)
     if args.detach:
-        print(f"driver pid {api.spawn_driver(ledger, address=args.address, num_cpus=args.num_cpus)}")
+        started = api.start_driver(ledger, address=args.address, num_cpus=args.num_cpus)
+        print(f"driver pid {started.pid}" if started.kind == "process" else f"driver actor {started.name}")
         return 0
     api.resume(ledger, address=args.address, num_cpus=args.num_cpus, max_concurrent=args.max_concurrent,
                on_tick=_live(args))

@@ -9,7 +9,10 @@ never do (SQLite is not safe over NFS locking): they report through the driver's
 
 Tables: ``jobs`` (the rows), ``runs`` (one row per Ray Train run launched), ``events`` (an append-only
 history: submitted, launched, resumed, stage-done, published, failed, ...), ``driver`` (a lease held by
-the one driver allowed to schedule).
+the one driver allowed to schedule), ``meta`` (``schema_version``: the schema the file is in).
+
+Opening a ledger checks its schema version: a newer one is refused (``LedgerError``), an older one is
+brought up to date by the ``MIGRATIONS`` steps, all in the one transaction that records the new version.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from purecc.ids import validate_concept_id
 
 from .spec import JobSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1   # bump only with a step in MIGRATIONS that changes the schema to it
+# (version, step): ``step(db)`` brings a ledger of the version before it to ``version``; run in version
+# order inside one transaction. E.g. (2, lambda db: db.execute("ALTER TABLE jobs ADD COLUMN note TEXT")).
+MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], Any]]] = []
 ACTIVE = ("queued", "stage1", "stage2")
 FINISHED = ("published", "failed", "cancelled")
 STATES = ACTIVE + FINISHED
@@ -88,6 +94,8 @@ class LedgerError(ValueError):
 
 
 class ContentConflict(LedgerError):
+    """Resubmitted ids whose content differs from the ledger's, without ``replace``."""
+
     def __init__(self, ids: list[str]):
         self.ids = ids
         super().__init__(f"concept(s) {', '.join(ids)} already exist in the ledger with different content "
@@ -95,11 +103,15 @@ class ContentConflict(LedgerError):
 
 
 class DriverBusy(LedgerError):
+    """Another live driver holds the scheduling lease."""
+
     pass
 
 
 @dataclass(frozen=True)
 class JobRecord:
+    """One ``jobs`` row: a concept job's spec, state, progress, checkpoint, adapters and timestamps."""
+
     concept_id: str
     batch: str
     content_hash: str
@@ -136,6 +148,7 @@ class JobRecord:
         return {"queued": 1, "stage1": 1, "stage2": 2}.get(self.state)
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-ready dict (the spec as its JSON form)."""
         d = asdict(self)
         d["spec"] = self.spec.model_dump(mode="json")
         return d
@@ -143,6 +156,8 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class SubmitReport:
+    """What ``submit`` did with each id: added, left unchanged, replaced or requeued."""
+
     added: list[str]
     unchanged: list[str]
     replaced: list[str]
@@ -181,12 +196,52 @@ class JobLedger:
             raise LedgerError(f"ledger {self.path}: the file system refused WAL mode ({mode})")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=60000")
-        with self._lock:
-            self._db.executescript(_SCHEMA)  # idempotent; outside _tx (executescript commits first)
+        try:
+            self._open_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open_schema(self) -> None:
+        """Create a new ledger's tables, refuse a newer one, migrate an older one: one transaction."""
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            found = self._stored_version(db)
+            if found is not None and found > SCHEMA_VERSION:
+                raise LedgerError(f"ledger {self.path}: written with schema version {found}, this purecc "
+                                  f"reads up to version {SCHEMA_VERSION}; open it with a newer purecc")
+            if found is not None and found < SCHEMA_VERSION:
+                self._migrate(db, found)
+            for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+                db.execute(stmt)  # idempotent (IF NOT EXISTS)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def _stored_version(self, db) -> int | None:
+        """The file's schema version; None for a new file."""
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+            return None
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            return 1  # version 1 created its tables before recording its version (a crash in between)
+        try:
+            version = int(row[0])
+        except ValueError:
+            version = 0
+        if version < 1:
+            raise LedgerError(f"ledger {self.path}: meta schema_version {row[0]!r} is not a version (1 or more)")
+        return version
+
+    def _migrate(self, db, found: int) -> None:
+        steps = dict(MIGRATIONS)
+        missing = [v for v in range(found + 1, SCHEMA_VERSION + 1) if v not in steps]
+        if missing:
+            raise LedgerError(f"ledger {self.path}: schema version {found}, no migration to version(s) "
+                              f"{', '.join(map(str, missing))} of {SCHEMA_VERSION}")
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            steps[version](db)
+        self._event(db, None, "schema-migrated", {"from": found, "to": SCHEMA_VERSION})
 
     def close(self) -> None:
+        """Close the database connection."""
         with self._lock:
             self._db.close()
 
@@ -221,6 +276,7 @@ class JobLedger:
         return JobRecord(**d)
 
     def get(self, concept_id: str) -> JobRecord:
+        """The job of ``concept_id``; KeyError when it is not in the ledger."""
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE concept_id = ?", (concept_id,)).fetchone()
         if row is None:
@@ -235,6 +291,7 @@ class JobLedger:
         return [r for r in recs if states is None or r.state in states]
 
     def events(self, concept_id: str | None = None, kind: str | None = None) -> list[dict]:
+        """Events in order, optionally only one concept's and/or one kind's (``detail`` decoded)."""
         q, args = "SELECT * FROM events WHERE 1=1", []
         if concept_id is not None:
             q, args = q + " AND concept_id = ?", args + [concept_id]
@@ -245,6 +302,7 @@ class JobLedger:
         return [{**dict(r), "detail": json.loads(r["detail"]) if r["detail"] else None} for r in rows]
 
     def runs(self) -> list[dict]:
+        """Every Ray Train run launched, in order (``members`` decoded)."""
         with self._lock:
             rows = self._db.execute("SELECT * FROM runs ORDER BY id").fetchall()
         return [{**dict(r), "members": json.loads(r["members"])} for r in rows]
@@ -359,6 +417,7 @@ class JobLedger:
         return run_id, launched
 
     def end_run(self, run_id: int, outcome: str, error: str | None = None) -> None:
+        """Record how run ``run_id`` ended (its outcome and error, if any)."""
         with self._tx() as db:
             db.execute("UPDATE runs SET ended_at = ?, outcome = ?, error = ? WHERE id = ?",
                        (time.time(), outcome, error[:MAX_ERROR_CHARS] if error else None, run_id))
@@ -376,6 +435,7 @@ class JobLedger:
         return self.get(concept_id)
 
     def fail(self, concept_id: str, error: str) -> JobRecord:
+        """Mark an active job ``failed`` with ``error``; commits."""
         return self.transition(concept_id, "failed", expect=ACTIVE, error=error, pack=None,
                                detail={"error": str(error)[:500]})
 
@@ -425,6 +485,7 @@ class JobLedger:
                        (uri, stage, step, concept_id, f"stage{stage}", stage, step))
 
     def record_event(self, concept_id: str | None, kind: str, detail: Any = None, at: float | None = None) -> None:
+        """Append one event to the history; commits."""
         with self._tx() as db:
             self._event(db, concept_id, kind, detail, at)
 
@@ -465,6 +526,7 @@ class JobLedger:
         return d
 
     def live_driver(self) -> dict | None:
+        """The driver lease row if its holder is alive (fresh heartbeat; a live pid on this host), else None."""
         with self._lock:
             return self._live_driver(self._db)
 
@@ -480,6 +542,7 @@ class JobLedger:
             self._event(db, None, "driver-start", {"owner": owner, "pid": os.getpid()})
 
     def heartbeat(self, owner: str) -> None:
+        """Renew ``owner``'s driver lease (no-op when it does not hold it)."""
         with self._tx() as db:
             db.execute("UPDATE driver SET heartbeat = ? WHERE id = 1 AND owner = ?", (time.time(), owner))
 
@@ -495,6 +558,7 @@ class JobLedger:
         return True
 
     def release_driver(self, owner: str) -> None:
+        """Give up ``owner``'s driver lease unconditionally."""
         with self._tx() as db:
             db.execute("DELETE FROM driver WHERE id = 1 AND owner = ?", (owner,))
             self._event(db, None, "driver-stop", {"owner": owner})

@@ -1,6 +1,6 @@
 """Start (or join) a Ray cluster that listens on 127.0.0.1 only.
 
-Settings measured in ``shared/notes/offline-stack.md``: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+Settings found by measurement on a CPU machine: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 Ray picks the machine's external address as node IP; Train V2 blocks every ``ray.train.report`` until
 the controller polls (2 s by default), so the poll interval is lowered.
 """

@@ -12,6 +12,7 @@ COLUMNS = ("CONCEPT", "STATE", "STAGE", "STEP", "LOSS", "ETA", "RUNS", "NOTE")
 
 
 def format_eta(seconds: float | None) -> str:
+    """Seconds as ``1h02m``, ``3m05s`` or ``42s``; ``-`` when unknown."""
     if seconds is None:
         return "-"
     s = max(0, int(round(seconds)))
@@ -19,6 +20,7 @@ def format_eta(seconds: float | None) -> str:
 
 
 def row_of(job: JobRecord) -> tuple[str, ...]:
+    """One job's table cells, in ``COLUMNS`` order."""
     training = job.state in ("stage1", "stage2") and job.stage is not None
     state = job.state + (" (cancelling)" if job.cancel_requested and job.state in ("stage1", "stage2") else "")
     step = f"{job.step}/{job.total}" if job.step is not None else "-"
@@ -31,6 +33,7 @@ def row_of(job: JobRecord) -> tuple[str, ...]:
 
 
 def format_table(jobs: Sequence[JobRecord]) -> str:
+    """The jobs as a text table with aligned columns and a header row."""
     rows = [COLUMNS] + [row_of(j) for j in jobs]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
@@ -62,6 +65,7 @@ class LiveTable:
         self._last, self._states = now, states
 
     def final(self, jobs: Sequence[JobRecord]) -> None:
+        """Print the table now, whatever changed or however recently it was drawn."""
         self._last = 0.0
         self._states = None
         self(jobs)

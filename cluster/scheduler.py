@@ -1,4 +1,8 @@
-"""The driver: turns ledger jobs into packs and packs into concurrent Ray Train runs.
+"""The scheduler: turns ledger jobs into packs and packs into concurrent Ray Train runs.
+
+The scheduler is what "the driver" runs: the process (or detached actor, ``cluster.api.start_driver``)
+holding the ledger's driver lease. Which packs to launch is decided by pure functions over ledger rows
+(``plan_packs``, ``concurrency_limit``), testable without Ray; ``Scheduler`` adds the Ray side.
 
 Each pack is one ``TorchTrainer`` run (one worker) launched from a ``num_cpus=0`` task, so several
 runs proceed at once up to the concurrency limit (a run queued on resources would sit on its
@@ -24,12 +28,15 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from purecc.pack import ConceptPlan, PackPlan, ValidationSettings
 from purecc.trainer import PACK_KEYS
 
 from .board import start_board
 from .ledger import ACTIVE, JobLedger, JobRecord, LedgerError
+from .spec import Resources
+from .worker import PackRun
 
 CHECKPOINTS_KEPT = 3
 MAX_RUN_ERROR = 3000
@@ -41,6 +48,7 @@ def job_key(rec: JobRecord) -> str:
 
 
 def pack_name(stage: int, recs: list[JobRecord]) -> str:
+    """A pack's run name: stable for the same members, so a relaunch finds its Ray checkpoints."""
     digest = hashlib.sha256(json.dumps(sorted(job_key(r) for r in recs)).encode()).hexdigest()[:10]
     return f"s{stage}-{recs[0].concept_id[:24]}-{len(recs)}-{digest}"
 
@@ -48,9 +56,61 @@ def pack_name(stage: int, recs: list[JobRecord]) -> str:
 def pack_key(rec: JobRecord, stage: int) -> str:
     """Jobs with equal keys may share a pack (and so a run)."""
     s = rec.spec
-    recipe = s.recipes[str(stage)]
+    recipe = s.recipe(stage)
     return json.dumps([stage, s.base_model, s.base_id, s.storage, s.resources.model_dump(),
-                       s.validation.model_dump(), [recipe[k] for k in PACK_KEYS]], sort_keys=True)
+                       s.validation.model_dump(), [getattr(recipe, k) for k in PACK_KEYS]], sort_keys=True)
+
+
+@dataclass(frozen=True)
+class PackProposal:
+    """A pack the scheduler may launch: its stage, run name and members (ledger rows)."""
+
+    stage: int
+    name: str
+    jobs: tuple[JobRecord, ...]
+
+
+def concurrency_limit(jobs: Sequence[JobRecord], override: int | None = None) -> int:
+    """Runs allowed at once: ``override``, else the smallest ``max_concurrent`` of ``jobs`` (1 if none)."""
+    if override:
+        return override
+    return min((j.spec.resources.max_concurrent for j in jobs), default=1)
+
+
+def plan_packs(ready: Sequence[JobRecord], free: int) -> list[PackProposal]:
+    """Up to ``free`` packs from the ``ready`` jobs, in launch order.
+
+    Jobs that already belong to a pack (an interrupted run) keep it; the others are grouped by
+    ``pack_key`` into chunks of ``concepts_per_pack``, stage-2 groups first (closer to done).
+    """
+    if free <= 0 or not ready:
+        return []
+    sticky: dict[str, list[JobRecord]] = {}
+    groups: dict[str, list[JobRecord]] = {}
+    for rec in ready:
+        if rec.pack:
+            sticky.setdefault(rec.pack, []).append(rec)
+        else:
+            groups.setdefault(pack_key(rec, rec.next_stage), []).append(rec)
+    packs = [PackProposal(recs[0].next_stage, name, tuple(recs)) for name, recs in sticky.items()]
+    for key in sorted(groups, key=lambda k: -json.loads(k)[0]):
+        recs = groups[key]
+        size = recs[0].spec.resources.concepts_per_pack
+        for i in range(0, len(recs), size):
+            chunk = recs[i:i + size]
+            packs.append(PackProposal(chunk[0].next_stage, pack_name(chunk[0].next_stage, chunk), tuple(chunk)))
+    return packs[:free]
+
+
+def pack_plan(name: str, stage: int, recs: Sequence[JobRecord]) -> PackPlan:
+    """The typed plan a worker trains, from the pack's ledger rows."""
+    spec = recs[0].spec
+    members = tuple(ConceptPlan(
+        concept_id=r.concept_id, trigger=r.spec.trigger, manifest=r.spec.manifest, recipe=r.spec.recipe(stage),
+        seed=r.spec.seed, data_hash=r.spec.data_hash, validation_prompts=tuple(r.spec.validation_prompts),
+        key=job_key(r), provenance={"batch": r.batch, "content_hash": r.content_hash}) for r in recs)
+    return PackPlan(name=name, stage=stage, base_model=spec.base_model, members=members,
+                    validation=ValidationSettings(steps=spec.validation.steps, guidance=spec.validation.guidance))
 
 
 def _short_error(exc: BaseException) -> str:
@@ -58,20 +118,20 @@ def _short_error(exc: BaseException) -> str:
     return text if len(text) <= MAX_RUN_ERROR else text[:1000] + "\n...\n" + text[-(MAX_RUN_ERROR - 1000):]
 
 
-def run_pack(plan: dict[str, Any], resources: dict[str, Any]) -> dict[str, Any]:
+def run_pack(run: PackRun, board, resources: Resources) -> dict[str, Any]:
     """Launch one Ray Train run for a pack and wait for it (runs in a zero-CPU Ray task)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .worker import train_pack
 
-    gpus = float(resources["gpus_per_worker"])
-    per_worker = {"CPU": float(resources["cpus_per_worker"]), **({"GPU": gpus} if gpus else {})}
+    gpus = float(resources.gpus_per_worker)
+    per_worker = {"CPU": float(resources.cpus_per_worker), **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
-        train_pack, train_loop_config=plan,
+        train_pack, train_loop_config={"run": run.to_dict(), "board": board},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpus > 0, resources_per_worker=per_worker),
-        run_config=RunConfig(name=plan["run_name"], storage_path=plan["runs_path"],
-                             failure_config=FailureConfig(max_failures=int(resources["max_failures"])),
+        run_config=RunConfig(name=run.plan.name, storage_path=run.runs_path,
+                             failure_config=FailureConfig(max_failures=int(resources.max_failures)),
                              checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
     t0 = time.time()
     try:
@@ -83,6 +143,8 @@ def run_pack(plan: dict[str, Any], resources: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _Launch:
+    """A run in flight: its ledger id, pack name, stage and members."""
+
     run_id: int
     pack: str
     stage: int
@@ -93,13 +155,15 @@ class _Launch:
 
 @dataclass
 class RunSummary:
+    """What ``Scheduler.run`` ends with: each job's state, runs launched, wall time."""
+
     states: dict[str, str]
     runs_launched: int
     wall_s: float
 
 
-class BatchRunner:
-    """The scheduling driver over one ledger. ``run()`` returns when no job is left to do.
+class Scheduler:
+    """The scheduling loop over one ledger. ``run()`` returns when no job is left to do.
 
     ``max_concurrent`` overrides the jobs' own limit; ``on_tick(jobs)`` is called every poll
     (progress displays); ``fault`` (tests) makes a worker ``os._exit`` once at a given step.
@@ -254,58 +318,29 @@ class BatchRunner:
             self.ledger.run_failed(left, error, max_attempts=launch.max_attempts, isolate=len(launch.members) > 1)
         self.ledger.end_run(launch.run_id, "ok" if result["ok"] and not left else "failed", result["error"])
 
-    def _limit(self, jobs: list[JobRecord]) -> int:
-        if self.max_concurrent:
-            return self.max_concurrent
-        return min((j.spec.resources.max_concurrent for j in jobs), default=1)
-
     def _schedule(self) -> None:
         ready = self._ready()
-        free = self._limit(ready + [self.ledger.get(c) for c in self._running_ids()]) - len(self.launches)
-        if free <= 0 or not ready:
-            return
-        sticky: dict[str, list[JobRecord]] = {}
-        groups: dict[str, list[JobRecord]] = {}
-        for rec in ready:
-            if rec.pack:
-                sticky.setdefault(rec.pack, []).append(rec)
-            else:
-                groups.setdefault(pack_key(rec, rec.next_stage), []).append(rec)
-        packs = [(recs[0].next_stage, name, recs) for name, recs in sticky.items()]
-        for key in sorted(groups, key=lambda k: -json.loads(k)[0]):  # stage 2 first: closer to done
-            recs = groups[key]
-            size = recs[0].spec.resources.concepts_per_pack
-            for i in range(0, len(recs), size):
-                chunk = recs[i:i + size]
-                packs.append((chunk[0].next_stage, pack_name(chunk[0].next_stage, chunk), chunk))
-        for stage, name, recs in packs[:free]:
-            self._launch(stage, name, recs)
+        running = [self.ledger.get(c) for c in self._running_ids()]
+        free = concurrency_limit(ready + running, self.max_concurrent) - len(self.launches)
+        for proposal in plan_packs(ready, free):
+            self._launch(proposal)
 
-    def _launch(self, stage: int, name: str, recs: list[JobRecord]) -> None:
-        run_id, ids = self.ledger.launch(name, stage, [r.concept_id for r in recs])  # committed first
+    def _launch(self, proposal: PackProposal) -> None:
+        stage, name = proposal.stage, proposal.name
+        run_id, ids = self.ledger.launch(name, stage, [r.concept_id for r in proposal.jobs])  # committed first
         if run_id is None:
             return
         recs = [self.ledger.get(c) for c in ids]
         spec = recs[0].spec
-        plan = {
-            "run_name": name, "stage": stage, "storage": spec.storage, "runs_path": f"{spec.storage}/runs",
-            "base_model": spec.base_model, "validation": spec.validation.model_dump(), "board": self.board,
-            "scratch": self.scratch, "members": [self._member(r, stage) for r in recs],
-            "fault": self._fault_for(ids, spec.storage),
-        }
-        ref = self._launcher.remote(plan, spec.resources.model_dump())
+        run = PackRun(plan=pack_plan(name, stage, recs), storage=spec.storage, runs_path=f"{spec.storage}/runs",
+                      scratch=self.scratch, fault=self._fault_for(ids, spec.storage),
+                      resume={r.concept_id: r.checkpoint for r in recs
+                              if r.checkpoint and r.checkpoint_stage == stage})
+        ref = self._launcher.remote(run, self.board, spec.resources)
         self.launches[ref] = _Launch(run_id, name, stage, ids, spec.resources.max_attempts)
         for cid in ids:
             self._speed.pop(cid, None)
         self._runs += 1
-
-    @staticmethod
-    def _member(rec: JobRecord, stage: int) -> dict:
-        s = rec.spec
-        return {"concept_id": rec.concept_id, "trigger": s.trigger, "manifest": s.manifest,
-                "data_hash": s.data_hash, "recipe": s.recipes[str(stage)], "seed": s.seed,
-                "validation_prompts": s.validation_prompts, "batch": rec.batch, "content_hash": rec.content_hash,
-                "job_key": job_key(rec), "resume": rec.checkpoint if rec.checkpoint_stage == stage else None}
 
     def _fault_for(self, ids: list[str], storage: str) -> dict | None:
         f = self.fault

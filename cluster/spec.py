@@ -5,6 +5,12 @@ resources, optional recipe defaults and the concepts. Relative paths resolve aga
 file's folder. Every problem is collected (schema, manifests, recipes, duplicates, base model) and
 raised once as a ``BatchSpecError`` naming the file, the concept and the field of each.
 
+These models are the one batch schema: the HTTP API's batch models (``services.schemas``) subclass
+them and re-declare only the fields whose bounds are tighter there (its request is ``BatchSpec``
+less the fields the service fixes). Validation parses
+each concept manifest once; ``ValidatedBatch`` keeps the parsed manifests so that planning the
+jobs (``jobs()``, which hashes the data) reads none of them again.
+
     name: shapes-v1
     base_model: ./models/sd35m
     storage: ./runs/shapes            # or s3://bucket/prefix (then `ledger:` must be a local path)
@@ -23,15 +29,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from purecc.data import ManifestError, read_manifest
+from purecc.data import ConceptManifest, ManifestError, read_concept_manifest
 from purecc.ids import CONCEPT_ID_PATTERN, TRIGGER_PATTERN
 from purecc.model import ModelFolderError, read_model_index
-from purecc.recipe import stage_recipe
+from purecc.recipe import StageRecipe, stage_recipe
 
 ConceptId = Annotated[str, StringConstraints(pattern=CONCEPT_ID_PATTERN)]
 Trigger = Annotated[str, StringConstraints(pattern=TRIGGER_PATTERN)]
@@ -41,14 +47,16 @@ MAX_CONCEPTS = 1000
 
 
 class _Strict(BaseModel):
+    """Unknown fields are errors; a validated model does not change."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class StageOverrides(_Strict):
-    """Per-stage knobs; unset fields keep the seed recipe (METHOD.md)."""
+    """Per-stage knobs; unset fields keep the seed recipe (``purecc.recipe.stage_recipe``)."""
 
     steps: int | None = Field(None, ge=1, le=1_000_000, description="optimiser steps of this stage")
-    lr: float | None = Field(None, gt=0, le=1.0, description="learning rate (constant schedule)")
+    lr: float | None = Field(None, gt=0, le=1.0, description="Learning rate (constant schedule).")
     grad_accum: int | None = Field(None, ge=1, le=1024, description="micro-batches per step")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints")
 
@@ -57,10 +65,12 @@ class Overrides(_Strict):
     """Recipe overrides of one concept (or batch-wide defaults under ``defaults:``)."""
 
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="data order, noise and init seed")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seed of data order, noise and init.")
     eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
-    lambda_mode: Literal["fixed", "adaptive"] | None = Field(None, description="stage 2: lambda")
-    extractor: Literal["stage1", "base"] | None = Field(None, description="stage 2: extractor model")
+    lambda_mode: Literal["fixed", "adaptive"] | None = Field(None, description="Stage 2: fixed or adaptive "
+                                                             "lambda.")
+    extractor: Literal["stage1", "base"] | None = Field(None, description="Stage 2: the frozen extractor "
+                                                        "(base + the stage-1 LoRA, or the base alone).")
     validation_prompts: list[Prompt] | None = Field(
         None, max_length=16, description="rendered at the end of each stage; [v] becomes the trigger")
     stage1: StageOverrides = StageOverrides()
@@ -78,8 +88,8 @@ class Overrides(_Strict):
 class Resources(_Strict):
     """How runs are placed on the cluster. Each pack is one Ray Train run with one worker."""
 
-    gpus_per_worker: float = Field(0.0, ge=0, le=8, description="GPUs per training worker (0: CPU; "
-                                   "a fraction lets several packs share one GPU)")
+    gpus_per_worker: float = Field(0.0, ge=0, le=8, description="GPUs per training worker (0: CPU; a fraction "
+                                                                "lets several packs share one GPU).")
     cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs per training worker "
                                    "(a fraction such as 0.5 on a laptop)")
     concepts_per_pack: int = Field(4, ge=1, le=64, description="concepts trained together on one worker")
@@ -91,18 +101,25 @@ class Resources(_Strict):
 
 
 class ValidationRender(_Strict):
+    """How the validation images at the end of each stage are rendered."""
+
     steps: int = Field(20, ge=1, le=200, description="denoising steps of validation images")
     guidance: float = Field(4.0, ge=0, le=30, description="classifier-free guidance scale")
 
 
 class ConceptSpec(_Strict):
-    id: ConceptId = Field(description="concept id: [a-z0-9][a-z0-9_-]{0,63}")
+    """One concept to train: its id, its data and its trigger word."""
+
+    id: ConceptId = Field(description="Concept id: [a-z0-9][a-z0-9_-]{0,63}; the published adapter's id in the "
+                                      "registry.")
     data: str = Field(min_length=1, description="concept manifest (CSV or Parquet)")
-    trigger: Trigger = Field(description="trigger word substituted for [v]")
+    trigger: Trigger = Field(description="Trigger word substituted for [v] in the prompts.")
     overrides: Overrides = Overrides()
 
 
 class BatchSpec(_Strict):
+    """A batch file's content: the concepts to train, on which base, into which storage, how."""
+
     name: ConceptId = Field("batch", description="batch name (same rule as concept ids)")
     base_model: str = Field(min_length=1, description="local diffusers SD3/SD3.5 folder")
     storage: str = Field(min_length=1, description="storage root: folder or s3:// / gs:// URI")
@@ -114,19 +131,23 @@ class BatchSpec(_Strict):
 
     @property
     def ledger_path(self) -> str:
+        """The SQLite job ledger: ``ledger``, else ``<storage>/ledger.sqlite``."""
         return self.ledger or f"{self.storage}/ledger.sqlite"
 
-    def jobs(self) -> list["JobSpec"]:
-        """One job per concept: everything a driver needs, content-hashed."""
+    def jobs(self, manifests: Mapping[str, ConceptManifest] | None = None) -> list["JobSpec"]:
+        """One job per concept: everything a driver needs, content-hashed. ``manifests`` (concept id
+        -> manifest, as validation parsed them) are used instead of reading those manifests again."""
         base_id = model_identity(self.base_model)
         out = []
         for c in self.concepts:
             ov = c.overrides.merged_over(self.defaults)
-            manifest = read_manifest(c.data, c.trigger)
+            manifest = (manifests or {}).get(c.id)
+            if manifest is None or manifest.path != Path(c.data) or manifest.trigger != c.trigger:
+                manifest = read_concept_manifest(c.data, c.trigger)
             out.append(JobSpec(
                 concept_id=c.id, batch=self.name, trigger=c.trigger, manifest=c.data,
                 data_hash=manifest.content_hash(), base_model=self.base_model, base_id=base_id,
-                storage=self.storage, recipes={str(s): recipe_for(ov, s) for s in (1, 2)},
+                storage=self.storage, stage1=recipe_for(ov, 1), stage2=recipe_for(ov, 2),
                 seed=ov.seed or 0, validation_prompts=list(ov.validation_prompts or []),
                 validation=self.validation, resources=self.resources))
         return out
@@ -143,11 +164,18 @@ class JobSpec(_Strict):
     base_model: str
     base_id: str
     storage: str
-    recipes: dict[str, dict[str, Any]]   # "1"/"2" -> StageRecipe fields
+    stage1: StageRecipe
+    stage2: StageRecipe
     seed: int = 0
     validation_prompts: list[str] = []
     validation: ValidationRender = ValidationRender()
     resources: Resources = Resources()
+
+    def recipe(self, stage: int) -> StageRecipe:
+        """The recipe of ``stage`` (1 or 2)."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage: {stage!r} must be 1 or 2")
+        return self.stage1 if stage == 1 else self.stage2
 
     def content_hash(self) -> str:
         """Identity of what gets trained: data, trigger, recipes, seed, prompts, base and storage."""
@@ -155,13 +183,13 @@ class JobSpec(_Strict):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def recipe_for(ov: Overrides, stage: int) -> dict[str, Any]:
-    """StageRecipe fields of ``stage`` after the overrides (raises ValueError on a bad combination)."""
+def recipe_for(ov: Overrides, stage: int) -> StageRecipe:
+    """The recipe of ``stage`` after the overrides (raises ValueError on a bad combination)."""
     per = (ov.stage1 if stage == 1 else ov.stage2).model_dump(exclude_none=True)
     extra = {k: v for k, v in (("resolution", ov.resolution),) if v is not None}
     if stage == 2:
         extra.update({k: getattr(ov, k) for k in ("eta", "lambda_mode", "extractor") if getattr(ov, k) is not None})
-    return stage_recipe(stage, **extra, **per).to_dict()
+    return stage_recipe(stage, **extra, **per)
 
 
 def model_identity(path: str) -> str:
@@ -177,6 +205,8 @@ def model_identity(path: str) -> str:
 
 @dataclass(frozen=True)
 class Problem:
+    """One problem of a batch: where (file, concept, dotted field) and what."""
+
     file: str
     concept: str | None
     field: str
@@ -236,30 +266,66 @@ def read_batch_file(path: str | Path) -> dict:
     return data
 
 
+@dataclass(frozen=True)
+class ValidatedBatch:
+    """A valid batch and the concept manifests its validation parsed (concept id -> manifest), so
+    that planning its jobs reads no manifest again."""
+
+    spec: BatchSpec
+    manifests: Mapping[str, ConceptManifest]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ValidatedBatch":
+        """Read and validate a batch file; raise one ``BatchSpecError`` listing every problem."""
+        path = Path(path)
+        return cls.from_dict(read_batch_file(path), source=str(path), base_dir=path.resolve().parent)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "<batch>", base_dir: str | Path = ".") -> "ValidatedBatch":
+        """Validate a batch given as a dict (relative paths resolve against ``base_dir``); raise one
+        ``BatchSpecError`` listing every problem."""
+        base_dir = Path(base_dir)
+        problems: list[Problem] = []
+        head_raw = {k: v for k, v in data.items() if k != "concepts"}
+        try:
+            placeholder = [ConceptSpec(id="x", data="x", trigger="x")]  # concepts are checked one by one below
+            head = BatchSpec.model_validate({**head_raw, "concepts": placeholder})
+        except ValidationError as exc:
+            head = None
+            problems += _schema_problems(exc, source, None)
+        concepts, manifests = _checked_concepts(data.get("concepts"), head, source, base_dir, problems)
+        if head is not None:
+            problems += _head_problems(head, source, base_dir)
+        if problems:
+            raise BatchSpecError(problems)
+        resolved = {"base_model": _resolve(head.base_model, base_dir), "storage": _resolve(head.storage, base_dir),
+                    "ledger": _resolve(head.ledger, base_dir) if head.ledger else None}
+        return cls(head.model_copy(update={**resolved, "concepts": concepts}), manifests)
+
+    def jobs(self) -> list[JobSpec]:
+        """The batch's jobs (``BatchSpec.jobs``), hashed from the manifests validation parsed."""
+        return self.spec.jobs(self.manifests)
+
+
 def load_batch(path: str | Path) -> BatchSpec:
     """Read and validate a batch file; raise one ``BatchSpecError`` listing every problem."""
-    path = Path(path)
-    return validate_batch(read_batch_file(path), source=str(path), base_dir=path.resolve().parent)
+    return ValidatedBatch.from_file(path).spec
 
 
 def validate_batch(data: dict, *, source: str = "<batch>", base_dir: str | Path = ".") -> BatchSpec:
     """Validate a batch given as a dict (relative paths resolve against ``base_dir``)."""
-    base_dir = Path(base_dir)
-    problems: list[Problem] = []
-    head_raw = {k: v for k, v in data.items() if k != "concepts"}
-    raw_concepts = data.get("concepts")
-    try:
-        placeholder = [ConceptSpec(id="x", data="x", trigger="x")]  # concepts are checked one by one below
-        head = BatchSpec.model_validate({**head_raw, "concepts": placeholder})
-    except ValidationError as exc:
-        head = None
-        problems += _schema_problems(exc, source, None)
+    return ValidatedBatch.from_dict(data, source=source, base_dir=base_dir).spec
+
+
+def _checked_concepts(raw_concepts: Any, head: BatchSpec | None, source: str, base_dir: Path,
+                      problems: list[Problem]) -> tuple[list[ConceptSpec], dict[str, ConceptManifest]]:
+    """The valid concepts (data paths resolved) and their parsed manifests; appends every problem."""
     if not isinstance(raw_concepts, list) or not raw_concepts:
         problems.append(Problem(source, None, "concepts", "a non-empty list of concepts is required"))
         raw_concepts = []
     elif len(raw_concepts) > MAX_CONCEPTS:
         problems.append(Problem(source, None, "concepts", f"{len(raw_concepts)} concepts exceed {MAX_CONCEPTS}"))
-    concepts, seen = [], {}
+    concepts, manifests, seen = [], {}, {}
     for i, raw in enumerate(raw_concepts):
         label = _concept_label(raw, i)
         try:
@@ -273,15 +339,12 @@ def validate_batch(data: dict, *, source: str = "<batch>", base_dir: str | Path 
             continue
         seen[c.id] = i
         c = c.model_copy(update={"data": _resolve(c.data, base_dir)})
-        problems += _concept_problems(c, head, source, label, i)
+        found, manifest = _check_concept(c, head, source, label, i)
+        problems += found
+        if manifest is not None:
+            manifests[c.id] = manifest
         concepts.append(c)
-    if head is not None:
-        problems += _head_problems(head, source, base_dir)
-    if problems:
-        raise BatchSpecError(problems)
-    resolved = {"base_model": _resolve(head.base_model, base_dir), "storage": _resolve(head.storage, base_dir),
-                "ledger": _resolve(head.ledger, base_dir) if head.ledger else None}
-    return head.model_copy(update={**resolved, "concepts": concepts})
+    return concepts, manifests
 
 
 def _head_problems(head: BatchSpec, source: str, base_dir: Path) -> list[Problem]:
@@ -301,10 +364,12 @@ def _head_problems(head: BatchSpec, source: str, base_dir: Path) -> list[Problem
     return out
 
 
-def _concept_problems(c: ConceptSpec, head: BatchSpec | None, source: str, label: str, i: int) -> list[Problem]:
-    out = []
+def _check_concept(c: ConceptSpec, head: BatchSpec | None, source: str, label: str,
+                   i: int) -> tuple[list[Problem], ConceptManifest | None]:
+    """The problems of one concept (manifest, recipes) and its parsed manifest (None if unreadable)."""
+    out, manifest = [], None
     try:
-        read_manifest(c.data, c.trigger)
+        manifest = read_concept_manifest(c.data, c.trigger)
     except ManifestError as exc:
         out.append(Problem(source, label, f"concepts.{i}.data", str(exc)))
     ov = c.overrides.merged_over(head.defaults) if head is not None else c.overrides
@@ -313,7 +378,7 @@ def _concept_problems(c: ConceptSpec, head: BatchSpec | None, source: str, label
             recipe_for(ov, stage)
         except (ValueError, TypeError) as exc:
             out.append(Problem(source, label, f"concepts.{i}.overrides.stage{stage}", str(exc)))
-    return out
+    return out, manifest
 
 
 def ledger_path_of(path: str | Path) -> str:

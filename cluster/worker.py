@@ -1,14 +1,15 @@
-"""The Ray Train worker: a thin shell that drives ``purecc.trainer.PackTrainer`` for one pack.
+"""The Ray Train worker: Ray's glue around ``purecc.pack.PackRecipe`` for one pack, nothing more.
 
-``train_pack(config)`` is the ``train_loop_per_worker``. It checks each member's data (a broken
-concept fails alone, its pack-mates go on), loads the base, resumes every member from the newest
-checkpoint it can find (the run's own ``ray.train.get_checkpoint()``, the board, the ledger pointer),
-trains, reports per-concept checkpoints through ``ray.train.report``, polls cancellations every step,
-and at the end of the stage exports the adapter, renders validation images and publishes: stage 1 into
-``<storage>/work/stage1``, stage 2 into the adapter registry ``<storage>/adapters``.
+``train_pack(config)`` is the ``train_loop_per_worker``. The recipe does everything a local run also
+does (data checks, training, checkpoints, export, validation images); this module adds only what Ray
+needs: progress, events and outcomes pushed to the driver's board, checkpoints reported through
+``ray.train.report`` (and found again after a restart: the run's own ``ray.train.get_checkpoint()``,
+the board's pointer, the ledger's), cancellations polled every step, the stage-1 adapter fetched
+from storage, and publishing: stage 1 into ``<storage>/work/stage1``, stage 2 into the adapter
+registry ``<storage>/adapters``.
 
-A pack checkpoint is one folder with a sub-folder per concept (``checkpoint.safetensors`` +
-``state.json`` from the trainer, and ``job.json`` naming the job it belongs to). Nothing is pickled.
+A reported pack checkpoint is one folder with a sub-folder per concept (``checkpoint.safetensors`` +
+``state.json``, which records the job's content key). Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -18,24 +19,26 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow.fs as pafs
 
 from purecc.fileio import atomic_write_json
+from purecc.pack import PackPlan, PackRecipe
 from purecc.registry import AdapterRegistry, resolve_fs
-from purecc.trainer import read_checkpoint_state
 
-JOB_FILE = "job.json"
 STAGE1_AREA = "work/stage1"
 
 
 def stage1_root(storage: str) -> str:
+    """Where stage-1 adapters are published (a registry root of its own)."""
     return f"{storage}/{STAGE1_AREA}"
 
 
 def adapter_uri(storage: str, concept_id: str) -> str:
+    """The published stage-2 adapter folder of ``concept_id``."""
     return f"{storage}/adapters/{concept_id}"
 
 
@@ -54,120 +57,110 @@ def download(uri: str, dest: Path) -> Path:
     return dest
 
 
-class _Pack:
-    """What one worker holds while training a pack."""
+@dataclass(frozen=True)
+class PackRun:
+    """Everything a worker needs besides the board: the pack plan and where the run keeps its files.
 
-    def __init__(self, config: dict[str, Any], scratch: Path):
+    ``resume``: per concept, the checkpoint URI the ledger recorded for this stage; ``fault``
+    (tests): ``{concept_id, stage, step, marker}`` makes the worker ``os._exit(1)`` once there.
+    """
+
+    plan: PackPlan
+    storage: str
+    runs_path: str
+    scratch: str | None = None
+    resume: Mapping[str, str] = field(default_factory=dict)
+    fault: Mapping[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain fields for ``train_loop_config``."""
+        return {"plan": self.plan.to_dict(), "storage": self.storage, "runs_path": self.runs_path,
+                "scratch": self.scratch, "resume": dict(self.resume),
+                "fault": dict(self.fault) if self.fault else None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PackRun":
+        """Inverse of ``to_dict``."""
+        return cls(**{**data, "plan": PackPlan.from_dict(data["plan"])})
+
+
+class RayShell:
+    """What one worker adds to the recipe: messages to the driver, Ray checkpoints, publishing."""
+
+    def __init__(self, run: PackRun, board, scratch: Path):
         import ray
 
-        self.cfg, self.scratch = config, scratch
-        self.board = config["board"]
-        self.stage: int = config["stage"]
-        self.run = config["run_name"]
-        self.members = {m["concept_id"]: m for m in config["members"]}
+        self.run, self.board, self.scratch = run, board, scratch
+        self.plan, self.stage = run.plan, run.plan.stage
         self.ckpt_root = scratch / "ckpt"
         self.report_seq = 0
+        self.members: Mapping[str, Any] = {}      # the recipe's members once it is set up
+        self.stage1_dirs: dict[str, Path] = {}
         self._ray = ray
 
-    # ----- messages to the driver ------------------------------------------------------------
+    # ----- messages to the driver ----------------------------------------------------------------
     def push(self, kind: str, payload: dict, wait: bool = False) -> None:
-        ref = self.board.push.remote(kind, {"run": self.run, **payload})
+        """One message to the board (``wait``: until it is there)."""
+        ref = self.board.push.remote(kind, {"run": self.plan.name, **payload})
         if wait:
             self._ray.get(ref)
 
     def outcome(self, cid: str, status: str, **info) -> None:
+        """The end of one member's stage: done, failed or stopped."""
         self.push("outcome", {"concept_id": cid, "stage": self.stage, "status": status, **info}, wait=True)
 
-    # ----- member checks ---------------------------------------------------------------------
-    def check_data(self) -> None:
-        """Drop members whose data cannot be read (or changed since submission), or whose stage-1
-        adapter is missing: they fail alone, the rest of the pack trains."""
-        from purecc.data import load_image, read_manifest
+    def on_event(self, cid: str, event: str, detail: dict) -> None:
+        """A recipe event (resumed, checkpoint-rejected) for the ledger's history."""
+        self.push("event", {"concept_id": cid, "event": event, "detail": detail}, wait=event == "resumed")
 
-        for cid, m in list(self.members.items()):
-            try:
-                manifest = read_manifest(m["manifest"], m["trigger"])
-                if manifest.content_hash() != m["data_hash"]:
-                    raise ValueError(f"{m['manifest']}: the data changed since the batch was submitted "
-                                     "(resubmit with --replace to train on the new data)")
-                for i, row in enumerate(manifest.rows):
-                    try:
-                        load_image(row.image_path)
-                    except Exception as exc:  # noqa: BLE001 -- PIL raises OSError, ValueError, SyntaxError...
-                        raise ValueError(f"{m['manifest']}: row {i + 1}: image {row.image_path} cannot be "
-                                         f"decoded ({type(exc).__name__}: {exc})") from exc
-            except Exception as exc:  # noqa: BLE001 -- any data problem fails this concept only
-                del self.members[cid]
-                self.outcome(cid, "failed", error=f"data error: {type(exc).__name__}: {exc}")
-                continue
-            if self.stage == 2:
-                try:
-                    m["extractor_dir"] = str(self.fetch_stage1(cid))
-                except (OSError, ValueError) as exc:
-                    del self.members[cid]
-                    self.outcome(cid, "failed", error=f"stage-1 adapter error: {type(exc).__name__}: {exc}")
+    def on_metrics(self, m: dict) -> None:
+        """One member's step: progress to the board (and the test fault, when armed)."""
+        fault = self.run.fault
+        if fault and (m["concept_id"], m["stage"], m["step"]) == (fault["concept_id"], fault["stage"], fault["step"]):
+            marker = Path(fault["marker"])
+            if not marker.exists():
+                atomic_write_json(marker, {"killed_at": time.time(), "pid": os.getpid(), **fault})
+                os._exit(1)  # a real worker death: Ray Train restarts the worker group
+        self.push("progress", {k: v for k, v in m.items() if isinstance(v, (int, float, str))})
 
+    def should_stop(self) -> list[str]:
+        """Members whose cancellation the driver posted."""
+        return self._ray.get(self.board.cancelled.remote([m.concept_id for m in self.plan.members]))
+
+    # ----- inputs ---------------------------------------------------------------------------------
     def fetch_stage1(self, cid: str) -> Path:
-        registry = AdapterRegistry(stage1_root(self.cfg["storage"]))
+        """A local copy of the member's published stage-1 adapter."""
+        registry = AdapterRegistry(stage1_root(self.run.storage))
         try:
-            return registry.fetch(cid, self.scratch / "stage1")
+            self.stage1_dirs[cid] = registry.fetch(cid, self.scratch / "stage1")
+            return self.stage1_dirs[cid]
         except KeyError:
             raise FileNotFoundError(f"stage-1 adapter of {cid} is missing under "
-                                    f"{stage1_root(self.cfg['storage'])}") from None
+                                    f"{stage1_root(self.run.storage)}") from None
 
-    # ----- training ----------------------------------------------------------------------------
-    def build(self):
-        from purecc.model import ModelConfig, load_pipeline
-        from purecc.recipe import stage_recipe
-        from purecc.trainer import ConceptJob, PackTrainer
+    def _stage1_dir(self, cid: str) -> Path:
+        """The member's stage-1 folder (fetched now when its extractor did not need it)."""
+        if cid not in self.stage1_dirs:
+            try:
+                self.fetch_stage1(cid)
+            except FileNotFoundError:
+                self.stage1_dirs[cid] = self.scratch / "stage1-missing" / cid
+        return self.stage1_dirs[cid]
 
-        pipe = load_pipeline(ModelConfig(path=self.cfg["base_model"]))
-        jobs = []
-        for cid, m in self.members.items():
-            recipe = stage_recipe(self.stage, **{k: v for k, v in m["recipe"].items() if k != "stage"})
-            ext = Path(m["extractor_dir"]) if self.stage == 2 and recipe.extractor == "stage1" else None
-            jobs.append(ConceptJob(cid, m["trigger"], Path(m["manifest"]), recipe, seed=m["seed"],
-                                   extractor_adapter=ext))
-        cache = Path(self.cfg.get("scratch") or tempfile.gettempdir()) / "purecc-cache" / "latents"
-        trainer = PackTrainer(pipe, jobs, cache_dir=cache, on_metrics=self.on_metrics)
-        trainer.setup()
-        return trainer
-
-    def resume(self, trainer) -> None:
-        """Load each member's newest valid checkpoint: this run's, the board's or the ledger's."""
-        for cid, folders in self._candidates().items():
-            ranked = []
-            for folder in folders:
-                try:
-                    job = json.loads((folder / JOB_FILE).read_text())
-                    state = read_checkpoint_state(folder)
-                except (OSError, ValueError):
-                    continue
-                if job.get("job_key") == self.members[cid]["job_key"] and state.get("stage") == self.stage:
-                    ranked.append((int(state["step"]), folder))
-            for step, folder in sorted(ranked, key=lambda t: -t[0]):
-                try:
-                    step = trainer.load_checkpoint(cid, folder)
-                except ValueError as exc:   # CheckpointError: another base, seed or stage
-                    self.push("event", {"concept_id": cid, "event": "checkpoint-rejected",
-                                        "detail": {"error": str(exc)}})
-                    continue
-                self.push("event", {"concept_id": cid, "event": "resumed",
-                                    "detail": {"stage": self.stage, "step": step}}, wait=True)
-                break
-
-    def _candidates(self) -> dict[str, list[Path]]:
-        found: dict[str, list[Path]] = {cid: [] for cid in self.members}
+    def candidates(self) -> dict[str, list[Path]]:
+        """Checkpoint folders each member may resume from: this run's, the board's, the ledger's."""
+        members = self.members
+        found: dict[str, list[Path]] = {cid: [] for cid in members}
         ckpt = self._ray.train.get_checkpoint()   # set after a worker restart or a same-name relaunch
         if ckpt is not None:
             local = Path(ckpt.to_directory(str(self.scratch / "restore-run")))
             for cid in found:
                 found[cid].append(local / cid)
-        keys = [m["job_key"] for m in self.members.values()]
-        pointers = self._ray.get(self.board.latest_checkpoints.remote(keys, self.stage))
-        for i, (cid, m) in enumerate(self.members.items()):
-            for uri in filter(None, (pointers.get(m["job_key"], {}).get("uri"), m.get("resume"))):
-                if not _within(uri, self.cfg["runs_path"]):
+        keys = {cid: m.key for cid, m in members.items()}
+        pointers = self._ray.get(self.board.latest_checkpoints.remote(list(keys.values()), self.stage))
+        for i, cid in enumerate(found):
+            for uri in filter(None, (pointers.get(keys[cid], {}).get("uri"), self.run.resume.get(cid))):
+                if not _within(uri, self.run.runs_path):
                     continue  # never read outside this batch's storage
                 try:
                     found[cid].append(download(uri, self.scratch / f"restore-{i}-{len(found[cid])}"))
@@ -175,14 +168,10 @@ class _Pack:
                     continue
         return found
 
-    def on_metrics(self, m: dict) -> None:
-        fault = self.cfg.get("fault")
-        if fault and (m["concept_id"], m["stage"], m["step"]) == (fault["concept_id"], fault["stage"], fault["step"]):
-            marker = Path(fault["marker"])
-            if not marker.exists():
-                atomic_write_json(marker, {"killed_at": time.time(), "pid": os.getpid(), **fault})
-                os._exit(1)  # a real worker death: Ray Train restarts the worker group
-        self.push("progress", {k: v for k, v in m.items() if isinstance(v, (int, float, str))})
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def checkpoint_dir(self, cid: str) -> Path:
+        """Where the recipe writes the member's checkpoint."""
+        return self.ckpt_root / cid
 
     def on_checkpoint(self, ids: list[str]) -> None:
         """Report one pack checkpoint holding every member's newest checkpoint (those just saved too)."""
@@ -195,70 +184,57 @@ class _Pack:
             src = self.ckpt_root / cid
             if (src / "state.json").is_file():
                 shutil.copytree(src, pack_dir / cid)
-                atomic_write_json(pack_dir / cid / JOB_FILE, {"job_key": m["job_key"], "concept_id": cid})
                 step = json.loads((src / "state.json").read_text())["step"]
-                saved.append({"concept_id": cid, "job_key": m["job_key"], "step": step})
+                saved.append({"concept_id": cid, "job_key": m.key, "step": step})
         self._ray.train.report({"stage": self.stage, "saved": ids,
                                 "steps": json.dumps({s["concept_id"]: s["step"] for s in saved})},
                                checkpoint=Checkpoint.from_directory(str(pack_dir)))
         persisted = self._ray.train.get_checkpoint()
-        uri = f"{self.cfg['runs_path']}/{self.run}/{Path(persisted.path).name}"
+        uri = f"{self.run.runs_path}/{self.plan.name}/{Path(persisted.path).name}"
         self.push("checkpoint", {"uri": uri, "stage": self.stage, "members": saved}, wait=True)
         shutil.rmtree(pack_dir, ignore_errors=True)
 
-    def should_stop(self) -> list[str]:
-        return self._ray.get(self.board.cancelled.remote(list(self.members)))
-
-    # ----- the end of a stage ------------------------------------------------------------------
-    def finish(self, trainer, cid: str) -> str:
-        """Export the stage's adapter (+ validation images) and publish it; returns its URI."""
-        m = self.members[cid]
+    # ----- the end of a stage --------------------------------------------------------------------------
+    def publish(self, recipe: PackRecipe, cid: str) -> str:
+        """Export the member's adapter (+ validation images) and publish it; returns its URI."""
         out = self.scratch / "export" / cid
-        trainer.export(cid, out, metrics={"batch": m["batch"], "content_hash": m["content_hash"]})
-        if m["validation_prompts"]:
-            render_validation(trainer, cid, m, self.cfg["validation"], out / "validation" / f"stage{self.stage}")
-        storage = self.cfg["storage"]
+        recipe.export(cid, out)
+        recipe.render_validation(cid, out / "validation" / f"stage{self.stage}")
+        storage = self.run.storage
         if self.stage == 1:
             AdapterRegistry(stage1_root(storage)).publish(cid, out)
             return f"{stage1_root(storage)}/adapters/{cid}"
-        earlier = Path(m["extractor_dir"]) / "validation" / "stage1"
+        earlier = self._stage1_dir(cid) / "validation" / "stage1"
         if earlier.is_dir():
             shutil.copytree(earlier, out / "validation" / "stage1", dirs_exist_ok=True)
         AdapterRegistry(storage).publish(cid, out)
         return adapter_uri(storage, cid)
 
 
-def render_validation(trainer, cid: str, member: dict, settings: dict, dest: Path) -> list[Path]:
-    """The member's validation prompts ([v] -> trigger), rendered with its slot of the bank."""
-    from purecc.generate import RenderSettings, Sample, generate, save_png
-
-    res = int(member["recipe"].get("resolution", 512))
-    prompts = [p.replace("[v]", member["trigger"]) for p in member["validation_prompts"]]
-    samples = [Sample(p, seed=member["seed"] + i, concepts=((cid, 1.0),)) for i, p in enumerate(prompts)]
-    images = generate(trainer.pipe, samples, {cid: trainer.concepts[cid].slot},
-                      RenderSettings(steps=settings["steps"], guidance=settings["guidance"], width=res, height=res))
-    return [save_png(img, dest / f"{i:02d}.png") for i, img in enumerate(images)]
-
-
 def train_pack(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of every PureCC run (one worker per pack)."""
-    root = Path(config.get("scratch") or tempfile.gettempdir())
+    """``train_loop_per_worker`` of every PureCC run (one worker per pack): ``{"run": PackRun dict, "board"}``."""
+    run = PackRun.from_dict(config["run"])
+    root = Path(run.scratch or tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="purecc-run-", dir=root))
+    shell = RayShell(run, config["board"], scratch)
+    recipe = PackRecipe(run.plan, cache_dir=root / "purecc-cache" / "latents", extractor=shell.fetch_stage1,
+                        on_metrics=shell.on_metrics, on_event=shell.on_event)
     try:
-        pack = _Pack(config, scratch)
-        pack.check_data()
-        if not pack.members:
+        for cid, error in recipe.setup().items():
+            shell.outcome(cid, "failed", error=error)
+        if not recipe.members:
             return
-        trainer = pack.build()
-        pack.resume(trainer)
-        result = trainer.train(checkpoint_dir=lambda cid: pack.ckpt_root / cid,
-                               on_checkpoint=pack.on_checkpoint, should_stop=pack.should_stop)
+        shell.members = recipe.members
+        recipe.resume(shell.candidates())
+        result = recipe.train(checkpoint_dir=shell.checkpoint_dir, on_checkpoint=shell.on_checkpoint,
+                              should_stop=shell.should_stop)
         for cid, summary in result.items():
             if summary["status"] != "done":
-                pack.outcome(cid, "stopped", step=summary["step"])
+                shell.outcome(cid, "stopped", step=summary["step"])
                 continue
-            uri = pack.finish(trainer, cid)
-            pack.outcome(cid, "done", output=uri, step=summary["step"], final_loss=summary["final_loss"])
+            uri = shell.publish(recipe, cid)
+            shell.outcome(cid, "done", output=uri, step=summary["step"], final_loss=summary["final_loss"])
     finally:
+        recipe.cleanup()
         shutil.rmtree(scratch, ignore_errors=True)

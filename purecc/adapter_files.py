@@ -37,6 +37,8 @@ class AdapterFileError(ValueError):
 
 @dataclass
 class AdapterManifest:
+    """The contents of ``purecc_adapter.json``: what the adapter is, what it was trained on, its files' sha256."""
+
     concept_id: str
     trigger: str
     stage: int
@@ -47,11 +49,14 @@ class AdapterManifest:
     base_fingerprint: str
     files: dict[str, str] = field(default_factory=dict)      # file name -> sha256
     metrics: dict[str, Any] = field(default_factory=dict)
+    max_sequence_length: int = 77            # T5 tokens training encoded prompts with (serving matches it)
+    mixed_precision: str = "auto"            # the recipe's autocast setting in training
     created: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 
     @classmethod
     def from_json(cls, data: dict) -> "AdapterManifest":
+        """Build from parsed JSON, ignoring keys this version does not know."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
@@ -86,7 +91,8 @@ def export_slot(bank: AdapterBank, flat: torch.Tensor, dest: str | Path, manifes
     return dest
 
 
-def read_manifest(folder: str | Path) -> AdapterManifest:
+def read_adapter_manifest(folder: str | Path) -> AdapterManifest:
+    """The manifest of an adapter folder; ``AdapterFileError`` when it is missing or malformed."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -98,6 +104,7 @@ def read_manifest(folder: str | Path) -> AdapterManifest:
 
 
 def verify_files(folder: Path, manifest: AdapterManifest) -> None:
+    """Check every file the manifest lists exists and matches its sha256 (``AdapterFileError`` if not)."""
     for name, digest in manifest.files.items():
         if not (folder / name).is_file():
             raise AdapterFileError(f"adapter {folder}: file {name} is missing")
@@ -108,7 +115,7 @@ def verify_files(folder: Path, manifest: AdapterManifest) -> None:
 def load_adapter_layers(folder: str | Path, *, verify: bool = True) -> tuple[AdapterManifest, dict]:
     """Read the diffusers-format weights -> ({layer: (A, B)}), after checking hashes."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_adapter_manifest(folder)
     if verify:
         verify_files(folder, manifest)
     layers: dict[str, list] = {}

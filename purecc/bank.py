@@ -31,6 +31,8 @@ DEFAULT_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_
 
 @dataclass(frozen=True)
 class LayerSpec:
+    """One adapted Linear: its name, shape and where its columns start in a storage row."""
+
     name: str          # e.g. "transformer_blocks.3.attn.to_q"
     in_features: int
     out_features: int
@@ -101,6 +103,7 @@ class AdapterBank(nn.Module):
     # ----- routing -------------------------------------------------------------------------
     @property
     def scale(self) -> float:
+        """The LoRA scale ``alpha / rank`` applied on top of the routing weights."""
         return self.alpha / self.rank
 
     def set_routing(self, weights: torch.Tensor | None) -> None:
@@ -119,6 +122,7 @@ class AdapterBank(nn.Module):
 
     @contextmanager
     def routing(self, weights: torch.Tensor | None) -> Iterator[None]:
+        """Route with ``weights`` (B, S) inside the block, then restore the previous routing."""
         previous = self._routing
         self.set_routing(weights)
         try:
@@ -182,6 +186,7 @@ class AdapterBank(nn.Module):
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
+        """Zero ``slot`` (its adapter becomes a no-op)."""
         self._check_slot(slot)
         self.storage[slot].zero_()
 
@@ -196,6 +201,7 @@ class AdapterBank(nn.Module):
         self.storage[slot].copy_(row)
 
     def read_slot(self, slot: int) -> torch.Tensor:
+        """A detached copy of ``slot``'s flat vector (P,)."""
         self._check_slot(slot)
         return self.storage[slot].detach().clone()
 
@@ -268,13 +274,3 @@ def one_hot_routing(slots: Sequence[int | None], num_slots: int, weight: float =
         if s is not None:
             w[b, s] = weight
     return w
-
-
-def adapter_param_count(bank: AdapterBank) -> int:
-    return bank.params_per_slot
-
-
-def nbytes_per_slot(bank: AdapterBank) -> int:
-    return bank.params_per_slot * bank.storage.element_size()
-
-

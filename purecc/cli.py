@@ -58,6 +58,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``purecc`` argument parser, plus the subcommands that ``purecc.commands`` entry points add."""
     parser = argparse.ArgumentParser(prog="purecc", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``purecc`` CLI; returns the exit status (2 for a refused input, 130 when interrupted)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

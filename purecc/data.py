@@ -1,6 +1,6 @@
 """Concept data: manifests (CSV or Parquet), image checks, preprocessing and cached latents.
 
-A manifest has one row per reference image with the columns of METHOD.md. The ``[v]`` placeholder
+A manifest has one row per reference image with the columns ``COLUMNS`` (README). The ``[v]`` placeholder
 is replaced by the concept's trigger word in every prompt column. Every problem is reported as a
 ``ManifestError`` naming the file, the row (1-based data row) and the column.
 """
@@ -12,6 +12,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .fileio import atomic_save_tensors, load_tensors
+from .model import module_fingerprint
 
 PLACEHOLDER = "[v]"
 COLUMNS = ("image_path", "prompt", "base_prompt", "target_prompt", "instance_word")
@@ -37,6 +39,8 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class ConceptRow:
+    """One reference image and its prompts, with ``[v]`` already replaced by the trigger."""
+
     image_path: Path
     prompt: str
     base_prompt: str
@@ -46,6 +50,8 @@ class ConceptRow:
 
 @dataclass(frozen=True)
 class ConceptManifest:
+    """A checked concept manifest: its file, trigger word and rows."""
+
     path: Path
     trigger: str
     rows: tuple[ConceptRow, ...]
@@ -61,7 +67,7 @@ class ConceptManifest:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """METHOD.md preprocessing: short side to ``resolution`` (Lanczos), square crop, optional flip."""
+    """The seed's preprocessing: short side to ``resolution`` (Lanczos), square crop, optional flip."""
 
     resolution: int = 512
     crop: str = "center"          # "center" or "random"
@@ -112,7 +118,7 @@ def check_image(path: Path, *, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -
                             f"{max_pixels}; refusing a possible decompression bomb)")
 
 
-def read_manifest(path: str | Path, trigger: str, *, max_pixels: int = MAX_IMAGE_PIXELS) -> ConceptManifest:
+def read_concept_manifest(path: str | Path, trigger: str, *, max_pixels: int = MAX_IMAGE_PIXELS) -> ConceptManifest:
     """Parse and check a concept manifest; substitute ``[v]`` with ``trigger`` in every prompt column."""
     path = Path(path)
     if not path.is_file():
@@ -132,7 +138,9 @@ def read_manifest(path: str | Path, trigger: str, *, max_pixels: int = MAX_IMAGE
 
 
 def _parse_row(path: Path, i: int, raw: dict, trigger: str, max_pixels: int) -> ConceptRow:
-    where = lambda col: f"{path}: row {i + 1}, column {col!r}"  # noqa: E731
+    def where(col: str) -> str:
+        return f"{path}: row {i + 1}, column {col!r}"
+
     for col in COLUMNS:
         if raw[col] is None or not str(raw[col]).strip():
             raise ManifestError(f"{where(col)}: value is empty")
@@ -143,7 +151,9 @@ def _parse_row(path: Path, i: int, raw: dict, trigger: str, max_pixels: int) -> 
         raise ManifestError(f"{where('base_prompt')}: must not contain the placeholder {PLACEHOLDER}")
     image = _image_path(path, raw["image_path"])
     check_image(image, where=where("image_path"), max_pixels=max_pixels)
-    sub = lambda s: s.replace(PLACEHOLDER, trigger)  # noqa: E731
+    def sub(text: str) -> str:
+        return text.replace(PLACEHOLDER, trigger)
+
     return ConceptRow(image_path=image, prompt=sub(raw["prompt"]), base_prompt=sub(raw["base_prompt"]),
                       target_prompt=sub(raw["target_prompt"]), instance_word=sub(raw["instance_word"]))
 
@@ -154,7 +164,7 @@ def _image_path(manifest: Path, value: str) -> Path:
 
 
 def manifest_image_paths(path: str | Path) -> list[Path]:
-    """The image paths a manifest names, resolved as ``read_manifest`` does, without opening any
+    """The image paths a manifest names, resolved as ``read_concept_manifest`` does, without opening any
     image (to check where they point before reading them). Raises ``ManifestError``."""
     path = Path(path)
     if not path.is_file():
@@ -166,6 +176,7 @@ def manifest_image_paths(path: str | Path) -> list[Path]:
 
 
 def load_image(path: Path) -> Image.Image:
+    """Decode an image as RGB, rotated upright by its EXIF orientation."""
     with Image.open(path) as img:
         return ImageOps.exif_transpose(img).convert("RGB")
 
@@ -187,34 +198,56 @@ def preprocess(img: Image.Image, cfg: Preprocess, rng: random.Random) -> torch.T
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+class LatentMoments(NamedTuple):
+    """The VAE posterior of every image, in the transformer's (shifted, scaled) latent space."""
+
+    mean: torch.Tensor        # (N, 16, H/8, W/8)
+    std: torch.Tensor         # (N, 16, H/8, W/8)
+
+
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] -> (N, 16, H/8, W/8) scaled latents, using the posterior mean."""
+def encode_latent_moments(vae, pixels: torch.Tensor, batch_size: int = 8) -> LatentMoments:
+    """(N, 3, H, W) in [-1, 1] -> the posterior's scaled mean and std, each (N, 16, H/8, W/8)."""
     shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
     p = next(vae.parameters())
-    out = []
+    means, stds = [], []
     for chunk in pixels.split(batch_size):
         dist = vae.encode(chunk.to(p.device, p.dtype)).latent_dist
-        out.append(((dist.mode() - shift) * scale).float().cpu())
-    return torch.cat(out)
+        means.append(((dist.mean - shift) * scale).float().cpu())
+        stds.append((dist.std * scale).float().cpu())
+    return LatentMoments(torch.cat(means), torch.cat(stds))
+
+
+def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> (N, 16, H/8, W/8) scaled latents, using the posterior mean."""
+    return encode_latent_moments(vae, pixels, batch_size).mean
 
 
 def concept_latents(manifest: ConceptManifest, vae, cfg: Preprocess, *, seed: int = 0,
-                    vae_id: str = "", cache_dir: str | Path | None = None) -> torch.Tensor:
-    """Latents of every row, encoded once; with ``cache_dir`` also cached on disk as safetensors.
+                    cache_dir: str | Path | None = None) -> torch.Tensor:
+    """Posterior-mean latents of every row (N, 16, h, w); see ``concept_latent_moments``."""
+    return concept_latent_moments(manifest, vae, cfg, seed=seed, cache_dir=cache_dir).mean
+
+
+def concept_latent_moments(manifest: ConceptManifest, vae, cfg: Preprocess, *, seed: int = 0,
+                           cache_dir: str | Path | None = None) -> LatentMoments:
+    """The VAE posterior of every row, encoded once; with ``cache_dir`` also cached as safetensors.
 
     Random crops and flips are drawn once per image from ``seed`` (as the stock DreamBooth recipe
-    does), so the cached latents are exactly what training sees.
+    does), so the cached latents are exactly what training sees. The cache is keyed by what produced
+    the latents: the preprocessing, the seed, the image bytes and the VAE itself (its fingerprint).
     """
-    key = hashlib.sha256(repr((cfg, seed, vae_id)).encode())
+    key = hashlib.sha256(repr((cfg, seed, module_fingerprint(vae))).encode())
     for r in manifest.rows:
         key.update(hashlib.sha256(r.image_path.read_bytes()).digest())
     cache = Path(cache_dir) / f"{key.hexdigest()[:32]}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
-        return load_tensors(cache)["latents"]
+        stored = load_tensors(cache)
+        if "mean" in stored and "std" in stored:
+            return LatentMoments(stored["mean"], stored["std"])
     rng = random.Random(seed)
     pixels = torch.stack([preprocess(load_image(r.image_path), cfg, rng) for r in manifest.rows])
-    latents = encode_latents(vae, pixels)
+    moments = encode_latent_moments(vae, pixels)
     if cache is not None:
-        atomic_save_tensors(cache, {"latents": latents})
-    return latents
+        atomic_save_tensors(cache, {"mean": moments.mean, "std": moments.std})
+    return moments

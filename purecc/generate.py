@@ -12,12 +12,12 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from PIL import Image
 
-from .adapter_files import AdapterManifest, load_flat
+from .adapter_files import AdapterManifest, load_flat, read_adapter_manifest
 from .bank import AdapterBank, attach_bank
 from .fileio import atomic_write_bytes
 from .model import base_fingerprint
@@ -37,6 +37,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class RenderSettings:
+    """Settings shared by every sample of one pipeline call."""
+
     steps: int = 28
     guidance: float = 7.0
     width: int = 1024
@@ -45,10 +47,21 @@ class RenderSettings:
 
 
 def sequence_length(pipe, settings: RenderSettings) -> int:
-    """Without T5 the pipeline pads zeros in its place: as many as training saw (77), not 256."""
+    """T5 tokens to encode prompts with: the setting's, else 256 with T5 (the pipeline's default),
+    else 77 (without T5 the pipeline pads zeros in its place: as many as training saw by default)."""
     if settings.max_sequence_length is not None:
         return settings.max_sequence_length
     return 256 if getattr(pipe, "text_encoder_3", None) is not None else 77
+
+
+def trained_sequence_length(manifests: Iterable[AdapterManifest]) -> int | None:
+    """The ``max_sequence_length`` the concepts were trained with (None without concepts), so that
+    serving encodes prompts as training did; concepts trained with different lengths are refused."""
+    lengths = {m.concept_id: m.max_sequence_length for m in manifests}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"concepts: trained with different max_sequence_length {lengths}; "
+                         "compose only concepts trained with the same prompt length")
+    return next(iter(lengths.values()), None)
 
 
 def fill_placeholders(prompt: str, triggers: Mapping[str, str]) -> str:
@@ -61,7 +74,11 @@ def fill_placeholders(prompt: str, triggers: Mapping[str, str]) -> str:
 
 
 def routing_rows(samples: Sequence[Sample], slot_of: Mapping[str, int], num_slots: int) -> torch.Tensor:
-    """(B, S) routing: sample b gets weight w on the slot holding each of its concepts."""
+    """(B, S) routing: sample b gets weight w on the slot holding each of its concepts.
+
+    ``slot_of``: routing key -> slot; the keys of ``Sample.concepts`` are concept ids or, for
+    ``LoadedConcepts.slot_of_folder``, adapter folders. A key given twice adds its weights.
+    """
     w = torch.zeros(len(samples), num_slots)
     for b, s in enumerate(samples):
         for cid, weight in s.concepts:
@@ -99,27 +116,52 @@ def _initial_latents(pipe, gens, settings: RenderSettings, device) -> torch.Tens
 
 @dataclass
 class LoadedConcepts:
+    """What ``load_concepts`` put in the bank.
+
+    ``slot_of_folder``: each folder (``str`` of it, as given) -> its slot; route by it when several
+    folders may share a concept id (a concept's stage1 and stage2 adapters). ``slot_of``,
+    ``triggers``, ``manifests``: per concept id; ``slot_of`` and ``manifests`` name the first folder
+    of an id that several folders share (their triggers are the same, ``load_concepts`` checks it).
+    """
+
     slot_of: dict[str, int] = field(default_factory=dict)
     triggers: dict[str, str] = field(default_factory=dict)
     manifests: dict[str, AdapterManifest] = field(default_factory=dict)
+    slot_of_folder: dict[str, int] = field(default_factory=dict)
+
+
+def _check_triggers(folders: Sequence[str], manifests: Sequence[AdapterManifest]) -> None:
+    """Folders sharing a concept id must share its trigger, else ``<concept_id>`` would be ambiguous."""
+    first: dict[str, tuple[str, AdapterManifest]] = {}
+    for folder, m in zip(folders, manifests):
+        prev_folder, prev = first.setdefault(m.concept_id, (folder, m))
+        if prev.trigger != m.trigger:
+            raise ValueError(f"concepts: adapters {prev_folder} (trigger {prev.trigger!r}) and {folder} "
+                             f"(trigger {m.trigger!r}) share concept id {m.concept_id!r} but not its trigger")
 
 
 def load_concepts(pipe, folders: Sequence[str | Path], *, num_slots: int | None = None) -> LoadedConcepts:
-    """Attach a bank (if needed) and load each adapter folder into its own slot (checks the base)."""
+    """Attach a bank (if needed) and load each adapter folder into its own slot (checks the base).
+
+    A folder given twice is loaded once (one slot; routing adds the weights given to it).
+    """
+    keys = list(dict.fromkeys(str(f) for f in folders))
+    _check_triggers(keys, [read_adapter_manifest(k) for k in keys])   # before the bank changes
     tr = pipe.transformer
     bank = getattr(tr, "adapter_bank", None)
     fp = base_fingerprint(tr)
     if bank is None:
-        bank = attach_bank(tr, max(num_slots or 0, len(folders), 1), dtype=tr.dtype)
-    if len(folders) > bank.num_slots:
-        raise ValueError(f"concepts: {len(folders)} requested, the bank has {bank.num_slots} slots")
+        bank = attach_bank(tr, max(num_slots or 0, len(keys), 1), dtype=tr.dtype)
+    if len(keys) > bank.num_slots:
+        raise ValueError(f"concepts: {len(keys)} requested, the bank has {bank.num_slots} slots")
     loaded = LoadedConcepts()
-    for slot, folder in enumerate(folders):
+    for slot, folder in enumerate(keys):
         manifest, flat = load_flat(bank, folder, base_fingerprint=fp)
         bank.load_slot(slot, flat.to(bank.storage.dtype))
-        loaded.slot_of[manifest.concept_id] = slot
-        loaded.triggers[manifest.concept_id] = manifest.trigger
-        loaded.manifests[manifest.concept_id] = manifest
+        loaded.slot_of_folder[folder] = slot
+        loaded.slot_of.setdefault(manifest.concept_id, slot)
+        loaded.triggers.setdefault(manifest.concept_id, manifest.trigger)
+        loaded.manifests.setdefault(manifest.concept_id, manifest)
     return loaded
 
 
@@ -131,4 +173,5 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write ``image`` as a PNG to ``path``, atomically."""
     return atomic_write_bytes(path, png_bytes(image))

@@ -1,4 +1,4 @@
-"""Flow matching and the two PureCC losses (METHOD.md), as pure tensor functions.
+"""Flow matching and the two PureCC losses (README: the method in one paragraph), as pure tensor functions.
 
 Shapes: latents ``x0``/``eps``/velocities are (B, C, H, W); ``sigma`` is (B,). Every loss is
 returned per sample (B,) = the mean over C, H, W of the squared error; the caller averages.
@@ -35,11 +35,13 @@ def sample_sigma(table: torch.Tensor, batch: int, generator: torch.Generator,
 
 
 def noisy_latents(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The flow-matching interpolation ``x_t = (1 - sigma) * x0 + sigma * eps`` (B, C, H, W)."""
     s = sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1.0 - s) * x0 + s * eps
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all but the batch dimension, in float32: (B,)."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 

@@ -34,11 +34,13 @@ class ModelConfig:
     load_t5: bool = True
 
     def resolved_device(self) -> torch.device:
+        """The device to load onto (``auto``: cuda when available, else cpu)."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:
+        """The torch dtype to load in (``auto``: bfloat16 on CUDA, float32 on CPU)."""
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
         if self.dtype not in DTYPES:
@@ -70,6 +72,7 @@ def read_model_index(path: str | Path) -> dict:
 
 
 def has_t5(index: dict, folder: str | Path) -> bool:
+    """Whether the model folder lists and holds a T5 text encoder (``text_encoder_3``)."""
     entry = index.get("text_encoder_3")
     return bool(isinstance(entry, list) and entry[0] and (Path(folder) / "text_encoder_3").is_dir())
 
@@ -95,9 +98,14 @@ def base_fingerprint(transformer: torch.nn.Module) -> str:
 
     Adapters record it so that a load onto a different base is refused.
     """
-    h = hashlib.sha256(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
+    return module_fingerprint(transformer)
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap identity of a diffusers model (transformer, VAE): its config and a few weight tensors."""
+    h = hashlib.sha256(json.dumps(dict(getattr(module, "config", {})), sort_keys=True, default=str).encode())
     # ".base." is stripped so that the fingerprint is the same before and after a bank is attached
-    params = [(n.replace(".base.", "."), p) for n, p in transformer.named_parameters()]
+    params = [(n.replace(".base.", "."), p) for n, p in module.named_parameters()]
     for name, p in (params[0], params[len(params) // 2], params[-1]):
         h.update(name.encode())
         h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()[: 1 << 16])

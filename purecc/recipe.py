@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class StageRecipe:
     """One stage's hyper-parameters. Defaults are stage 1's; use ``stage_recipe(2)`` for stage 2."""
@@ -32,6 +35,15 @@ class StageRecipe:
     rank: int = 4
     alpha: float = 4.0
     checkpoint_every: int = 100
+    # "auto": bf16 autocast on CUDA, none elsewhere (what bench/RESULTS.md measured); "no", "bf16", or
+    # "fp16" (autocast with a dynamic loss scale per concept), as diffusers' --mixed_precision names them
+    mixed_precision: str = "auto"
+    # T5 tokens of the prompts (diffusers' SD3 trainer default, 77); recorded in the adapter manifest
+    # so that serving encodes prompts the way training did
+    max_sequence_length: int = 77
+    # "mean": train on the VAE posterior's mean (the default: every testbed figure was measured so);
+    # "sample": a fresh draw from the posterior every step, as diffusers' trainer does
+    latent_sampling: str = "mean"
 
     def __post_init__(self) -> None:
         checks = {
@@ -42,12 +54,16 @@ class StageRecipe:
             "resolution": self.resolution >= 16 and self.resolution % 16 == 0,
             "rank": self.rank >= 1, "checkpoint_every": self.checkpoint_every >= 1,
             "max_grad_norm": self.max_grad_norm > 0, "lambda_max": self.lambda_max >= 0,
+            "mixed_precision": self.mixed_precision in MIXED_PRECISION,
+            "max_sequence_length": 1 <= self.max_sequence_length <= 512,
+            "latent_sampling": self.latent_sampling in ("mean", "sample"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError("recipe: invalid " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
 
     def to_dict(self) -> dict:
+        """The recipe as a plain dict of its fields (``from_dict`` is the inverse)."""
         return asdict(self)
 
     @classmethod

@@ -20,6 +20,7 @@ from .ids import validate_concept_id
 
 
 def resolve_fs(root: str) -> tuple[pafs.FileSystem, str]:
+    """The file system and base path for ``root``: a local folder (made absolute) or a pyarrow.fs URI."""
     if "://" in root:
         fs, path = pafs.FileSystem.from_uri(root)
         return fs, path.rstrip("/")
@@ -28,6 +29,8 @@ def resolve_fs(root: str) -> tuple[pafs.FileSystem, str]:
 
 
 class AdapterRegistry:
+    """Published adapters under ``<root>/adapters/<concept_id>/`` on a local or pyarrow.fs file system."""
+
     def __init__(self, root: str | Path):
         self.root = str(root)
         self.fs, self.base = resolve_fs(self.root)
@@ -35,9 +38,11 @@ class AdapterRegistry:
 
     @property
     def is_local(self) -> bool:
+        """Whether the registry is on the local file system (its folders can be read in place)."""
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def path_of(self, concept_id: str) -> str:
+        """The registry folder of ``concept_id`` (the id is validated first)."""
         return f"{self.adapters}/{validate_concept_id(concept_id)}"
 
     def publish(self, concept_id: str, folder: str | Path) -> str:
@@ -64,6 +69,7 @@ class AdapterRegistry:
         return target
 
     def manifest(self, concept_id: str) -> AdapterManifest | None:
+        """The published manifest of ``concept_id``, or None when it is not published."""
         path = f"{self.path_of(concept_id)}/{MANIFEST}"
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return None
@@ -71,6 +77,7 @@ class AdapterRegistry:
             return AdapterManifest.from_json(json.loads(f.read()))
 
     def list(self) -> list[AdapterManifest]:
+        """Manifests of every published concept, sorted by id."""
         sel = pafs.FileSelector(self.adapters, allow_not_found=True)
         out = []
         for info in self.fs.get_file_info(sel):

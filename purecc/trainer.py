@@ -1,8 +1,8 @@
 """The shared PureCC trainer: one frozen base, a pack of concepts, one bank slot per concept.
 
-Protocol (what ``cluster/`` drives from a Ray Train worker): ``setup()``, optional
-``load_checkpoint(concept_id, folder)``, ``train(...)`` reporting through callbacks,
-``save_checkpoint(concept_id, folder)`` and ``export(concept_id, dest)``.
+Use: ``setup()``, optional ``load_checkpoint(concept_id, folder)``, ``train(...)`` reporting through
+callbacks, ``save_checkpoint(concept_id, folder)`` and ``export(concept_id, dest)``. Runners do not
+drive it directly: ``purecc.pack.PackRecipe`` wraps it for ``purecc train`` and the Ray Train worker.
 
 Every concept keeps its own data order and random streams (keyed by its seed, stage and step),
 its own loss normalisation, gradient clipping, optimiser state and step count, so a concept
@@ -13,25 +13,29 @@ exactly as if it had not stopped.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
 from .adapter_files import AdapterManifest, export_slot, load_flat
 from .bank import AdapterBank, attach_bank, one_hot_routing
-from .data import Preprocess, concept_latents, read_manifest
+from .data import ConceptManifest, LatentMoments, Preprocess, concept_latent_moments, read_concept_manifest
 from .fileio import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
 from .ids import validate_concept_id, validate_trigger
+from .loss_curve import LossCurve
 from .losses import noisy_latents, rng_for, sample_sigma, shifted_sigmas_table, stage1_loss, stage2_loss
 from .model import base_fingerprint
 from .recipe import StageRecipe
 from .slot_optim import SlotAdamW, SlotHyper
 
 CKPT_TENSORS, CKPT_STATE = "checkpoint.safetensors", "state.json"
-PACK_KEYS = ("stage", "batch_size", "grad_accum", "resolution", "rank", "alpha")
+PACK_KEYS = ("stage", "batch_size", "grad_accum", "resolution", "rank", "alpha", "mixed_precision",
+             "max_sequence_length")
+FP16_INIT_SCALE, FP16_GROWTH_INTERVAL = 2.0 ** 16, 2000   # torch.amp.GradScaler's defaults
 
 
 class CheckpointError(ValueError):
@@ -40,14 +44,21 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class ConceptJob:
-    """One concept's stage to train. ``extractor_adapter``: the stage-1 adapter folder (stage 2)."""
+    """One concept's stage to train.
+
+    ``manifest``: the concept's data, as a manifest path (read at ``setup``) or already read;
+    ``extractor_adapter``: the stage-1 adapter folder (stage 2 with the stage-1 extractor);
+    ``key``: identity of the training content, recorded in checkpoints: a checkpoint made under
+    another key is refused.
+    """
 
     concept_id: str
     trigger: str
-    manifest: Path
+    manifest: Path | ConceptManifest
     recipe: StageRecipe
     seed: int = 0
     extractor_adapter: Path | None = None
+    key: str = ""
 
     def __post_init__(self) -> None:
         validate_concept_id(self.concept_id)
@@ -58,26 +69,47 @@ class ConceptJob:
 
 @dataclass
 class _Concept:
+    """What the trainer holds for one concept of the pack."""
+
     job: ConceptJob
     slot: int
     extractor_slot: int | None
-    latents: torch.Tensor                 # (N, 16, h, w)
+    latents: LatentMoments                # posterior mean and std, each (N, 16, h, w)
     emb: dict[str, tuple[torch.Tensor, torch.Tensor]]  # column -> (embeds (N, L, D), pooled (N, P))
     step: int = 0
-    losses: list[float] = field(default_factory=list)
+    curve: LossCurve = field(default_factory=LossCurve)
     status: str = "pending"
+    loss_scale: float = FP16_INIT_SCALE   # fp16 only: this concept's dynamic loss scale
+    scale_good_steps: int = 0
+
+    @property
+    def losses(self) -> list[float]:
+        """The last ``loss_curve.WINDOW`` per-step losses."""
+        return list(self.curve.recent)
 
     @property
     def total(self) -> int:
+        """Steps of this concept's stage."""
         return self.job.recipe.steps
 
 
-ConceptTensors = tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+class Draw(NamedTuple):
+    """One concept's micro-batch: manifest rows, clean latents, noise and sigmas (B = len(rows))."""
+
+    rows: list[int]
+    x0: torch.Tensor          # (B, 16, h, w)
+    eps: torch.Tensor         # (B, 16, h, w)
+    sigma: torch.Tensor       # (B,)
+
+
+ConceptTensors = tuple[LatentMoments | torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]
 MetricsFn = Callable[[dict], None]
 CheckpointFn = Callable[[list[str]], None]
 
 
 class PackTrainer:
+    """Trains one stage of a pack of concepts on one frozen base, one bank slot per concept."""
+
     def __init__(self, pipe, jobs: Sequence[ConceptJob], *, cache_dir: str | Path | None = None,
                  on_metrics: MetricsFn | None = None):
         if not jobs:
@@ -101,6 +133,7 @@ class PackTrainer:
     # ----- setup ---------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """The device of the transformer."""
         return next(self.pipe.transformer.parameters()).device
 
     def _slots_needed(self) -> int:
@@ -125,6 +158,8 @@ class PackTrainer:
         k = len(self.jobs)
         for i, job in enumerate(self.jobs):
             latents, emb = data[job.concept_id]
+            if isinstance(latents, torch.Tensor):      # precomputed means only (benchmarks)
+                latents = LatentMoments(latents, torch.zeros_like(latents))
             self.bank.init_slot(i, rng_for(job.seed, "init", self.stage))
             self.optim.reset_slot(i)
             ext = None
@@ -151,10 +186,10 @@ class PackTrainer:
 
     def _encode_concept(self, job: ConceptJob) -> ConceptTensors:
         rec = job.recipe
-        manifest = read_manifest(job.manifest, job.trigger)
+        manifest = job.manifest if isinstance(job.manifest, ConceptManifest) \
+            else read_concept_manifest(job.manifest, job.trigger)
         pre = Preprocess(resolution=rec.resolution, crop=rec.crop, flip_prob=rec.flip_prob)
-        latents = concept_latents(manifest, self.pipe.vae, pre, seed=job.seed, vae_id=self.fingerprint,
-                                  cache_dir=self.cache_dir)
+        latents = concept_latent_moments(manifest, self.pipe.vae, pre, seed=job.seed, cache_dir=self.cache_dir)
         cols = ("prompt", "base_prompt", "target_prompt") if self.stage == 2 else ("prompt",)
         return latents, {c: self._encode([getattr(r, c) for r in manifest.rows]) for c in cols}
 
@@ -162,28 +197,32 @@ class PackTrainer:
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=77)
+            do_classifier_free_guidance=False, max_sequence_length=self.jobs[0].recipe.max_sequence_length)
         return embeds.float().cpu(), pooled.float().cpu()
 
     # ----- one step ------------------------------------------------------------------------
-    def _draw(self, c: _Concept, micro: int) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows, x0, eps and sigma of one concept's micro-batch, from its own streams."""
-        rec, n = c.job.recipe, len(c.latents)
+    def _draw(self, c: _Concept, micro: int) -> Draw:
+        """One concept's micro-batch, from its own streams."""
+        rec, n = c.job.recipe, len(c.latents.mean)
         rows = []
         for j in range(rec.batch_size):
             k = (c.step * rec.grad_accum + micro) * rec.batch_size + j
             perm = torch.randperm(n, generator=rng_for(c.job.seed, "order", self.stage, k // n))
             rows.append(int(perm[k % n]))
         g = rng_for(c.job.seed, "noise", self.stage, c.step, micro)
-        x0 = c.latents[rows]
+        x0 = c.latents.mean[rows]
+        if rec.latent_sampling == "sample":     # a fresh posterior draw, from its own stream
+            z = torch.randn(x0.shape, generator=rng_for(c.job.seed, "latent", self.stage, c.step, micro))
+            x0 = x0 + c.latents.std[rows] * z
         eps = torch.randn(x0.shape, generator=g)
         sigma = sample_sigma(self.sigma_table, len(rows), g, rec.logit_mean, rec.logit_std)
-        return rows, x0, eps, sigma
+        return Draw(rows, x0, eps, sigma)
 
     def _forward(self, x_t, sigma, embeds, pooled, slots: list[int | None]) -> torch.Tensor:
         dev = self.device
+        dtype = autocast_dtype(self.jobs[0].recipe.mixed_precision, dev)
         with self.bank.routing(one_hot_routing(slots, self.bank.num_slots)):
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 out = self.pipe.transformer(
                     hidden_states=x_t.to(dev), timestep=(sigma * 1000).to(dev),
                     encoder_hidden_states=embeds.to(dev), pooled_projections=pooled.to(dev),
@@ -192,39 +231,47 @@ class PackTrainer:
 
     def _micro_step(self, active: list[_Concept], micro: int) -> dict[str, dict[str, torch.Tensor]]:
         draws = [self._draw(c, micro) for c in active]
-        sizes = [len(d[0]) for d in draws]
-        x0 = torch.cat([d[1] for d in draws]).to(self.device)
-        eps = torch.cat([d[2] for d in draws]).to(self.device)
-        sigma = torch.cat([d[3] for d in draws]).to(self.device)
+        sizes = [len(d.rows) for d in draws]
+        x0 = torch.cat([d.x0 for d in draws]).to(self.device)
+        eps = torch.cat([d.eps for d in draws]).to(self.device)
+        sigma = torch.cat([d.sigma for d in draws]).to(self.device)
         x_t = noisy_latents(x0, eps, sigma)
         train_slots = [c.slot for c, n in zip(active, sizes) for _ in range(n)]
-        emb = lambda col: tuple(torch.cat([c.emb[col][i][d[0]] for c, d in zip(active, draws)])  # noqa: E731
-                                for i in (0, 1))
+
+        def emb(column: str) -> tuple[torch.Tensor, torch.Tensor]:
+            """(embeds, pooled) of ``column`` for every drawn row, in batch order."""
+            embeds = torch.cat([c.emb[column][0][d.rows] for c, d in zip(active, draws)])
+            pooled = torch.cat([c.emb[column][1][d.rows] for c, d in zip(active, draws)])
+            return embeds, pooled
+
         if self.stage == 1:
             e, p = emb("prompt")
             v = self._forward(x_t, sigma, e, p, train_slots)
             per = {"loss": stage1_loss(v, x0, eps, sigma, x_t, active[0].job.recipe.precondition)}
         else:
-            per = self._stage2(active, draws, x0, eps, sigma, x_t, train_slots, emb)
+            per = self._stage2(active, draws, x0, eps, x_t, sigma, train_slots, emb)
         out, start = {}, 0
         for c, n in zip(active, sizes):
             out[c.job.concept_id] = {k: t[start:start + n].mean() for k, t in per.items()}
             start += n
         return out
 
-    def _stage2(self, active, draws, x0, eps, sigma, x_t, train_slots, emb) -> dict[str, torch.Tensor]:
+    def _stage2(self, active: list[_Concept], draws: list[Draw], x0, eps, x_t, sigma, train_slots: list[int],
+                emb: Callable[[str], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per-sample stage-2 losses: trainable passes on prompt/base_prompt, extractor on target/""."""
         b = x_t.shape[0]
         (ep, pp), (eb, pb), (et, pt) = emb("prompt"), emb("base_prompt"), emb("target_prompt")
         xx, ss = torch.cat([x_t, x_t]), torch.cat([sigma, sigma])
         v = self._forward(xx, ss, torch.cat([ep, eb]), torch.cat([pp, pb]), train_slots * 2)
-        ext_slots = [c.extractor_slot for c, d in zip(active, draws) for _ in d[0]]
+        ext_slots = [c.extractor_slot for c, d in zip(active, draws) for _ in d.rows]
         e0, p0 = self.empty
         with torch.no_grad():
             r = self._forward(xx, ss, torch.cat([et, e0.expand(b, -1, -1)]),
                               torch.cat([pt, p0.expand(b, -1)]), ext_slots * 2)
         parts, start = [], 0  # loss knobs (eta, lambda) may differ per concept
         for c, d in zip(active, draws):
-            n, sl = len(d[0]), slice(start, start + len(d[0]))
+            n = len(d.rows)
+            sl = slice(start, start + n)
             rc = c.job.recipe
             parts.append(stage2_loss(v[:b][sl], v[b:][sl], r[:b][sl], r[b:][sl], x0[sl], eps[sl],
                                      eta=rc.eta, lambda_mode=rc.lambda_mode, lambda_value=rc.lambda_value,
@@ -235,17 +282,21 @@ class PackTrainer:
     def _train_step(self, active: list[_Concept]) -> None:
         self.bank.storage.grad = None
         accum = active[0].job.recipe.grad_accum
+        fp16 = active[0].job.recipe.mixed_precision == "fp16"
+        # fp16: each concept's loss carries its own scale, so one concept's overflow never changes another's
+        scale = {c.job.concept_id: c.loss_scale if fp16 else 1.0 for c in active}
         sums: dict[str, dict[str, torch.Tensor]] = {c.job.concept_id: {} for c in active}
         for micro in range(accum):
             per = self._micro_step(active, micro)
-            total = sum(v["loss"] for v in per.values()) / accum
+            total = sum(v["loss"] * scale[cid] for cid, v in per.items()) / accum
             total.backward()
             for cid, vals in per.items():
                 for k, t in vals.items():
                     sums[cid][k] = sums[cid].get(k, 0.0) + t.detach() / accum
         hypers = [SlotHyper(c.job.recipe.lr, c.job.recipe.betas, c.job.recipe.adam_eps,
                             c.job.recipe.weight_decay, c.job.recipe.max_grad_norm) for c in active]
-        norms = self.optim.step([c.slot for c in active], hypers)
+        norms = self.optim.step([c.slot for c in active], hypers,
+                                grad_scale=[c.loss_scale for c in active] if fp16 else None)
         # one device->host transfer per step for every metric (each float() would be a sync)
         keys = list(sums[active[0].job.concept_id])
         values = torch.stack([torch.stack([sums[c.job.concept_id][k] for k in keys] + [norms[i]])
@@ -253,10 +304,23 @@ class PackTrainer:
         for c, row in zip(active, values):
             metrics = dict(zip(keys, row))
             c.step += 1
-            c.losses.append(metrics["loss"])
+            c.curve.add(metrics["loss"])
+            if fp16:
+                metrics["loss_scale"] = c.loss_scale
+                self._update_scale(c, finite=math.isfinite(row[-1]))
             if self.on_metrics:
                 self.on_metrics({"concept_id": c.job.concept_id, "stage": self.stage, "step": c.step,
                                  "total": c.total, "grad_norm": row[-1], "lr": c.job.recipe.lr, **metrics})
+
+    @staticmethod
+    def _update_scale(c: _Concept, *, finite: bool) -> None:
+        """GradScaler's rule per concept: halve on overflow, double after a run of finite steps."""
+        if not finite:
+            c.loss_scale, c.scale_good_steps = c.loss_scale / 2, 0
+            return
+        c.scale_good_steps += 1
+        if c.scale_good_steps >= FP16_GROWTH_INTERVAL:
+            c.loss_scale, c.scale_good_steps = c.loss_scale * 2, 0
 
     # ----- the loop ------------------------------------------------------------------------
     def train(self, *, checkpoint_dir: str | Path | Callable[[str], Path] | None = None, on_checkpoint: CheckpointFn | None = None,
@@ -299,20 +363,27 @@ class PackTrainer:
         if callback:
             callback([c.job.concept_id for c in concepts])
 
+    def slot_of(self, concept_id: str) -> int:
+        """The bank slot training ``concept_id`` (for rendering with it: ``purecc.generate``)."""
+        return self.concepts[concept_id].slot
+
     def summary(self, concept_id: str) -> dict:
+        """Step, status and loss summary of one concept."""
         c = self.concepts[concept_id]
-        tail = c.losses[-10:]
+        recent = c.losses
         return {"concept_id": concept_id, "stage": self.stage, "step": c.step, "total": c.total,
-                "status": c.status, "final_loss": tail[-1] if tail else None,
-                "loss_last10": sum(tail) / len(tail) if tail else None}
+                "status": c.status, "final_loss": recent[-1] if recent else None,
+                "loss_last10": c.curve.last_mean(10)}
 
     # ----- checkpoints and export ----------------------------------------------------------
     def save_checkpoint(self, concept_id: str, folder: str | Path) -> Path:
+        """Write the concept's adapter, optimiser state and step into ``folder`` (state.json last)."""
         c, folder = self.concepts[concept_id], Path(folder)
         opt = self.optim.slot_state(c.slot)
         atomic_save_tensors(folder / CKPT_TENSORS, {"adapter": self.bank.read_slot(c.slot).float(), **opt})
         state = {"concept_id": concept_id, "stage": self.stage, "step": c.step, "total": c.total,
-                 "seed": c.job.seed, "losses": c.losses, "recipe": c.job.recipe.to_dict(),
+                 "seed": c.job.seed, "job_key": c.job.key, "loss_curve": c.curve.to_dict(),
+                 "loss_scale": c.loss_scale, "scale_good_steps": c.scale_good_steps, "recipe": c.job.recipe.to_dict(),
                  "base_fingerprint": self.fingerprint, "params_per_slot": self.bank.params_per_slot,
                  "sha256": sha256_file(folder / CKPT_TENSORS), "saved_at": time.time()}
         atomic_write_json(folder / CKPT_STATE, state)  # last: a folder with state.json is complete
@@ -323,25 +394,38 @@ class PackTrainer:
         c, folder = self.concepts[concept_id], Path(folder)
         state = read_checkpoint_state(folder)
         for key, want in (("concept_id", concept_id), ("stage", self.stage), ("seed", c.job.seed),
+                          ("job_key", c.job.key),
                           ("base_fingerprint", self.fingerprint), ("params_per_slot", self.bank.params_per_slot)):
-            if state.get(key) != want:
+            if state.get(key, "" if key == "job_key" else None) != want:
                 raise CheckpointError(f"checkpoint {folder}: {key} is {state.get(key)!r}, expected {want!r}")
         t = load_tensors(folder / CKPT_TENSORS)
         self.bank.load_slot(c.slot, t["adapter"].to(self.bank.storage.dtype))
         self.optim.load_slot_state(c.slot, t)
-        c.step, c.losses = int(state["step"]), list(state["losses"])
+        c.step, c.curve = int(state["step"]), LossCurve.from_dict(state.get("loss_curve", {}))
+        c.loss_scale = float(state.get("loss_scale", FP16_INIT_SCALE))
+        c.scale_good_steps = int(state.get("scale_good_steps", 0))
         return c.step
 
     def export(self, concept_id: str, dest: str | Path, metrics: dict | None = None) -> Path:
+        """Write the concept's adapter files (PEFT, diffusers, manifest) into ``dest``."""
         c = self.concepts[concept_id]
         manifest = AdapterManifest(
             concept_id=concept_id, trigger=c.job.trigger, stage=self.stage, steps=c.step,
             rank=self.bank.rank, alpha=self.bank.alpha, targets=[], base_fingerprint=self.fingerprint,
-            metrics={**self.summary(concept_id), "losses": c.losses, **(metrics or {})})
+            max_sequence_length=c.job.recipe.max_sequence_length, mixed_precision=c.job.recipe.mixed_precision,
+            metrics={**self.summary(concept_id), "loss_curve": c.curve.to_dict(), **(metrics or {})})
         return export_slot(self.bank, self.bank.read_slot(c.slot), dest, manifest)
 
 
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a recipe's ``mixed_precision`` on ``device`` (None: no autocast)."""
+    if mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
 def read_checkpoint_state(folder: str | Path) -> dict:
+    """The ``state.json`` of a complete checkpoint whose tensors match their recorded sha256."""
     folder = Path(folder)
     path = folder / CKPT_STATE
     if not path.is_file() or not (folder / CKPT_TENSORS).is_file():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import tempfile
 import threading
 import time
@@ -51,12 +52,20 @@ def adapter_version(manifest: AdapterManifest) -> str:
 
 @dataclass(frozen=True)
 class HostAdapter:
+    """One verified adapter in host memory: its manifest and flat vector."""
+
     manifest: AdapterManifest
     flat: torch.Tensor          # (P,) in the bank's dtype; pinned when the bank is on CUDA
 
 
 class HostAdapterCache:
-    """Registry -> host memory, bounded to ``capacity`` concepts (LRU). Thread-safe."""
+    """Registry -> host memory, bounded to ``capacity`` concepts (LRU). Thread-safe.
+
+    A remote registry's files are copied into a private folder under ``cache_dir`` for one read
+    and removed once the vector is in memory (a miss fetches again anyway), so evicted concepts
+    leave no files. ``cache_dir`` defaults to a temporary folder of the cache's own, removed by
+    ``close()`` (or, failing that, when the cache is garbage-collected or the process exits).
+    """
 
     def __init__(self, registry: AdapterRegistry, bank: AdapterBank, *, base_fingerprint: str,
                  capacity: int = 64, cache_dir: str | Path | None = None):
@@ -64,7 +73,10 @@ class HostAdapterCache:
             raise ValueError(f"host_cache: must hold at least 1 concept, got {capacity}")
         self.registry, self.bank, self.capacity = registry, bank, capacity
         self.base_fingerprint = base_fingerprint
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="purecc-adapters-"))
+        self._own_dir = None if cache_dir else tempfile.TemporaryDirectory(prefix="purecc-adapters-")
+        self.cache_dir = Path(cache_dir or self._own_dir.name)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._closed = False
         self.pin = bank.storage.is_cuda
         self._items: OrderedDict[tuple[str, str], HostAdapter] = OrderedDict()
         self._lock = threading.Lock()
@@ -92,18 +104,34 @@ class HostAdapterCache:
         return item
 
     def _read(self, concept_id: str) -> HostAdapter:
+        if self._closed:
+            raise RuntimeError(f"host cache: closed, cannot read {concept_id!r}")
+        # a folder per read: concurrent reads of one concept (two versions) never share files
+        work = Path(tempfile.mkdtemp(prefix=".read-", dir=self.cache_dir))
         try:
-            folder = self.registry.fetch(concept_id, self.cache_dir)
-        except KeyError:
-            raise UnknownConcept(concept_id) from None
-        try:
-            manifest, flat = load_flat(self.bank, folder, base_fingerprint=self.base_fingerprint)
-        except AdapterFileError as exc:
-            raise ConceptUnloadable(concept_id, str(exc)) from None
+            try:
+                folder = self.registry.fetch(concept_id, work)   # a local registry's own folder: read in place
+            except KeyError:
+                raise UnknownConcept(concept_id) from None
+            try:
+                manifest, flat = load_flat(self.bank, folder, base_fingerprint=self.base_fingerprint)
+            except AdapterFileError as exc:
+                raise ConceptUnloadable(concept_id, str(exc)) from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         flat = flat.to(self.bank.storage.dtype).contiguous()
         return HostAdapter(manifest, flat.pin_memory() if self.pin else flat)
 
+    def close(self) -> None:
+        """Drop the host copies and remove the cache's own folder (a given ``cache_dir`` stays); idempotent."""
+        with self._lock:
+            self._closed = True
+            self._items.clear()
+        if self._own_dir is not None:
+            self._own_dir.cleanup()
+
     def stats(self) -> dict:
+        """Cache size, capacity, hits and misses."""
         with self._lock:
             return {"cached": len(self._items), "capacity": self.capacity, "hits": self.hits,
                     "misses": self.misses}
@@ -136,13 +164,11 @@ class SlotLease:
 
     @property
     def slot_of(self) -> dict[str, int]:
+        """Concept id -> the slot it sits in, for this request's routing."""
         return {e.concept_id: e.slot for e in self.entries}
 
-    @property
-    def manifests(self) -> dict[str, AdapterManifest]:
-        return {e.concept_id: e.manifest for e in self.entries}
-
     def release(self) -> None:
+        """Unpin the lease's slots; idempotent."""
         if not self._released:
             self._released = True
             self.owner.unpin(self.entries)
@@ -201,12 +227,14 @@ class AdapterSlots:
                          time.perf_counter() - waited)
 
     def pin(self, entries: Sequence[SlotEntry]) -> None:
+        """Take one more reference on each entry and mark it used now."""
         tick = next(self._ticks)
         for e in entries:
             e.refs += 1
             e.last_used = tick
 
     def unpin(self, entries: Sequence[SlotEntry]) -> None:
+        """Drop one reference on each entry, mark it used now and wake waiting requests."""
         tick = next(self._ticks)
         for e in entries:
             e.refs -= 1
@@ -300,6 +328,7 @@ class AdapterSlots:
         return sorted(cid for cid, e in self._by_id.items() if e.ready.done())  # failed loads leave the table
 
     def snapshot(self) -> dict:
+        """Per-slot state, load count, recent load/evict events and host cache stats (for debugging)."""
         slots = [None if e is None else {"concept": e.concept_id, "version": e.version, "refs": e.refs,
                                          "ready": e.ready.done(), "retired": e.retired,
                                          "last_used": e.last_used}

@@ -42,7 +42,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from cluster.ledger import ContentConflict, LedgerError
-from purecc.generate import RenderSettings, fill_placeholders
+from purecc.generate import RenderSettings, fill_placeholders, trained_sequence_length
 from purecc.ids import CONCEPT_ID_PATTERN
 from purecc.registry import AdapterRegistry
 
@@ -50,7 +50,7 @@ from .adapter_cache import adapter_version
 from .batches import BaseModelUnreadable, BatchRejected, StorageBatches, UnknownBatch
 from .catalog import ConceptCatalog
 from .config import ServiceConfig
-from .deployment import ConceptGenerator, ConceptUse, RenderJob, RenderResult
+from .deployment import ConceptGenerator, ConceptUse, RenderResult, RenderTask
 from .errors import ConceptUnloadable, SlotsBusy, TooManyConcepts, UnknownConcept
 from .schemas import (MAX_BATCH_BYTES, BatchList, BatchRequest, BatchStatus, BatchSubmitted, ConceptInfo,
                       ConceptList, ConceptUsed, ErrorBody, GeneratedImage, GenerateRequest, GenerateResponse,
@@ -226,15 +226,20 @@ class GenerationAPI:
         except KeyError as exc:
             raise ApiError(422, f"placeholder <{exc.args[0]}> names no concept of this request",
                            loc=("prompt",)) from None
-        job = RenderJob(prompt=prompt, seeds=tuple(body.seed + i for i in range(body.num_images)),
-                        settings=RenderSettings(steps=body.steps, guidance=body.guidance, width=width, height=height),
-                        concepts=tuple(ConceptUse(c.id, c.weight, adapter_version(manifests[c.id]))
-                                       for c in body.concepts),
-                        negative_prompt=body.negative_prompt)
+        try:      # prompts are encoded with as many T5 tokens as the concepts were trained with
+            text_len = trained_sequence_length(manifests.values())
+        except ValueError as exc:
+            raise ApiError(422, str(exc), loc=("concepts",)) from None
+        task = RenderTask(prompt=prompt, seeds=tuple(body.seed + i for i in range(body.num_images)),
+                          settings=RenderSettings(steps=body.steps, guidance=body.guidance, width=width,
+                                                  height=height, max_sequence_length=text_len),
+                          concepts=tuple(ConceptUse(c.id, c.weight, adapter_version(manifests[c.id]))
+                                         for c in body.concepts),
+                          negative_prompt=body.negative_prompt)
         index = {c.id: i for i, c in enumerate(body.concepts)}
-        result: RenderResult = await self._call("render", job, timeout=deadline - time.perf_counter(),
+        result: RenderResult = await self._call("render", task, timeout=deadline - time.perf_counter(),
                                                 concept_index=index)
-        return self._response(body, job, result, manifests, time.perf_counter() - start)
+        return self._response(body, task, result, manifests, time.perf_counter() - start)
 
     def _check_limits(self, body: GenerateRequest, info: dict, width: int, height: int) -> None:
         for name, side in (("width", width), ("height", height)):
@@ -247,19 +252,21 @@ class GenerationAPI:
             raise ApiError(422, str(TooManyConcepts(len(body.concepts), info["slots"])), loc=("concepts",))
 
     @staticmethod
-    def _response(body: GenerateRequest, job: RenderJob, result: RenderResult, manifests: dict,
+    def _response(body: GenerateRequest, task: RenderTask, result: RenderResult, manifests: dict,
                   total_s: float) -> GenerateResponse:
-        ms = lambda s: round(1000 * s, 3)  # noqa: E731
+        def ms(seconds: float) -> float:
+            return round(1000 * seconds, 3)
+
         used = [ConceptUsed(id=c.concept_id, weight=c.weight, trigger=manifests[c.concept_id].trigger,
                             stage=manifests[c.concept_id].stage, version=c.version or "",
                             slot=result.slot_of[c.concept_id], hot_loaded=c.concept_id in result.hot_loaded)
-                for c in job.concepts]
+                for c in task.concepts]
         timings = Timings(queue_ms=ms(max(total_s - result.load_s - result.denoise_s, 0.0)),
                           adapter_load_ms=ms(result.load_s), denoise_ms=ms(result.denoise_s), total_ms=ms(total_s))
         images = [GeneratedImage(seed=s, png_base64=base64.b64encode(png).decode("ascii"))
                   for s, png in zip(result.seeds, result.pngs)]
-        return GenerateResponse(images=images, concepts=used, prompt=job.prompt, seed=body.seed, steps=body.steps,
-                                guidance=body.guidance, width=job.settings.width, height=job.settings.height,
+        return GenerateResponse(images=images, concepts=used, prompt=task.prompt, seed=body.seed, steps=body.steps,
+                                guidance=body.guidance, width=task.settings.width, height=task.settings.height,
                                 batch_images=result.batch_images, replica=result.replica, timings=timings)
 
     @api.get("/v1/concepts", response_model=ConceptList, responses={503: ERRORS[503]},

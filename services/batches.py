@@ -11,18 +11,20 @@ Validation reports every problem at once, in FastAPI's 422 shape: the request's 
 (``services.schemas``, tighter bounds than cluster's), the data paths, then ``cluster.spec``'s
 validation of the batch (manifests, recipes, duplicate ids), one problem per field.
 
+Each manifest is parsed once (by ``cluster.spec``'s validation, whose parsed manifests the jobs
+are hashed from); before that only its image paths are read, without opening any image, to refuse
+one outside the data folder.
+
 The ledger is opened by the ingress and by the driver it starts, both on the ingress's node (SQLite
-is not safe across hosts). The driver is a detached zero-CPU Ray actor running
-``cluster.api.resume``: it outlives the request and the ingress replica, and exits once no job is
-left. It is started unless a live driver holds the ledger; two started at once are harmless (the
-ledger's driver lease lets one schedule, the other exits).
+is not safe across hosts). The driver is ``cluster.api.start_driver``'s detached zero-CPU Ray actor
+running ``cluster.api.resume``: it outlives the request and the ingress replica, and exits once no
+job is left. It is started unless a live driver holds the ledger; two started at once are harmless
+(the ledger's driver lease lets one schedule, the other exits).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from math import isfinite
@@ -31,19 +33,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cluster.api import start_driver
 from cluster.ledger import ACTIVE, JobLedger, JobRecord
-from cluster.spec import BatchSpec, BatchSpecError, validate_batch
+from cluster.spec import BatchSpecError, ValidatedBatch
 from purecc.data import ManifestError, manifest_image_paths
 
-from .schemas import (MAX_BATCH_CONCEPTS, BatchJob, BatchList, BatchRequest, BatchStatus, BatchSubmitted,
-                      BatchSummary)
+from .schemas import (MAX_BATCH_CONCEPTS, BatchList, BatchRequest, BatchStatus, BatchSubmitted, BatchSummary,
+                      JobStatus)
 
 DATA_DIR = "data"
 LEDGER_FILE = "ledger.sqlite"
-DRIVER_NAMESPACE = "purecc"          # `ray list actors` shows the drivers there
 FIXED = {"base_model": "its own model", "storage": "its storage root", "ledger": "<storage>/ledger.sqlite"}
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,21 @@ class Issue:
     type: str = "value_error"
 
     def as_error(self) -> dict:
+        """This issue as one entry of FastAPI's 422 ``detail`` list."""
         return {"loc": ("body", *self.loc), "msg": self.msg, "type": self.type}
 
 
 class BatchRejected(ValueError):
+    """A rejected request; ``issues`` lists every problem (answered 422)."""
+
     def __init__(self, issues: list[Issue]):
         self.issues = issues
         super().__init__("; ".join(f"{'.'.join(map(str, i.loc)) or '(body)'}: {i.msg}" for i in issues))
 
 
 class UnknownBatch(KeyError):
+    """No job of the batch ``name`` is in the ledger (answered 404)."""
+
     def __init__(self, name: str):
         super().__init__(name)
         self.name = name
@@ -134,9 +139,9 @@ def _order(issue: Issue) -> tuple[int, int]:
     return 0, 0
 
 
-def batch_from_request(raw: Any, *, base_model: str, storage: Path) -> tuple[BatchSpec, BatchRequest]:
-    """Validate a request body into a cluster ``BatchSpec`` (data confined to ``<storage>/data/``);
-    raises ``BatchRejected`` listing every problem."""
+def batch_from_request(raw: Any, *, base_model: str, storage: Path) -> tuple[ValidatedBatch, BatchRequest]:
+    """Validate a request body into a cluster batch (data confined to ``<storage>/data/``), with the
+    manifests its validation parsed; raises ``BatchRejected`` listing every problem."""
     if not isinstance(raw, dict):
         raise BatchRejected([Issue((), "expected a JSON object (the batch)", "model_attributes_type")])
     issues = [Issue((k,), f"set by the service ({why}); leave it out", "extra_forbidden")
@@ -169,9 +174,9 @@ def batch_from_request(raw: Any, *, base_model: str, storage: Path) -> tuple[Bat
     head = {k: body[k] for k in ("name", "resources", "defaults", "validation") if k in body}
     data = {**head, "base_model": str(Path(base_model).resolve()), "storage": str(storage), "concepts": checked}
     try:
-        spec = validate_batch(data, source="request", base_dir=storage)
+        batch = ValidatedBatch.from_dict(data, source="request", base_dir=storage)
     except BatchSpecError as exc:
-        spec = None
+        batch = None
         taken = {x.loc for x in issues}
         for p in exc.problems:
             if p.field == "base_model":
@@ -182,40 +187,8 @@ def batch_from_request(raw: Any, *, base_model: str, storage: Path) -> tuple[Bat
                 taken.add(loc)
     if issues:
         raise BatchRejected(sorted(issues, key=_order))
-    assert spec is not None and request is not None
-    return spec, request
-
-
-# ----- the driver ------------------------------------------------------------------------------
-class LedgerDriver:
-    """Drives one ledger until no job is left, then exits (a detached actor: see the module doc)."""
-
-    def run(self, ledger: str) -> None:
-        import ray
-
-        from cluster import api
-        from cluster.ledger import DriverBusy
-
-        try:
-            api.resume(ledger)
-        except DriverBusy:
-            pass        # another driver took the ledger since the ingress looked; it runs these jobs
-        except Exception:  # noqa: BLE001 -- nobody awaits this actor: the log is where it goes
-            log.exception("the driver of %s stopped", ledger)
-        finally:
-            ray.actor.exit_actor()
-
-
-def start_driver(ledger: str) -> None:
-    """A detached zero-CPU driver actor on this node (where the ledger is opened), not awaited."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = ray.get_runtime_context().get_node_id()
-    actor = ray.remote(num_cpus=0, max_restarts=0)(LedgerDriver).options(
-        name=f"driver-{uuid.uuid4().hex[:12]}", namespace=DRIVER_NAMESPACE, lifetime="detached",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
-    actor.run.remote(ledger)
+    assert batch is not None and request is not None
+    return batch, request
 
 
 # ----- the batches of one storage root ----------------------------------------------------------
@@ -223,13 +196,14 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and isfinite(x) else None
 
 
-def job_status(rec: JobRecord) -> BatchJob:
-    return BatchJob(id=rec.concept_id, state=rec.state, stage=rec.stage, step=rec.step, total=rec.total,
-                    loss=_finite(rec.loss), eta_s=_finite(rec.eta_s), attempts=rec.attempts,
-                    cancel_requested=rec.cancel_requested, error=rec.error, adapter=rec.adapter,
-                    submitted_at=rec.submitted_at, updated_at=rec.updated_at, stage1_started=rec.stage1_started,
-                    stage1_ended=rec.stage1_ended, stage2_started=rec.stage2_started,
-                    stage2_ended=rec.stage2_ended, published_at=rec.published_at)
+def job_status(rec: JobRecord) -> JobStatus:
+    """A ledger record as the API shows it (non-finite numbers as null)."""
+    return JobStatus(id=rec.concept_id, state=rec.state, stage=rec.stage, step=rec.step, total=rec.total,
+                     loss=_finite(rec.loss), eta_s=_finite(rec.eta_s), attempts=rec.attempts,
+                     cancel_requested=rec.cancel_requested, error=rec.error, adapter=rec.adapter,
+                     submitted_at=rec.submitted_at, updated_at=rec.updated_at, stage1_started=rec.stage1_started,
+                     stage1_ended=rec.stage1_ended, stage2_started=rec.stage2_started,
+                     stage2_ended=rec.stage2_ended, published_at=rec.published_at)
 
 
 def _summary(name: str, jobs: list[JobRecord]) -> dict:
@@ -257,10 +231,10 @@ class StorageBatches:
     def submit(self, raw: Any) -> BatchSubmitted:
         """Validate, record (idempotent; ``ContentConflict`` for a changed concept without
         ``replace``) and make sure a driver runs the jobs."""
-        spec, request = batch_from_request(raw, base_model=self.base_model, storage=self.storage)
+        batch, request = batch_from_request(raw, base_model=self.base_model, storage=self.storage)
         try:
-            jobs = spec.jobs()
-        except ManifestError as exc:     # the data changed since it was checked
+            jobs = batch.jobs()          # hashed from the manifests as validated: none is read again
+        except OSError as exc:           # an image went away since it was checked
             raise BatchRejected([Issue(("concepts",), str(exc))]) from None
         ledger = self._open(create=True)
         report = ledger.submit(jobs, replace=request.replace, requeue=request.requeue)
@@ -271,11 +245,12 @@ class StorageBatches:
         else:
             start_driver(str(ledger.path))
             driver = "started"
-        return BatchSubmitted(**self.status(spec.name).model_dump(), added=report.added,
+        return BatchSubmitted(**self.status(batch.spec.name).model_dump(), added=report.added,
                               unchanged=report.unchanged, replaced=report.replaced, requeued=report.requeued,
                               driver=driver)
 
     def status(self, name: str) -> BatchStatus:
+        """The batch's jobs; ``UnknownBatch`` if none is in the ledger."""
         ledger = self._open(create=False)
         jobs = [j for j in ledger.jobs() if j.batch == name] if ledger else []
         if not jobs:
@@ -283,6 +258,7 @@ class StorageBatches:
         return BatchStatus(**_summary(name, jobs), jobs=[job_status(j) for j in jobs])
 
     def list(self) -> BatchList:
+        """Every batch of the ledger, in short."""
         ledger = self._open(create=False)
         groups: dict[str, list[JobRecord]] = {}
         for j in ledger.jobs() if ledger else []:

@@ -14,11 +14,14 @@ from purecc.registry import AdapterRegistry
 
 
 class ConceptCatalog:
+    """Registry manifests cached for ``ttl_s`` seconds; misses are never cached."""
+
     def __init__(self, registry: AdapterRegistry, ttl_s: float = 2.0):
         self.registry, self.ttl_s = registry, ttl_s
         self._manifests: dict[str, tuple[float, AdapterManifest]] = {}
 
     async def lookup(self, concept_id: str) -> AdapterManifest | None:
+        """The manifest of ``concept_id`` (cached up to ``ttl_s``), or None when it is not published."""
         cached = self._manifests.get(concept_id)
         if cached is not None and time.monotonic() - cached[0] < self.ttl_s:
             return cached[1]
@@ -30,6 +33,7 @@ class ConceptCatalog:
         return manifest
 
     async def list(self) -> list[AdapterManifest]:
+        """Every published manifest, read afresh; refreshes the cache."""
         manifests = await asyncio.to_thread(self.registry.list)
         now = time.monotonic()
         self._manifests = {m.concept_id: (now, m) for m in manifests}

@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    """The service config of ``purecc serve``'s flags (GPUs per replica: 1 with CUDA, else 0)."""
     gpus = args.gpus_per_replica
     if gpus is None:
         import torch

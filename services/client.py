@@ -34,6 +34,8 @@ class ServiceError(RuntimeError):
 
 @dataclass(frozen=True)
 class GenerationResult:
+    """A POST /v1/generate answer: the decoded images and the rest of the response."""
+
     images: list[tuple[int, bytes]]            # (seed, PNG bytes)
     metadata: dict = field(default_factory=dict)  # the response without the images
 
@@ -68,6 +70,7 @@ class ServiceClient:
         return body
 
     def health(self) -> dict:
+        """GET /healthz (``ServiceError`` 503 while no replica has its model loaded)."""
         return self._request("GET", "/healthz")
 
     def wait_ready(self, timeout: float = 120.0, interval: float = 0.25) -> dict:
@@ -82,6 +85,7 @@ class ServiceClient:
         raise TimeoutError(f"{self.url} not ready after {timeout:g}s: {last}")
 
     def concepts(self) -> list[dict]:
+        """GET /v1/concepts: the servable concepts."""
         return self._request("GET", "/v1/concepts")["concepts"]
 
     def submit_batch(self, spec: Mapping) -> dict:
@@ -95,11 +99,14 @@ class ServiceClient:
         return self._request("GET", f"/v1/batches/{quote(name, safe='')}")
 
     def batches(self) -> list[dict]:
+        """GET /v1/batches: every batch of the service's ledger, in short."""
         return self._request("GET", "/v1/batches")["batches"]
 
     def generate(self, prompt: str, *, concepts: Iterable[tuple[str, float]] | Mapping[str, float] = (),
                  seed: int = 0, steps: int = 28, guidance: float = 7.0, width: int | None = None,
                  height: int | None = None, num_images: int = 1, negative_prompt: str = "") -> GenerationResult:
+        """POST /v1/generate: ``concepts`` as (id, weight) pairs or a mapping; <id> in the prompt
+        stands for that concept's trigger word."""
         pairs = concepts.items() if isinstance(concepts, Mapping) else concepts
         payload = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
                    "guidance": guidance, "num_images": num_images,

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ServiceConfig(BaseModel):
+    """The deployment's knobs, validated; ``registry`` defaults to ``storage``."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="Local diffusers SD3/SD3.5 folder, present on every replica's node "
@@ -80,6 +82,7 @@ class ServiceConfig(BaseModel):
 
     @property
     def max_images_per_request(self) -> int:
+        """Most images one request may ask for: ``MAX_IMAGES`` capped at ``max_batch_images``."""
         from .schemas import MAX_IMAGES
 
         return min(MAX_IMAGES, self.max_batch_images)

@@ -60,11 +60,11 @@ def _free_port() -> int:
 def _base_model(out: Path) -> tuple[Path, str]:
     """The committed pretrained world base if the package has it, else a freshly built tiny model."""
     try:
-        from purecc.pretrain import verify_world_base, world_base_path
+        from purecc.testbed import verify_world_base, world_base_path
 
         path = world_base_path()
         verify_world_base(path)
-        return path, "pretrained world base (purecc/assets/world-base)"
+        return path, "pretrained world base (purecc/testbed/assets/world-base)"
     except (ImportError, FileNotFoundError, ValueError):
         from purecc.tiny import write_tiny_model
 
@@ -76,7 +76,7 @@ def _base_model(out: Path) -> tuple[Path, str]:
 
 def write_batch(plan: DemoPlan, model: Path) -> Path:
     """The sample concepts as a batch spec (two trainings at once, one concept per pack)."""
-    from purecc.samples import SAMPLE_CONCEPTS, write_sample_concepts
+    from purecc.testbed.samples import SAMPLE_CONCEPTS, write_sample_concepts
 
     manifests = write_sample_concepts(plan.out / "data")
     k = plan.knobs
@@ -113,7 +113,7 @@ def train(plan: DemoPlan, batch: Path, ray_tmp: str) -> list:
 
 def requests_for(jobs) -> list[dict]:
     """One request per concept, two compositions and one without concepts (the base)."""
-    from purecc.samples import SAMPLE_CONCEPTS
+    from purecc.testbed.samples import SAMPLE_CONCEPTS
 
     word = {c.concept_id: c.class_word for c in SAMPLE_CONCEPTS}
     ids = [j.concept_id for j in jobs]
@@ -180,15 +180,18 @@ def grid(plan: DemoPlan, results: list[dict]) -> Path:
 def report(plan: DemoPlan, model_note: str, jobs, results: list[dict], timings: dict) -> Path:
     concepts = []
     for j in jobs:
-        from purecc.adapter_files import read_manifest
+        from purecc.adapter_files import read_adapter_manifest
 
-        manifest = read_manifest(j.adapter) if j.adapter and "://" not in j.adapter else None
-        losses = (manifest.metrics.get("losses") or []) if manifest else []
+        manifest = read_adapter_manifest(j.adapter) if j.adapter and "://" not in j.adapter else None
+        curve = (manifest.metrics.get("loss_curve") or {}) if manifest else {}
+        points = curve.get("points") or []
         concepts.append({
             "id": j.concept_id, "trigger": j.spec.trigger, "state": j.state, "adapter": j.adapter,
             "stage1_s": (j.stage1_ended or 0) - (j.stage1_started or 0),
             "stage2_s": (j.stage2_ended or 0) - (j.stage2_started or 0),
-            "stage2_first_loss": losses[0] if losses else None, "stage2_last_loss": losses[-1] if losses else None,
+            # the first point of the bounded curve and the mean of the last 10 steps (single steps are noisy)
+            "stage2_first_loss": points[0][2] if points else None,
+            "stage2_last_loss": manifest.metrics.get("loss_last10") if manifest else None,
         })
     latencies = sorted(r["latency_s"] for r in results)
     data = {"model": model_note, "quick": plan.quick, "timings_s": timings, "concepts": concepts,

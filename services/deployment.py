@@ -38,13 +38,15 @@ from .schemas import MAX_SIDE
 
 
 class ConceptUse(NamedTuple):
+    """One concept of a request: which adapter, at what weight."""
+
     concept_id: str
     weight: float
     version: str | None = None      # sha256 of the adapter weights; None: the registry's current one
 
 
 @dataclass(frozen=True)
-class RenderJob:
+class RenderTask:
     """One request as the generator sees it: placeholders already replaced by trigger words."""
 
     prompt: str
@@ -54,12 +56,15 @@ class RenderJob:
     negative_prompt: str = ""
 
     @property
-    def concept_ids(self) -> tuple[str, ...]:   # read by services.routing
+    def concept_ids(self) -> tuple[str, ...]:
+        """The ids of the task's concepts (read by ``services.routing``)."""
         return tuple(c.concept_id for c in self.concepts)
 
 
 @dataclass(frozen=True)
 class RenderResult:
+    """A rendered task: its PNGs, the slots its concepts held, and where the replica's time went."""
+
     pngs: list[bytes]
     seeds: tuple[int, ...]
     slot_of: dict[str, int]
@@ -75,7 +80,7 @@ class RenderResult:
 
 @dataclass(eq=False)
 class _Pending:
-    job: RenderJob
+    task: RenderTask
     lease: SlotLease
     held_at: float
 
@@ -89,7 +94,7 @@ class _PassOutcome:
 
 
 def _images_in(items: list[_Pending]) -> int:
-    return sum(len(p.job.seeds) for p in items)
+    return sum(len(p.task.seeds) for p in items)
 
 
 def model_limits(pipe) -> tuple[int, int]:
@@ -125,6 +130,12 @@ class ConceptGenerator:
         if config.warmup:
             self._warmup()
 
+    def __del__(self) -> None:
+        # Serve calls it when the replica shuts down: the host cache's temporary folder goes with it
+        slots = getattr(self, "slots", None)
+        if slots is not None:
+            slots.host.close()
+
     def _warmup(self) -> None:
         """One 2-step pass through the banked layers (slot 0 is all zeros, so it is the bare base)."""
         side = min(self.native_side, 256)
@@ -132,11 +143,12 @@ class ConceptGenerator:
         generate(self.pipe, [sample], self._slot_keys, RenderSettings(steps=2, guidance=2.0, width=side, height=side))
 
     # ----- requests ------------------------------------------------------------------------
-    async def render(self, job: RenderJob) -> RenderResult:
+    async def render(self, task: RenderTask) -> RenderResult:
+        """Render one request: hold a slot per concept (hot-loading them), then join a batched pass."""
         arrived = time.perf_counter()
-        lease = await self.slots.acquire([(c.concept_id, c.version) for c in job.concepts],
+        lease = await self.slots.acquire([(c.concept_id, c.version) for c in task.concepts],
                                          timeout=self.config.slot_wait_s)
-        pending = _Pending(job, lease, time.perf_counter())
+        pending = _Pending(task, lease, time.perf_counter())
         try:
             outcome = await self._render_batch(pending)
         finally:
@@ -145,7 +157,7 @@ class ConceptGenerator:
             raise outcome
         done = time.perf_counter()
         return RenderResult(
-            pngs=outcome.pngs, seeds=job.seeds, slot_of=lease.slot_of, hot_loaded=lease.hot_loaded,
+            pngs=outcome.pngs, seeds=task.seeds, slot_of=lease.slot_of, hot_loaded=lease.hot_loaded,
             batch_images=outcome.batch_images, replica=self.replica, wait_s=lease.wait_s, load_s=lease.load_s,
             queue_s=max(outcome.started - pending.held_at, 0.0), denoise_s=outcome.denoise_s, elapsed_s=done - arrived)
 
@@ -156,7 +168,7 @@ class ConceptGenerator:
         try:
             groups: dict[RenderSettings, list[_Pending]] = {}
             for p in items:
-                groups.setdefault(p.job.settings, []).append(p)
+                groups.setdefault(p.task.settings, []).append(p)
             results: dict[int, _PassOutcome | BaseException] = {}
             for settings, group in groups.items():
                 started = time.perf_counter()
@@ -167,7 +179,7 @@ class ConceptGenerator:
                     continue
                 took, n = time.perf_counter() - started, _images_in(group)
                 for p in group:
-                    k = len(p.job.seeds)
+                    k = len(p.task.seeds)
                     results[id(p)] = _PassOutcome(pngs[:k], started, took, n)
                     pngs = pngs[k:]
             return [results[id(p)] for p in items]
@@ -180,8 +192,8 @@ class ConceptGenerator:
         samples = []
         for p in group:
             slot_of = p.lease.slot_of
-            concepts = tuple((str(slot_of[c.concept_id]), c.weight) for c in p.job.concepts)
-            samples += [Sample(p.job.prompt, seed, concepts, p.job.negative_prompt) for seed in p.job.seeds]
+            concepts = tuple((str(slot_of[c.concept_id]), c.weight) for c in p.task.concepts)
+            samples += [Sample(p.task.prompt, seed, concepts, p.task.negative_prompt) for seed in p.task.seeds]
         images = generate(self.pipe, samples, self._slot_keys, settings)
         return [png_bytes(im) for im in images]
 
@@ -197,4 +209,5 @@ class ConceptGenerator:
         return {"concepts": self.slots.resident()}
 
     async def stats(self) -> dict:
+        """This replica's slot and cache counters (tests, benchmarks)."""
         return {"replica": self.replica, **self.slots.snapshot()}

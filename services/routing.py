@@ -31,7 +31,7 @@ PER_RANK = 2     # replicas probed per rank (power of two choices within a rank)
 
 
 def requested_concepts(pending_request: Optional[PendingRequest]) -> frozenset[str]:
-    """The concept ids of a ``ConceptGenerator.render(job)`` call; empty for other calls."""
+    """The concept ids of a ``ConceptGenerator.render(task)`` call; empty for other calls."""
     if pending_request is None:
         return frozenset()
     for arg in [*pending_request.args, *pending_request.kwargs.values()]:
@@ -42,6 +42,7 @@ def requested_concepts(pending_request: Optional[PendingRequest]) -> frozenset[s
 
 
 def resident_concepts(replica) -> frozenset[str]:
+    """The concepts a replica last reported as resident in its slots."""
     stats = getattr(replica, "routing_stats", None) or {}
     return frozenset(stats.get("concepts", ()))
 
@@ -60,6 +61,7 @@ class ConceptAffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+        """Ranks of at most ``PER_RANK`` candidates each, best concept overlap first."""
         if pending_request is not None:
             # every rank is returned at once: back off before the next round instead of spinning
             pending_request.routing_context.should_backoff = True

@@ -11,7 +11,8 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from purecc.ids import CONCEPT_ID_PATTERN, TRIGGER_PATTERN
+from cluster.spec import ConceptSpec, Overrides, Prompt, Resources, StageOverrides, ValidationRender
+from purecc.ids import CONCEPT_ID_PATTERN
 
 MAX_PROMPT_CHARS = 1000
 MAX_CONCEPTS = 8
@@ -26,6 +27,8 @@ Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE)
 
 
 class ConceptWeight(BaseModel):
+    """A concept to compose and the strength of its adapter."""
+
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=CONCEPT_ID_PATTERN, description="Concept id as published in the registry "
@@ -35,6 +38,8 @@ class ConceptWeight(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    """A prompt to render with some concepts (POST /v1/generate)."""
+
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "prompt": "a <zigzag-star> star next to a <ringed-circle> circle",
         "concepts": [{"id": "zigzag-star", "weight": 1.0}, {"id": "ringed-circle", "weight": 0.8}],
@@ -69,11 +74,15 @@ class GenerateRequest(BaseModel):
 
 
 class GeneratedImage(BaseModel):
+    """One generated image."""
+
     seed: int = Field(description="The seed this image was drawn with.")
     png_base64: str = Field(description="The PNG file, base64-encoded.")
 
 
 class ConceptUsed(BaseModel):
+    """A concept as it was applied to the request."""
+
     id: str = Field(description="Concept id.")
     weight: float = Field(description="Weight applied.")
     trigger: str = Field(description="Trigger word substituted for <id> in the prompt.")
@@ -84,6 +93,8 @@ class ConceptUsed(BaseModel):
 
 
 class Timings(BaseModel):
+    """Where a request's time went, in milliseconds."""
+
     queue_ms: float = Field(description="Everything but adapter loading and rendering: routing, waiting for a "
                                         "replica, a free slot or a batch, PNG encoding and transfer.")
     adapter_load_ms: float = Field(description="Time waiting for this request's adapters to reach their slots.")
@@ -93,6 +104,8 @@ class Timings(BaseModel):
 
 
 class GenerateResponse(BaseModel):
+    """The images of a request and how they were made."""
+
     images: list[GeneratedImage] = Field(description="The images, in seed order.")
     concepts: list[ConceptUsed] = Field(description="The concepts used, in request order.")
     prompt: str = Field(description="The prompt as rendered, with trigger words substituted.")
@@ -108,6 +121,8 @@ class GenerateResponse(BaseModel):
 
 
 class ConceptInfo(BaseModel):
+    """A servable concept (GET /v1/concepts)."""
+
     id: str = Field(description="Concept id, for `concepts[].id` and <id> placeholders.")
     trigger: str = Field(description="Trigger word.")
     stage: int = Field(description="Training stage of the published adapter.")
@@ -118,10 +133,14 @@ class ConceptInfo(BaseModel):
 
 
 class ConceptList(BaseModel):
+    """The servable concepts."""
+
     concepts: list[ConceptInfo] = Field(description="Servable concepts: published and made for this base.")
 
 
 class Health(BaseModel):
+    """Whether the service is ready (GET /healthz)."""
+
     status: str = Field(description="ok, or loading while no generator replica has its model ready.")
     detail: str = Field("", description="Why the service is not ready, if it is not.")
     slots: int = Field(0, description="Adapter slots per replica.")
@@ -129,55 +148,50 @@ class Health(BaseModel):
 
 
 class ErrorBody(BaseModel):
+    """An error answer."""
+
     detail: str = Field(description="What went wrong.")
     concept: Optional[str] = Field(None, description="The concept id at fault, when one is.")
 
 
 # ----- concept batches (POST /v1/batches) ------------------------------------------------------
-# These mirror cluster.spec's BatchSpec without what the service fixes (base_model: its own model;
-# storage and ledger: its storage root), with tighter bounds; cluster.spec validates the result again.
+# cluster.spec owns the batch schema. These models subclass its models and re-declare only the
+# fields whose bounds are tighter over HTTP (the rest, descriptions included, are inherited);
+# cluster.spec validates the result again. BatchRequest is BatchSpec without what the service fixes
+# (base_model: its own model; storage and ledger: its storage root), plus the submission flags.
 MAX_BATCH_CONCEPTS = 32
 MAX_BATCH_BYTES = 1024 * 1024
 MAX_PATH_CHARS = 1024
 MAX_TRAIN_STEPS = 100_000
 MAX_VALIDATION_PROMPTS = 8
-BATCH_PROMPT_CHARS = 500
-
-BatchPrompt = Annotated[str, Field(min_length=1, max_length=BATCH_PROMPT_CHARS)]
 
 
-class _BatchPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BatchStage(StageOverrides):
+    """One training stage's knobs; unset fields keep the seed recipe."""
 
-
-class BatchStage(_BatchPart):
     steps: Optional[int] = Field(None, ge=1, le=MAX_TRAIN_STEPS, description="Optimiser steps of this stage; "
                                  "default: the seed recipe's.")
-    lr: Optional[float] = Field(None, gt=0, le=1.0, description="Learning rate (constant schedule).")
     grad_accum: Optional[int] = Field(None, ge=1, le=64, description="Micro-batches per optimiser step.")
     checkpoint_every: Optional[int] = Field(None, ge=1, le=MAX_TRAIN_STEPS,
                                             description="Steps between checkpoints (a run resumes from the last).")
 
 
-class BatchOverrides(_BatchPart):
+class BatchOverrides(Overrides):
+    """Recipe overrides of one concept, or of every concept of the batch (`defaults`)."""
+
     resolution: Optional[int] = Field(None, ge=16, le=2048, multiple_of=16, description="Training resolution "
                                       "in pixels (SD3.5 Medium: 512 to 1024).")
-    seed: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="Seed of data order, noise and init.")
     eta: Optional[float] = Field(None, ge=0, le=100, description="Stage 2: weight of L_pure.")
-    lambda_mode: Optional[Literal["fixed", "adaptive"]] = Field(None, description="Stage 2: fixed or adaptive "
-                                                                "lambda.")
-    extractor: Optional[Literal["stage1", "base"]] = Field(None, description="Stage 2: the frozen extractor "
-                                                           "(base + the stage-1 LoRA, or the base alone).")
-    validation_prompts: Optional[list[BatchPrompt]] = Field(
+    validation_prompts: Optional[list[Prompt]] = Field(
         None, max_length=MAX_VALIDATION_PROMPTS, description="Rendered at the end of each stage; [v] becomes "
                                                              "the trigger word.")
     stage1: BatchStage = Field(default_factory=BatchStage, description="Stage 1 (DreamBooth LoRA) knobs.")
     stage2: BatchStage = Field(default_factory=BatchStage, description="Stage 2 (PureCC LoRA) knobs.")
 
 
-class BatchResources(_BatchPart):
-    gpus_per_worker: float = Field(0.0, ge=0, le=8, description="GPUs per training worker (0: CPU; a fraction "
-                                                                "lets several packs share one GPU).")
+class BatchResources(Resources):
+    """How the batch's training runs are placed on the cluster."""
+
     cpus_per_worker: float = Field(1.0, gt=0, le=64, description="CPUs per training worker.")
     concepts_per_pack: int = Field(4, ge=1, le=16, description="Concepts trained together on one worker.")
     max_concurrent: int = Field(2, ge=1, le=64, description="Training runs at the same time.")
@@ -186,23 +200,28 @@ class BatchResources(_BatchPart):
     max_attempts: int = Field(2, ge=1, le=10, description="Failed runs per job stage before the job fails.")
 
 
-class BatchValidation(_BatchPart):
+class BatchValidation(ValidationRender):
+    """How the validation images are rendered."""
+
     steps: int = Field(20, ge=1, le=MAX_STEPS, description="Denoising steps of the validation images.")
     guidance: float = Field(4.0, ge=0, le=MAX_GUIDANCE, description="Guidance scale of the validation images.")
 
 
-class BatchConcept(_BatchPart):
-    id: str = Field(pattern=CONCEPT_ID_PATTERN, description="Concept id: [a-z0-9][a-z0-9_-]{0,63}; the "
-                    "published adapter's id in the registry.")
+class BatchConcept(ConceptSpec):
+    """One concept to train, its data under the service's <storage>/data/."""
+
     data: str = Field(min_length=1, max_length=MAX_PATH_CHARS, description="The concept's manifest (CSV or "
                       "Parquet), relative to <storage>/data/ on the service; it and its images must stay inside "
                       "that folder (no absolute paths, no escaping '..' or symlinks).")
-    trigger: str = Field(pattern=TRIGGER_PATTERN, description="Trigger word substituted for [v] in the prompts.")
     overrides: BatchOverrides = Field(default_factory=BatchOverrides,
                                       description="This concept's recipe overrides, on top of `defaults`.")
 
 
-class BatchRequest(_BatchPart):
+# BatchSpec's fields less FIXED (services.batches): pydantic cannot drop inherited fields, so this
+# model does not subclass BatchSpec; it declares the others with their HTTP models.
+class BatchRequest(BaseModel):
+    """A concept batch to train; the service sets the base model, the storage root and the ledger."""
+
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "name": "shapes-v1",
         "resources": {"gpus_per_worker": 1, "concepts_per_pack": 4, "max_concurrent": 2},
@@ -225,7 +244,9 @@ class BatchRequest(_BatchPart):
                                              "resume from their checkpoints).")
 
 
-class BatchJob(BaseModel):
+class JobStatus(BaseModel):
+    """One job of a batch: its state, progress, error and adapter."""
+
     id: str = Field(description="Concept id.")
     state: str = Field(description="queued, stage1 or stage2 (training that stage), published, failed or "
                                    "cancelled.")
@@ -249,13 +270,17 @@ class BatchJob(BaseModel):
 
 
 class BatchStatus(BaseModel):
+    """A batch's jobs (GET /v1/batches/{name})."""
+
     batch: str = Field(description="Batch name.")
     done: bool = Field(description="True once no job of the batch is queued or training.")
     counts: dict[str, int] = Field(description="Jobs per state.")
-    jobs: list[BatchJob] = Field(description="The batch's jobs, in submission order.")
+    jobs: list[JobStatus] = Field(description="The batch's jobs, in submission order.")
 
 
 class BatchSubmitted(BatchStatus):
+    """A submitted batch's status and what the submission recorded (POST /v1/batches)."""
+
     added: list[str] = Field(description="Concepts recorded by this request.")
     unchanged: list[str] = Field(description="Concepts already recorded with the same content (kept as they are).")
     replaced: list[str] = Field(description="Concepts recorded with other content before, now retrained.")
@@ -266,6 +291,8 @@ class BatchSubmitted(BatchStatus):
 
 
 class BatchSummary(BaseModel):
+    """One batch of the ledger, in short."""
+
     batch: str = Field(description="Batch name.")
     done: bool = Field(description="True once no job of the batch is queued or training.")
     counts: dict[str, int] = Field(description="Jobs per state.")
@@ -274,4 +301,6 @@ class BatchSummary(BaseModel):
 
 
 class BatchList(BaseModel):
+    """The batches in the ledger (GET /v1/batches)."""
+
     batches: list[BatchSummary] = Field(description="Batches in the ledger, oldest first.")

@@ -25,7 +25,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_manifests(tmp_path_factory) -> dict[str, Path]:
-    from purecc.samples import write_sample_concepts
+    from purecc.testbed.samples import write_sample_concepts
 
     return write_sample_concepts(tmp_path_factory.mktemp("samples"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# METHOD.md: SD3.5 Medium (MMDiT-X), 2,243,171,520 parameters
+# SD3.5 Medium (MMDiT-X): this config builds 2,243,171,520 transformer parameters (bench/RESULTS.md)
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
@@ -16,6 +16,7 @@ PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
 def build_transformer(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """An SD3.5-Medium-sized (or ``tiny``) transformer with random weights from ``seed``, frozen, in eval mode."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -25,6 +26,7 @@ def build_transformer(tiny: bool, device: torch.device, dtype: torch.dtype, seed
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """The card's dense bf16 peak FLOP/s from ``PEAK_BF16``, or None (CPU or an unlisted card)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -32,6 +34,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def device_name(device: torch.device) -> str:
+    """The CUDA device's name, or ``cpu``."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 

@@ -34,15 +34,20 @@ from purecc.trainer import ConceptJob, PackTrainer  # noqa: E402
 
 
 def synthetic(tr, n: int, latent: int, seed: int, text_len: int = 154):
+    """Random latents (N, 16, L, L) and, per prompt role, (embeds (N, T, D), pooled (N, Dp))."""
     g = torch.Generator().manual_seed(seed)
     c = tr.config
-    emb = lambda: (torch.randn(n, text_len, c.joint_attention_dim, generator=g),  # noqa: E731
-                   torch.randn(n, c.pooled_projection_dim, generator=g))
+
+    def emb():
+        return (torch.randn(n, text_len, c.joint_attention_dim, generator=g),
+                torch.randn(n, c.pooled_projection_dim, generator=g))
+
     return torch.randn(n, 16, latent, latent, generator=g), {"prompt": emb(), "base_prompt": emb(),
                                                              "target_prompt": emb()}
 
 
 def make_trainer(pipe, stage: int, k: int, latent: int, ext: Path) -> PackTrainer:
+    """A ``PackTrainer`` of ``k`` concepts for ``stage`` on precomputed synthetic data."""
     recipe = stage_recipe(stage, steps=10**6, resolution=latent * 8, grad_accum=1)
     jobs = [ConceptJob(f"c{i}", "sks", Path("unused.csv"), recipe, seed=i,
                        extractor_adapter=ext if stage == 2 else None) for i in range(k)]
@@ -53,6 +58,7 @@ def make_trainer(pipe, stage: int, k: int, latent: int, ext: Path) -> PackTraine
 
 
 def measure_pack(pipe, stage, k, latent, ext, steps, dev) -> dict:
+    """Timing, peak memory, FLOPs and MFU of one training step of a pack of ``k`` concepts."""
     t = make_trainer(pipe, stage, k, latent, ext)
     t.train(max_steps=2)  # warm-up
     if dev.type == "cuda":
@@ -68,6 +74,7 @@ def measure_pack(pipe, stage, k, latent, ext, steps, dev) -> dict:
 
 
 def measure_reference(tiny, dev, latent, steps) -> float:
+    """ms per step of the plain peft reference loop on its own transformer."""
     from reference_loop import PeftReferenceLoop
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -85,6 +92,7 @@ def measure_reference(tiny, dev, latent, steps) -> float:
 
 
 def main() -> None:
+    """Measure the reference loop and every pack in both stages; print (and write ``--json``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -183,6 +183,28 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_weights(main_batch
             assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)   # it did train
 
 
+def test_purecc_train_and_ray_train_give_bit_identical_adapters(main_batch, tiny_model_dir, sample_manifests,
+                                                                 tmp_path):
+    """One pack recipe: split-diamond trained alone (its pack-mate's data is broken) by the Ray Train
+    worker in both stages, and by ``purecc train``'s runner here, ends with the same bits."""
+    from purecc.local_train import train_concepts
+
+    with _ledger(main_batch) as led:
+        runs = {r["stage"]: r for r in led.runs() if "split-diamond" in r["members"]}
+    assert sorted(runs[1]["members"]) == ["broken-diamond", "split-diamond"] and runs[2]["members"] == ["split-diamond"]
+    torch.set_num_threads(1)
+    out = tmp_path / "local"
+    train_concepts(model=str(tiny_model_dir), concepts=[("split-diamond", "bxj", str(sample_manifests["split-diamond"]))],
+                   out=out, steps={1: S1_STEPS, 2: S2_STEPS}, overrides={"resolution": 64, "grad_accum": 1},
+                   progress=False)
+    for stage, got in ((1, main_batch["storage"] / "work" / "stage1" / "adapters" / "split-diamond"),
+                       (2, main_batch["storage"] / "adapters" / "split-diamond")):
+        for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
+            want, have = load_file(out / "split-diamond" / f"stage{stage}" / name), load_file(got / name)
+            assert want.keys() == have.keys()
+            assert all(torch.equal(want[k], have[k]) for k in want), (stage, name)
+
+
 def test_broken_data_fails_alone(main_batch):
     with _ledger(main_batch) as led:
         rec = led.get("broken-diamond")

@@ -55,3 +55,50 @@ def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         main([cmd, "--help"])
     assert exc.value.code == 0 and "usage: purecc " + cmd in capsys.readouterr().out
+
+
+
+def _wait_exit(pid: int, timeout_s: float) -> int | None:
+    """The exit code of child ``pid`` once it ends (0 if reaped elsewhere), or None after ``timeout_s``."""
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:          # already reaped by subprocess's own clean-up
+            return 0
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.2)
+    return None
+
+
+@pytest.mark.ray
+def test_start_driver_without_ray_spawns_a_detached_resume_process(tmp_path, monkeypatch):
+    import os
+    import signal
+    import sys
+
+    from cluster import api
+    from cluster.ledger import JobLedger
+
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), "this test needs Ray not initialised in this process"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ledger = tmp_path / "ledger.sqlite"
+    with JobLedger(ledger):
+        pass                                   # no job: the driver has nothing to do and exits
+    started = api.start_driver(ledger, num_cpus=1)
+    assert started.kind == "process" and started.pid
+    code = None
+    try:
+        code = _wait_exit(started.pid, 120)
+    finally:
+        if code is None:                       # still running: end its session and reap it
+            os.killpg(started.pid, signal.SIGKILL)
+            os.waitpid(started.pid, 0)
+    (log,) = (tmp_path / "logs").glob("driver-*.log")
+    assert code == 0, f"purecc resume: exit {code} (None: still running after 120 s)\n{log.read_text()}"
+    assert "CONCEPT" in log.read_text()        # `purecc resume` printed its (empty) final table

@@ -52,7 +52,7 @@ def test_changed_content_is_refused_unless_replaced(ledger, jobs, batch_files, t
     assert sorted(report.replaced) == sorted([jobs[0].concept_id, jobs[1].concept_id])
     rec = ledger.get(jobs[0].concept_id)
     assert rec.state == "queued" and rec.generation == 2 and rec.step is None and rec.pack is None
-    assert rec.spec.recipes["1"]["steps"] == 7 and rec.content_hash == changed[0].content_hash()
+    assert rec.spec.recipe(1).steps == 7 and rec.content_hash == changed[0].content_hash()
 
 
 def test_state_machine(ledger, jobs):
@@ -145,3 +145,85 @@ def test_committed_changes_survive_a_killed_process(tmp_path, jobs):
     with JobLedger(path) as led:
         rec = led.get(jobs[0].concept_id)
         assert rec.state == "stage1" and rec.attempts == 1 and len(led.runs()) == 1
+
+
+def _set_schema_version(path, version) -> None:
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+    db.close()
+
+
+def _schema_version(path) -> str:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_a_ledger_of_a_newer_version_is_refused_untouched(tmp_path, jobs):
+    from cluster.ledger import SCHEMA_VERSION
+
+    path = tmp_path / "l.sqlite"
+    with JobLedger(path) as led:
+        led.submit(jobs[:1])
+    _set_schema_version(path, SCHEMA_VERSION + 1)
+    with pytest.raises(LedgerError) as err:
+        JobLedger(path)
+    msg = str(err.value)
+    assert str(path) in msg and f"version {SCHEMA_VERSION + 1}" in msg and f"version {SCHEMA_VERSION}" in msg
+    assert _schema_version(path) == str(SCHEMA_VERSION + 1)
+
+
+def test_an_older_ledger_is_migrated_in_one_transaction(tmp_path, jobs, monkeypatch):
+    import cluster.ledger as ledger_mod
+
+    path = tmp_path / "l.sqlite"
+    with JobLedger(path) as led:
+        led.submit(jobs[:1])
+    v = ledger_mod.SCHEMA_VERSION
+    applied = []
+
+    def add_notes(db):
+        applied.append(v + 1)
+        db.execute("CREATE TABLE notes (concept_id TEXT, note TEXT)")
+
+    def fill_notes(db):
+        applied.append(v + 2)
+        db.execute("INSERT INTO notes SELECT concept_id, 'migrated' FROM jobs")
+
+    def broken(db):
+        db.execute("CREATE TABLE other (x TEXT)")
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", v + 2)
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [(v + 1, add_notes), (v + 2, broken)])
+    with pytest.raises(RuntimeError, match="step failed"):
+        JobLedger(path)
+    assert _schema_version(path) == str(v)                   # rolled back, the first step too
+    db = sqlite3.connect(path)
+    assert not db.execute("SELECT name FROM sqlite_master WHERE name IN ('notes', 'other')").fetchall()
+    db.close()
+
+    applied.clear()
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [(v + 2, fill_notes), (v + 1, add_notes)])   # applied in order
+    with JobLedger(path) as led:
+        assert applied == [v + 1, v + 2]
+        assert [tuple(r) for r in led._db.execute("SELECT * FROM notes")] == [(jobs[0].concept_id, "migrated")]
+        assert led.events(kind="schema-migrated")[0]["detail"] == {"from": v, "to": v + 2}
+        assert led.get(jobs[0].concept_id).state == "queued"
+    assert _schema_version(path) == str(v + 2)
+    applied.clear()
+    JobLedger(path).close()                                  # up to date: nothing runs again
+    assert applied == []
+
+
+def test_a_missing_migration_step_is_refused(tmp_path, monkeypatch):
+    import cluster.ledger as ledger_mod
+
+    path = tmp_path / "l.sqlite"
+    JobLedger(path).close()
+    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", ledger_mod.SCHEMA_VERSION + 1)
+    with pytest.raises(LedgerError, match="no migration"):
+        JobLedger(path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster import api
-from cluster.spec import BatchSpecError, load_batch, validate_batch
+from cluster.spec import BatchSpecError, ValidatedBatch, load_batch, validate_batch
 
 from cluster_helpers import batch_dict, copy_concept, write_batch
 
@@ -27,10 +27,10 @@ def test_valid_batch_resolves_paths_and_merges_defaults(tmp_path, tiny_model_dir
     assert spec.storage == str(tmp_path / "store") and spec.ledger_path == f"{tmp_path}/store/ledger.sqlite"
     jobs = {j.concept_id: j for j in spec.jobs()}
     z = jobs["zigzag-star"]
-    assert z.recipes["2"]["lambda_mode"] == "adaptive" and z.recipes["2"]["steps"] == 9
-    assert z.recipes["2"]["checkpoint_every"] == 2 and z.recipes["1"]["steps"] == 6   # from defaults
-    assert z.recipes["1"]["resolution"] == z.recipes["2"]["resolution"] == 64 and z.seed == 3
-    assert jobs["ringed-circle"].recipes["2"]["lambda_mode"] == "fixed"
+    assert z.recipe(2).lambda_mode == "adaptive" and z.recipe(2).steps == 9
+    assert z.recipe(2).checkpoint_every == 2 and z.recipe(1).steps == 6   # from defaults
+    assert z.recipe(1).resolution == z.recipe(2).resolution == 64 and z.seed == 3
+    assert jobs["ringed-circle"].recipe(2).lambda_mode == "fixed"
 
 
 def test_json_batch_and_content_hash(tmp_path, tiny_model_dir, sample_manifests):
@@ -132,3 +132,24 @@ def test_validate_batch_from_a_dict(tmp_path, tiny_model_dir, sample_manifests):
     data = batch_dict(tiny_model_dir, "store", sample_manifests)
     spec = validate_batch(data, base_dir=tmp_path)
     assert spec.storage == str(tmp_path / "store") and len(spec.concepts) == 3
+
+
+def test_submitting_a_batch_reads_each_manifest_once(tmp_path, tiny_model_dir, sample_manifests, monkeypatch):
+    import cluster.spec as spec_module
+
+    reads: list[str] = []
+    real = spec_module.read_concept_manifest
+
+    def counting(path, trigger, **kwargs):
+        reads.append(str(path))
+        return real(path, trigger, **kwargs)
+
+    monkeypatch.setattr(spec_module, "read_concept_manifest", counting)
+    path = write_batch(tmp_path / "b.yaml", batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests))
+    result = api.submit(path, run=False)
+    assert len(result.report.added) == 3
+    assert sorted(reads) == sorted(str(m) for m in sample_manifests.values())   # validation only
+    reads.clear()
+    valid = ValidatedBatch.from_file(path)
+    assert [j.data_hash for j in valid.jobs()] == [j.data_hash for j in valid.spec.jobs()]
+    assert len(reads) == 3 + 3        # from_file once each; the bare spec's jobs() reads them again

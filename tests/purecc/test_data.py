@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from purecc.data import (COLUMNS, ManifestError, Preprocess, concept_latents, load_image, preprocess,
-                         read_manifest)
+                         read_concept_manifest)
 
 ROW = {"image_path": "imgs/a.png", "prompt": "a [v] ball on grass", "base_prompt": "a ball on grass",
        "target_prompt": "[v] ball", "instance_word": "ball"}
@@ -26,7 +26,7 @@ def _write(folder, rows, columns=COLUMNS, name="manifest.csv", image_size=(40, 3
 
 
 def test_sample_manifest_parses_and_substitutes(sample_manifests):
-    m = read_manifest(sample_manifests["zigzag-star"], "zqx")
+    m = read_concept_manifest(sample_manifests["zigzag-star"], "zqx")
     assert 4 <= len(m.rows) <= 6
     for r in m.rows:
         assert r.image_path.is_absolute() and r.image_path.is_file()
@@ -37,7 +37,7 @@ def test_sample_manifest_parses_and_substitutes(sample_manifests):
 def test_parquet_manifest(tmp_path):
     _write(tmp_path, [ROW])
     pq.write_table(pa.table({c: [ROW[c]] for c in COLUMNS}), tmp_path / "m.parquet")
-    m = read_manifest(tmp_path / "m.parquet", "sks")
+    m = read_concept_manifest(tmp_path / "m.parquet", "sks")
     assert m.rows[0].prompt == "a sks ball on grass"
     assert m.rows[0].image_path == tmp_path / "imgs" / "a.png"
 
@@ -45,61 +45,61 @@ def test_parquet_manifest(tmp_path):
 def test_missing_column(tmp_path):
     path = _write(tmp_path, [ROW], columns=[c for c in COLUMNS if c != "target_prompt"])
     with pytest.raises(ManifestError, match=r"manifest.csv: missing column\(s\) \['target_prompt'\]"):
-        read_manifest(path, "sks")
+        read_concept_manifest(path, "sks")
 
 
 def test_empty_manifest(tmp_path):
     with pytest.raises(ManifestError, match="manifest is empty"):
-        read_manifest(_write(tmp_path, []), "sks")
+        read_concept_manifest(_write(tmp_path, []), "sks")
 
 
 def test_missing_image_names_row_and_column(tmp_path):
     path = _write(tmp_path, [ROW, {**ROW, "image_path": "imgs/missing.png"}])
     with pytest.raises(ManifestError, match=r"row 2, column 'image_path': image .*missing.png does not exist"):
-        read_manifest(path, "sks")
+        read_concept_manifest(path, "sks")
 
 
 def test_unreadable_image(tmp_path):
     path = _write(tmp_path, [{**ROW, "image_path": "imgs/bad.png"}])
     (tmp_path / "imgs" / "bad.png").write_bytes(b"not an image at all")
     with pytest.raises(ManifestError, match=r"row 1, column 'image_path': image .*bad.png is unreadable"):
-        read_manifest(path, "sks")
+        read_concept_manifest(path, "sks")
 
 
 def test_prompt_without_placeholder(tmp_path):
     path = _write(tmp_path, [{**ROW, "prompt": "a ball on grass"}])
     with pytest.raises(ManifestError, match=r"row 1, column 'prompt': .*lacks the placeholder \[v\]"):
-        read_manifest(path, "sks")
+        read_concept_manifest(path, "sks")
 
 
 def test_empty_value(tmp_path):
     path = _write(tmp_path, [{**ROW, "instance_word": ""}])
     with pytest.raises(ManifestError, match=r"row 1, column 'instance_word': value is empty"):
-        read_manifest(path, "sks")
+        read_concept_manifest(path, "sks")
 
 
 def test_image_too_large_is_refused_before_decoding(tmp_path):
     path = _write(tmp_path, [ROW], image_size=(300, 200))
     with pytest.raises(ManifestError, match=r"row 1, column 'image_path': .*too large \(300x200"):
-        read_manifest(path, "sks", max_pixels=50_000)
+        read_concept_manifest(path, "sks", max_pixels=50_000)
 
 
 def test_unsupported_image_format(tmp_path):
     path = _write(tmp_path, [ROW], fmt="GIF")
     with pytest.raises(ManifestError, match=r"row 1, column 'image_path': .*unsupported format GIF"):
-        read_manifest(path, "sks")
+        read_concept_manifest(path, "sks")
 
 
 def test_unsupported_manifest_format(tmp_path):
     path = tmp_path / "m.txt"
     path.write_text("x")
     with pytest.raises(ManifestError, match=r"m.txt: unsupported manifest format '.txt'"):
-        read_manifest(path, "sks")
+        read_concept_manifest(path, "sks")
 
 
 def test_missing_manifest(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
-        read_manifest(tmp_path / "none.csv", "sks")
+        read_concept_manifest(tmp_path / "none.csv", "sks")
 
 
 def test_preprocess_resize_crop_flip(tmp_path):
@@ -114,7 +114,7 @@ def test_preprocess_resize_crop_flip(tmp_path):
 
 
 def test_latents_are_encoded_once_and_cached(tmp_path, sample_manifests, tiny_pipe, monkeypatch):
-    m = read_manifest(sample_manifests["ringed-circle"], "vlk")
+    m = read_concept_manifest(sample_manifests["ringed-circle"], "vlk")
     cfg = Preprocess(resolution=64)
     lat = concept_latents(m, tiny_pipe.vae, cfg, cache_dir=tmp_path)
     assert lat.shape == (len(m.rows), 16, 8, 8)
@@ -128,5 +128,32 @@ def test_latents_are_encoded_once_and_cached(tmp_path, sample_manifests, tiny_pi
 
 
 def test_load_image_is_rgb(sample_manifests):
-    m = read_manifest(sample_manifests["split-diamond"], "bxj")
+    m = read_concept_manifest(sample_manifests["split-diamond"], "bxj")
     assert load_image(m.rows[0].image_path).mode == "RGB"
+
+
+def test_latent_cache_is_keyed_by_the_vae_that_made_it(tmp_path, sample_manifests, tiny_model_dir):
+    """Another VAE (same transformer, same images) must not reuse the first VAE's cached latents."""
+    from purecc.model import load_pipeline
+
+    m = read_concept_manifest(sample_manifests["ringed-circle"], "vlk")
+    cfg = Preprocess(resolution=64)
+    first = load_pipeline(str(tiny_model_dir))
+    lat = concept_latents(m, first.vae, cfg, cache_dir=tmp_path)
+    other = load_pipeline(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in other.vae.encoder.parameters():
+            p.mul_(1.5)
+    fresh = concept_latents(m, other.vae, cfg)                  # no cache: what this VAE encodes
+    cached = concept_latents(m, other.vae, cfg, cache_dir=tmp_path)
+    assert not torch.allclose(fresh, lat) and torch.equal(cached, fresh)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_latent_moments_give_the_posterior_std(sample_manifests, tiny_pipe):
+    from purecc.data import concept_latent_moments
+
+    m = read_concept_manifest(sample_manifests["zigzag-star"], "zqx")
+    moments = concept_latent_moments(m, tiny_pipe.vae, Preprocess(resolution=64))
+    assert moments.mean.shape == moments.std.shape and (moments.std > 0).all()
+    assert torch.equal(moments.mean, concept_latents(m, tiny_pipe.vae, Preprocess(resolution=64)))

@@ -82,3 +82,16 @@ def test_loading_onto_another_base_is_refused(tmp_path, adapters):
     other = load_pipeline(str(write_tiny_model(tmp_path / "other", TinyConfig(seed=9))))
     with pytest.raises(AdapterFileError, match="trained on base"):
         load_concepts(other, [adapters["zigzag-star"]])
+
+
+def test_serving_encodes_prompts_with_the_trained_length():
+    """The prompt length recorded by training decides the length used when rendering its concepts."""
+    from purecc.adapter_files import AdapterManifest
+    from purecc.generate import trained_sequence_length
+
+    def manifest(cid, length):
+        return AdapterManifest(cid, "zqx", 2, 10, 4, 4.0, [], "fp", max_sequence_length=length)
+    assert trained_sequence_length([]) is None
+    assert trained_sequence_length([manifest("a", 77), manifest("b", 77)]) == 77
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        trained_sequence_length([manifest("a", 77), manifest("b", 128)])

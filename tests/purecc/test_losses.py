@@ -1,4 +1,4 @@
-"""Stage-2 loss against a naive reference written straight from METHOD.md's formulas."""
+"""Stage-2 loss against a naive reference written straight from the method's formulas (README)."""
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ def _peft_extractor(tiny_model_dir, adapter):
 
 
 def _naive_loss(trainer, c, extractor, detach_base=False):
-    """Four separate passes at batch 1 and METHOD.md's formulas, one sample at a time."""
+    """Four separate passes at batch 1 and the method's formulas, one sample at a time."""
     rows, x0, eps, sigma = trainer._draw(c, 0)
     tr, bank, rec = trainer.pipe.transformer, trainer.bank, c.job.recipe
     i = rows[0]

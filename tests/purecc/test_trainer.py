@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from purecc.data import Preprocess, concept_latents, read_manifest
+from purecc.data import Preprocess, concept_latents, read_concept_manifest
 from purecc.losses import noisy_latents, rng_for, sample_sigma, stage1_loss
 from purecc.model import load_pipeline
 from purecc.recipe import stage_recipe
@@ -86,7 +86,7 @@ def test_resume_in_a_fresh_process_continues_exactly(tiny_model_dir, sample_mani
     state = json.loads((tmp_path / "resumed" / "state.json").read_text())
     c = straight.concepts["zigzag-star"]
     assert torch.allclose(resumed["adapter"], straight.bank.read_slot(c.slot), rtol=0, atol=1e-7)
-    assert state["losses"] == pytest.approx(c.losses, rel=1e-6)
+    assert state["loss_curve"]["recent"] == pytest.approx(c.losses, rel=1e-6)
     assert state["step"] == 12
 
 
@@ -112,7 +112,7 @@ def test_pack_members_must_share_batch_shape(sample_manifests):
 def _fixed_eval_loss(trainer, manifest, trigger):
     """Stage-1 loss on every image with fixed noise and sigmas (the training noise is random)."""
     pipe = trainer.pipe
-    lat = concept_latents(read_manifest(manifest, trigger), pipe.vae, Preprocess(resolution=64))
+    lat = concept_latents(read_concept_manifest(manifest, trigger), pipe.vae, Preprocess(resolution=64))
     c = trainer.concepts["zigzag-star"]
     e, p = c.emb["prompt"]
     g = rng_for(0, "eval")
@@ -136,3 +136,73 @@ def test_stage1_actually_learns_the_concept(tiny_model_dir, sample_manifests):
     t.train()
     after = _fixed_eval_loss(t, sample_manifests["zigzag-star"], "zqx")
     assert after < 0.85 * before, (before, after)
+
+
+def test_checkpoints_and_manifests_hold_a_bounded_loss_curve(tiny_model_dir, sample_manifests, tmp_path):
+    from purecc.adapter_files import read_adapter_manifest
+    from purecc.loss_curve import LossCurve
+
+    recipe = stage_recipe(1, steps=3, resolution=64, grad_accum=1)
+    t = _train(tiny_model_dir, _jobs(sample_manifests, recipe)[:1], checkpoint_dir=tmp_path / "ckpt")
+    state = json.loads((tmp_path / "ckpt" / "zigzag-star" / "state.json").read_text())
+    assert "losses" not in state and LossCurve.from_dict(state["loss_curve"]).steps == 3
+    manifest = read_adapter_manifest(t.export("zigzag-star", tmp_path / "out"))
+    assert "losses" not in manifest.metrics and len(manifest.metrics["loss_curve"]["points"]) == 3
+
+
+def test_latents_can_be_sampled_from_the_posterior_every_step(tiny_model_dir, sample_manifests):
+    """latent_sampling="sample": x0 = mean + std * z, z from the concept's own keyed stream."""
+    mean_job = _jobs(sample_manifests, stage_recipe(1, steps=2, resolution=64))[:1]
+    sample_job = _jobs(sample_manifests, stage_recipe(1, steps=2, resolution=64, latent_sampling="sample"))[:1]
+    t_mean, t_sample = _train(tiny_model_dir, mean_job, max_steps=0), _train(tiny_model_dir, sample_job, max_steps=0)
+    c_mean, c_sample = t_mean.concepts["zigzag-star"], t_sample.concepts["zigzag-star"]
+    d_mean, d_sample = t_mean._draw(c_mean, 0), t_sample._draw(c_sample, 0)
+    assert d_mean.rows == d_sample.rows and torch.equal(d_mean.x0, c_mean.latents.mean[d_mean.rows])
+    assert not torch.equal(d_sample.x0, d_mean.x0) and torch.equal(d_sample.x0, t_sample._draw(c_sample, 0).x0)
+    z = (d_sample.x0 - d_mean.x0) / c_sample.latents.std[d_sample.rows]
+    assert abs(z.mean().item()) < 0.2 and 0.7 < z.std().item() < 1.3       # a standard normal draw
+
+
+def test_prompt_length_is_a_recipe_setting_recorded_in_the_adapter(tmp_path, sample_manifests):
+    from purecc.adapter_files import read_adapter_manifest
+    from purecc.tiny import TinyConfig, write_tiny_model
+
+    model = write_tiny_model(tmp_path / "tiny-t5", TinyConfig(with_t5=True))
+    recipe = stage_recipe(1, steps=1, resolution=64, grad_accum=1, max_sequence_length=24)
+    t = _train(model, _jobs(sample_manifests, recipe)[:1])
+    embeds, _ = t.concepts["zigzag-star"].emb["prompt"]
+    assert embeds.shape[1] == 77 + 24                      # CLIP tokens + T5 tokens
+    manifest = read_adapter_manifest(t.export("zigzag-star", tmp_path / "out"))
+    assert manifest.max_sequence_length == 24 and manifest.mixed_precision == "auto"
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        stage_recipe(1, max_sequence_length=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_is_a_recipe_choice(tiny_model_dir, sample_manifests, precision):
+    """On CPU, "auto" means fp32; "bf16"/"fp16" autocast there too and land near the fp32 weights."""
+    from purecc.trainer import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    full = _train(tiny_model_dir, _jobs(sample_manifests, stage_recipe(1, steps=3, resolution=64, grad_accum=1))[:1])
+    low = _train(tiny_model_dir, _jobs(sample_manifests, stage_recipe(1, steps=3, resolution=64, grad_accum=1,
+                                                                     mixed_precision=precision))[:1])
+    a = full.bank.read_slot(full.concepts["zigzag-star"].slot)
+    b = low.bank.read_slot(low.concepts["zigzag-star"].slot)
+    assert torch.isfinite(b).all() and not torch.equal(a, b)
+    assert (a - b).norm() / a.norm() < 0.05
+
+
+def test_fp16_overflow_skips_the_step_and_halves_that_concepts_scale(tiny_model_dir, sample_manifests):
+    recipe = stage_recipe(1, steps=2, resolution=64, grad_accum=1, mixed_precision="fp16")
+    t = _train(tiny_model_dir, _jobs(sample_manifests, recipe)[:2], max_steps=1)
+    zig, ring = t.concepts["zigzag-star"], t.concepts["ringed-circle"]
+    assert zig.loss_scale == ring.loss_scale == 2.0 ** 16
+    before = t.bank.read_slot(zig.slot).clone()
+    steps_before = int(t.optim.steps[zig.slot])
+    zig.loss_scale = 1e38                                   # its fp16 gradients overflow
+    t.train(max_steps=1)
+    assert torch.equal(t.bank.read_slot(zig.slot), before) and int(t.optim.steps[zig.slot]) == steps_before
+    assert zig.loss_scale == 5e37 and zig.step == 2         # the data stream moved on, the weights did not
+    assert torch.isfinite(t.bank.storage).all()             # nothing non-finite entered any slot

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from purecc.adapter_files import load_adapter_layers
-from purecc.samples import SAMPLE_CONCEPTS
+from purecc.testbed.samples import SAMPLE_CONCEPTS
 
 
 @pytest.mark.integration

@@ -203,7 +203,7 @@ def test_openapi_documents_the_batch_api(batch_service):
     assert {"202", "404", "409", "413", "422", "503"} <= set(post["responses"])
     schemas = spec["components"]["schemas"]
     names = ("BatchRequest", "BatchConcept", "BatchOverrides", "BatchStage", "BatchResources", "BatchValidation",
-             "BatchSubmitted", "BatchStatus", "BatchJob", "BatchList", "BatchSummary")
+             "BatchSubmitted", "BatchStatus", "JobStatus", "BatchList", "BatchSummary")
     undocumented = [f"{n}.{p}" for n in names for p, s in schemas[n]["properties"].items() if not s.get("description")]
     assert not undocumented, undocumented
     assert schemas["BatchRequest"]["properties"]["concepts"]["maxItems"] == 32

@@ -6,7 +6,7 @@ import asyncio
 from types import SimpleNamespace
 
 from purecc.generate import RenderSettings
-from services.deployment import ConceptUse, RenderJob
+from services.deployment import ConceptUse, RenderTask
 from services.routing import ConceptAffinityRouter, affinity_ranks, requested_concepts
 
 
@@ -15,7 +15,7 @@ def replica(name: str, *concepts: str):
 
 
 def pending(*concepts: str):
-    job = RenderJob("p", (0,), RenderSettings(), tuple(ConceptUse(c, 1.0) for c in concepts))
+    job = RenderTask("p", (0,), RenderSettings(), tuple(ConceptUse(c, 1.0) for c in concepts))
     return SimpleNamespace(args=[job], kwargs={}, routing_context=SimpleNamespace(should_backoff=False))
 
 

@@ -1,4 +1,4 @@
-"""Pretrain the tiny SD3-architecture model on the toy world: the committed ``world-base``.
+"""Pretrain the tiny SD3-architecture model on the toy world: the committed ``assets/world-base``.
 
 Two phases from one seed:
 
@@ -6,15 +6,15 @@ Two phases from one seed:
    whole images last), after which its ``shift_factor`` / ``scaling_factor`` are set from the
    measured latent statistics, as SD3 did for its own VAE;
 2. the transformer with flow matching (logit-normal sigmas through the scheduler's shift, the
-   velocity loss of ``losses.stage1_loss``) on cached latents, captions encoded once by the
+   velocity loss of ``purecc.losses.stage1_loss``) on cached latents, captions encoded once by the
    frozen, randomly initialised CLIP encoders, 10% of captions dropped to "" so classifier-free
    guidance works; the saved weights are an exponential moving average.
 
 The result is written through ``save_pretrained`` (safetensors; transformer and VAE stored in
 fp16 to keep the folder small), with ``pretrain.json`` (config, step counts, losses, times) and
-``CHECKSUMS.sha256`` (``sha256sum -c`` format). It loads with ``load_pipeline(folder)``.
+``CHECKSUMS.sha256`` (``sha256sum -c`` format). It loads with ``purecc.model.load_pipeline(folder)``.
 
-    python -m purecc.pretrain OUT_DIR [--preset cpu|gpu] [--minutes N] [--seed S]
+    python -m purecc.testbed.pretrain OUT_DIR [--preset cpu|gpu] [--minutes N] [--seed S]
 
 Presets: ``cpu`` (default) is sized for one CPU thread (about 30 CPU-minutes; its base draws
 backgrounds, positions and sizes but shapes only at chance); ``gpu`` gave the committed base
@@ -42,15 +42,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .fileio import sha256_file
-from .losses import noisy_latents, per_sample_mse, sample_sigma, shifted_sigmas_table
-from .offline import quiet_libraries
-from .tiny import TinyConfig, build_tiny_pipeline
+from ..losses import noisy_latents, per_sample_mse, sample_sigma, shifted_sigmas_table
+from ..offline import quiet_libraries
+from ..tiny import TinyConfig, build_tiny_pipeline
 from .world import world_batch
+from .world_base import write_checksums
 
-CHECKSUMS = "CHECKSUMS.sha256"
 REPORT = "pretrain.json"
-PACKAGED_WORLD_BASE = Path(__file__).resolve().parent / "assets" / "world-base"
 
 # 64 px -> 8x8x16 latents -> 16 image tokens; hidden 128 (4 heads x 32), 4 blocks, one with attn2.
 WORLD_BASE_MODEL = TinyConfig(seed=0, num_layers=4, dual_attention_layers=(0,), heads=4, head_dim=32,
@@ -101,52 +99,6 @@ PRESETS: dict[str, PretrainConfig] = {
     "gpu": PretrainConfig(device="cuda", images=65536, vae_steps=6000, vae_full_steps=1000, vae_batch=64,
                           steps=8000, batch=256, warmup=300, ema_decay=0.999),
 }
-
-
-def world_base_path() -> Path:
-    """The packaged, pretrained world base (a diffusers SD3 folder)."""
-    return PACKAGED_WORLD_BASE
-
-
-# ---------------------------------------------------------------- checksums
-
-def write_checksums(folder: str | Path) -> Path:
-    """Write ``CHECKSUMS.sha256`` listing every other file of ``folder`` (sorted, posix paths)."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
-    out = folder / CHECKSUMS
-    out.write_text("".join(lines))
-    return out
-
-
-def verify_world_base(path: str | Path | None = None) -> list[str]:
-    """Check ``path`` (default: the packaged base) against its ``CHECKSUMS.sha256``.
-
-    Returns the listed files; raises ``ValueError`` naming every file that is missing, differs,
-    or is present but unlisted.
-    """
-    folder = Path(path) if path is not None else world_base_path()
-    listing = folder / CHECKSUMS
-    if not listing.is_file():
-        raise ValueError(f"world base: {folder} has no {CHECKSUMS}")
-    expected = {}
-    for line in listing.read_text().splitlines():
-        digest, _, name = line.partition("  ")
-        expected[name] = digest
-    problems = []
-    for name, digest in sorted(expected.items()):
-        f = folder / name
-        if not f.is_file():
-            problems.append(f"{name}: missing")
-        elif sha256_file(f) != digest:
-            problems.append(f"{name}: sha256 differs from {CHECKSUMS}")
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-               if p.is_file() and p.name != CHECKSUMS}
-    problems += [f"{name}: not listed in {CHECKSUMS}" for name in sorted(present - set(expected))]
-    if problems:
-        raise ValueError(f"world base {folder}: " + "; ".join(problems))
-    return sorted(expected)
 
 
 # ---------------------------------------------------------------- data
@@ -320,7 +272,10 @@ def plan_steps(pipe, pixels: torch.Tensor, cfg: PretrainConfig, seconds: float) 
     vae = copy.deepcopy(pipe.vae).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     size = pixels.shape[-1]
-    vae_step = lambda crop: _vae_step(vae, opt, _vae_batch(pixels, crop, cfg.vae_batch, g), cfg, g)  # noqa: E731
+
+    def vae_step(crop: int) -> torch.Tensor:
+        return _vae_step(vae, opt, _vae_batch(pixels, crop, cfg.vae_batch, g), cfg, g)
+
     t_crop = _seconds_per_step(lambda i: vae_step(cfg.vae_crop))
     t_full = _seconds_per_step(lambda i: vae_step(size))
     tr = copy.deepcopy(pipe.transformer).train()
@@ -405,7 +360,8 @@ def _save(pipe, out: Path, report: dict) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m purecc.pretrain",
+    """CLI: ``OUT_DIR [--preset cpu|gpu] [--minutes N] [--seed S] ...``; trains and writes the world base."""
+    parser = argparse.ArgumentParser(prog="python -m purecc.testbed.pretrain",
                                      description="Pretrain the tiny SD3 model on the toy world.")
     parser.add_argument("out", type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")

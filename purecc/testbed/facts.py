@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..world import (BACKGROUNDS, COLORS, COUNT_POSITIONS, COUNTS, PATTERNS, POSITION_PHRASES,
+from .world import (BACKGROUNDS, COLORS, COUNT_POSITIONS, COUNTS, PATTERNS, POSITION_PHRASES,
                      RELATION_POSITIONS, SHAPE_PLURALS, SHAPES, SIZES, Scene)
 
 ATTRIBUTES: tuple[str, ...] = ("shape", "color", "pattern", "size")

@@ -5,7 +5,7 @@ sees an image twice; evaluation uses seeds from ``EVAL_SEED0`` up, which trainin
 Images are perturbed (shift, blur, noise, colour jitter) so that the reader also reads the
 softer, noisier pictures a diffusion model draws.
 
-    python -m purecc.eval.train_reader OUT_DIR [--steps N]
+    python -m purecc.testbed.train_reader OUT_DIR [--steps N]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..world import BACKGROUNDS, POSITIONS, Scene, world_batch
+from .world import BACKGROUNDS, POSITIONS, Scene, world_batch
 from .reader import VOCAB, ReaderConfig, WorldReader, images_to_tensor, outputs_to_facts, save_reader
 from .facts import scene_facts
 
@@ -33,6 +33,8 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class ReaderTraining:
+    """Schedule of the reader's training (the committed reader used these defaults)."""
+
     seed: int = 0
     steps: int = 2400
     batch: int = 64
@@ -86,6 +88,7 @@ def augment(x: torch.Tensor, g: torch.Generator, prob: float) -> torch.Tensor:
 
 
 def reader_loss(out: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the cross-entropies of the background, presence and attribute heads."""
     loss = F.cross_entropy(out["background"], target["background"])
     for name in ("present", *VOCAB):
         logits = out[name]                                      # (B, P, K)
@@ -95,6 +98,7 @@ def reader_loss(out: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -
 
 def train_reader(cfg: ReaderTraining = ReaderTraining(), model: ReaderConfig = ReaderConfig(),
                  progress: bool = True) -> tuple[WorldReader, list[float]]:
+    """Train a reader on fresh world batches; returns (reader in eval mode, per-step losses)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     reader = WorldReader(model).train()
@@ -146,7 +150,8 @@ def fact_accuracy(reader: WorldReader, n: int = 512, seed: int = EVAL_SEED0,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m purecc.eval.train_reader")
+    """CLI: ``OUT_DIR [--steps N] [--threads T]``; trains, measures and writes a reader."""
+    parser = argparse.ArgumentParser(prog="python -m purecc.testbed.train_reader")
     parser.add_argument("out", type=Path)
     parser.add_argument("--steps", type=int, default=ReaderTraining.steps)
     parser.add_argument("--threads", type=int, default=1)

@@ -1,4 +1,4 @@
-"""Tests for the pretrained world base (purecc.pretrain) and its packaged copy."""
+"""Tests for the pretrained world base (purecc.testbed.pretrain) and its packaged copy."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from diffusers import StableDiffusion3Pipeline
 from purecc.fileio import sha256_file
 from purecc.generate import RenderSettings, Sample, generate
 from purecc.model import ModelConfig, load_pipeline
-from purecc.pretrain import (CHECKSUMS, REPORT, PretrainConfig, pretrain_world_base, verify_world_base,
-                             world_base_path)
+from purecc.testbed.pretrain import REPORT, PretrainConfig, pretrain_world_base
+from purecc.testbed.world_base import CHECKSUMS, verify_world_base, world_base_path
 from purecc.tiny import TinyConfig
 
 # The committed base must draw what a caption asks: the share of a caption's facts (shape,
@@ -67,9 +67,9 @@ def test_world_base_loads_through_load_pipeline_with_its_latent_statistics(base_
 
 
 def test_world_base_renders_captions_recognisably(base_pipe):
-    from purecc.eval.metrics import text_alignment
-    from purecc.eval.reader import load_reader
-    from purecc.world import world_batch
+    from purecc.testbed.metrics import text_alignment
+    from purecc.testbed.reader import load_reader
+    from purecc.testbed.world import world_batch
 
     captions = [c for _, c, _ in world_batch(7_777_777, 16)]
     images = generate(base_pipe, [Sample(c, 100 + i) for i, c in enumerate(captions)], {},

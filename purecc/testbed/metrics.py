@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..data import load_image, read_manifest
-from ..world import SIZES, WorldObject, object_box
+from ..data import load_image, read_concept_manifest
+from .world import SIZES, WorldObject, object_box
 from .facts import ATTRIBUTES, caption_facts, concept_positions
 from .reader import WorldReader, object_embeddings, read_facts
 
@@ -45,7 +45,7 @@ def text_alignment(reader: WorldReader, images: Sequence[Image.Image], prompts: 
 
 def concept_references(manifest: str | Path, trigger: str = "[v]") -> tuple[list[Image.Image], list[str]]:
     """A concept's reference images and where its object stands in each (from the prompts)."""
-    rows = read_manifest(manifest, trigger).rows
+    rows = read_concept_manifest(manifest, trigger).rows
     positions = []
     for row in rows:
         found = concept_positions(row.prompt, trigger)
@@ -78,6 +78,7 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two arrays in [0, 1] (inf when equal)."""
     mse = float(np.mean((a - b) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 

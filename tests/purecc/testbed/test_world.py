@@ -1,4 +1,4 @@
-"""Tests for the procedural toy world (purecc.world)."""
+"""Tests for the procedural toy world (purecc.testbed.world)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from purecc.world import (
+from purecc.testbed.world import (
     BACKGROUNDS, COLOR_RGB, COLORS, CONCEPT_PATTERNS, COUNTS, PATTERN_SHADES, PATTERNS,
     POSITION_PHRASES, SHAPE_PLURALS, ConceptObject, Scene, WorldObject, concept_caption,
     object_box, object_center, object_radius, render_concept_scene, render_scene,

@@ -1,4 +1,4 @@
-"""Tests for the packaged sample concepts (purecc.samples)."""
+"""Tests for the packaged sample concepts (purecc.testbed.samples)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from purecc.samples import (
+from purecc.testbed.samples import (
     CONCEPT_OBJECTS, MANIFEST_COLUMNS, PACKAGED_SAMPLES_DIR, PLACEHOLDER, SAMPLE_CONCEPTS,
-    check_packaged_samples, compare_sample_trees, concept_rows, main, png_bytes,
+    check_packaged_samples, compare_sample_trees, concept_rows, deterministic_png_bytes, main,
     write_sample_concepts,
 )
-from purecc.world import BACKGROUNDS, world_batch
+from purecc.testbed.world import BACKGROUNDS, world_batch
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +101,13 @@ def test_reference_images_differ_from_each_other(generated) -> None:
         assert len(set(blobs)) == len(blobs)
 
 
-def test_png_bytes_roundtrip_rgb_and_indexed() -> None:
+def test_deterministic_png_bytes_roundtrip_rgb_and_indexed() -> None:
     few = world_batch(0, 1)[0][0]
     rng = np.random.default_rng(0)
     many = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), "RGB")
     for image in (few, many):
-        data = png_bytes(image)
-        assert data == png_bytes(image.copy())
+        data = deterministic_png_bytes(image)
+        assert data == deterministic_png_bytes(image.copy())
         with Image.open(io.BytesIO(data)) as decoded:
             assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(image))
 
@@ -116,7 +116,7 @@ def test_regenerated_samples_match_packaged_copies(generated) -> None:
     root, _ = generated
     assert PACKAGED_SAMPLES_DIR.is_dir()
     stale = compare_sample_trees(root, PACKAGED_SAMPLES_DIR)
-    assert stale == [], f"run `python -m purecc.samples` to refresh: {stale}"
+    assert stale == [], f"run `python -m purecc.testbed.samples` to refresh: {stale}"
 
 
 def test_check_detects_a_stale_file(generated, tmp_path: Path) -> None:

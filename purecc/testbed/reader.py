@@ -11,7 +11,7 @@ stride-2/stride-1 conv stages to a (C, 8, 8) map; each position pools that map w
 Gaussian window around the position's centre; a shared MLP turns the pooled vector into the
 object embedding, shared heads read the attributes from it.
 Weights: ``assets/world-metric/reader.safetensors`` + ``reader.json`` (config, vocabulary,
-training report), trained by ``python -m purecc.eval.train_reader``.
+training report), trained by ``python -m purecc.testbed.train_reader``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from PIL import Image
 from torch import nn
 
 from ..fileio import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
-from ..world import BACKGROUNDS, COLORS, PATTERNS, POSITION_CENTERS, POSITIONS, SHAPES, SIZES
+from .world import BACKGROUNDS, COLORS, PATTERNS, POSITION_CENTERS, POSITIONS, SHAPES, SIZES
 
 WEIGHTS, CONFIG = "reader.safetensors", "reader.json"
-PACKAGED_WORLD_METRIC = Path(__file__).resolve().parent.parent / "assets" / "world-metric"
+PACKAGED_WORLD_METRIC = Path(__file__).resolve().parent / "assets" / "world-metric"
 VOCAB: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "pattern": PATTERNS, "size": SIZES}
 
 
@@ -68,6 +68,8 @@ def position_windows(grid: int, sigma: float) -> torch.Tensor:
 
 
 class WorldReader(nn.Module):
+    """The reader CNN: a conv trunk, Gaussian pooling per position, an embedding MLP and heads."""
+
     def __init__(self, cfg: ReaderConfig = ReaderConfig()):
         super().__init__()
         self.cfg = cfg
@@ -106,6 +108,7 @@ def world_metric_path() -> Path:
 
 
 def save_reader(reader: WorldReader, folder: str | Path, report: dict | None = None) -> Path:
+    """Write ``reader.safetensors`` and ``reader.json`` (config, vocabulary, sha256, report) to ``folder``."""
     folder = Path(folder)
     atomic_save_tensors(folder / WEIGHTS, reader.state_dict())
     atomic_write_json(folder / CONFIG, {"config": asdict(reader.cfg), "positions": list(POSITIONS),
@@ -163,7 +166,7 @@ def outputs_to_facts(out: dict[str, torch.Tensor]) -> list[dict[str, str]]:
 
 
 def read_facts(reader: WorldReader, images: Sequence[Image.Image]) -> list[dict[str, str]]:
-    """What the reader sees in each image, as facts (see ``facts.scene_facts``)."""
+    """What the reader sees in each image, as facts (see ``purecc.testbed.facts.scene_facts``)."""
     return outputs_to_facts(run_reader(reader, images))
 
 

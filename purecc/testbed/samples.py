@@ -1,16 +1,16 @@
-"""Three sample concepts drawn from the toy world (`purecc.world`), ready to train on.
+"""Three sample concepts drawn from the toy world (`purecc.testbed.world`), ready to train on.
 
 Each concept is an ordinary world shape (its class word) in a pattern and colour pair that
 ordinary scenes never use, shown on five different backgrounds and positions. The
-generated copies live in the package folder `purecc/samples/<concept_id>/`
+generated copies live in the package folder `purecc/testbed/assets/samples/<concept_id>/`
 (`manifest.csv` + `imgs/NN.png`); `check_packaged_samples()` regenerates them and lists
 any file that is no longer byte-identical.
 
 PNGs are written by a small encoder of our own (indexed colour, stored deflate blocks),
 so the bytes depend only on the pixels, never on the zlib or Pillow version.
 
-    python -m purecc.samples            # rewrite purecc/samples/
-    python -m purecc.samples --check    # exit 1 if the packaged copies are stale
+    python -m purecc.testbed.samples            # rewrite purecc/testbed/assets/samples/
+    python -m purecc.testbed.samples --check    # exit 1 if the packaged copies are stale
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Mapping, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from purecc.world import (
+from .world import (
     BACKGROUNDS, POSITIONS, ConceptObject, concept_caption, render_concept_scene,
 )
 
@@ -84,7 +84,7 @@ def _stored_zlib(data: bytes) -> bytes:
     return b"".join(out)
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def deterministic_png_bytes(image: Image.Image) -> bytes:
     """Encode `image` as PNG bytes that depend only on its RGB pixels. Images with at most
     256 colours are written indexed (mode 'P' when read back), others as 8-bit RGB."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
@@ -146,7 +146,7 @@ def write_concept(concept: SampleConcept, dest_dir: str | Path, size: int = 64) 
     (folder / "imgs").mkdir(parents=True, exist_ok=True)
     rows = []
     for image, row in concept_rows(concept, size):
-        (folder / row["image_path"]).write_bytes(png_bytes(image))
+        (folder / row["image_path"]).write_bytes(deterministic_png_bytes(image))
         rows.append(row)
     manifest = folder / "manifest.csv"
     with manifest.open("w", encoding="utf-8", newline="") as f:
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = "--check" in args
     rest = [a for a in args if a != "--check"]
     if len(rest) > 1 or any(a.startswith("-") for a in rest):
-        print("usage: python -m purecc.samples [--check] [DEST]", file=sys.stderr)
+        print("usage: python -m purecc.testbed.samples [--check] [DEST]", file=sys.stderr)
         return 2
     dest = Path(rest[0]) if rest else PACKAGED_SAMPLES_DIR
     if check:

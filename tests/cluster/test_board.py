@@ -1,0 +1,63 @@
+"""The progress board without Ray: bounded messages, progress coalesced, drops counted and reported."""
+
+import pytest
+
+from cluster.board import ProgressBoard
+
+
+def _progress(cid: str, step: int) -> dict:
+    return {"concept_id": cid, "stage": 1, "step": step, "total": 100, "loss": 0.1}
+
+
+def _outcome(cid: str) -> dict:
+    return {"concept_id": cid, "stage": 1, "status": "done", "output": f"out/{cid}"}
+
+
+def test_progress_is_coalesced_to_the_newest_per_concept():
+    board = ProgressBoard()
+    for step in range(1, 1001):
+        board.push("progress", _progress("a", step))
+        board.push("progress", _progress("b", step))
+    board.push("outcome", _outcome("b"))
+    board.push("progress", _progress("a", 1001))
+    msgs = board.drain()
+    assert [(m["kind"], m["concept_id"], m.get("step")) for m in msgs] == [
+        ("progress", "b", 1000), ("outcome", "b", None), ("progress", "a", 1001)]
+    assert board.drain() == [] and board.stats() == {"pending": 0, "max_messages": board.max_messages,
+                                                     "dropped": {}}
+
+
+def test_messages_are_bounded_and_drops_are_counted_and_reported():
+    board = ProgressBoard(max_messages=4)
+    board.push("outcome", _outcome("a"))
+    board.push("checkpoint", {"uri": "ck/p", "stage": 1, "members": [{"concept_id": "a", "job_key": "a", "step": 5}]})
+    for i in range(5):
+        board.push("event", {"concept_id": "a", "event": "resumed", "detail": {"i": i}})
+    board.push("progress", _progress("a", 9))
+    assert board.stats()["pending"] == 4
+    assert board.stats()["dropped"] == {"event": 3, "progress": 1}
+    msgs = board.drain()
+    kinds = [m["kind"] for m in msgs]
+    assert kinds == ["outcome", "checkpoint", "event", "event", "event"]   # outcome and checkpoint kept
+    assert [m["detail"]["i"] for m in msgs[2:4]] == [3, 4]                  # the newest events kept
+    assert msgs[-1]["event"] == "board-dropped" and msgs[-1]["concept_id"] is None
+    assert msgs[-1]["detail"] == {"event": 3, "progress": 1}
+    assert board.drain() == []                                              # reported once
+    assert board.stats()["dropped"] == {"event": 3, "progress": 1}          # the running total stays
+    assert board.latest_checkpoints(["a"], 1) == {"a": {"step": 5, "uri": "ck/p/a"}}
+
+
+def test_outcomes_are_dropped_last():
+    board = ProgressBoard(max_messages=2)
+    for cid in "abc":
+        board.push("outcome", _outcome(cid))
+    msgs = board.drain()
+    assert [m.get("concept_id") for m in msgs[:2]] == ["b", "c"]
+    assert msgs[-1]["detail"] == {"outcome": 1}
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="max_messages"):
+        ProgressBoard(max_messages=0)
+    with pytest.raises(ValueError, match="nonsense"):
+        ProgressBoard().push("nonsense", {})
