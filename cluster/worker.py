@@ -52,6 +52,8 @@ def _within(uri: str, root: str) -> bool:
 def download(uri: str, dest: Path) -> Path:
     """Copy a folder (local path or URI) to the local ``dest``."""
     fs, path = resolve_fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such checkpoint folder")
     dest.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
@@ -158,15 +160,32 @@ class RayShell:
                 found[cid].append(local / cid)
         keys = {cid: m.key for cid, m in members.items()}
         pointers = self._ray.get(self.board.latest_checkpoints.remote(list(keys.values()), self.stage))
+        kept = self._kept_checkpoints()
         for i, cid in enumerate(found):
-            for uri in filter(None, (pointers.get(keys[cid], {}).get("uri"), self.run.resume.get(cid))):
+            uris = [pointers.get(keys[cid], {}).get("uri"), self.run.resume.get(cid)] + [f"{k}/{cid}" for k in kept]
+            for uri in dict.fromkeys(u for u in uris if u):
                 if not _within(uri, self.run.runs_path):
                     continue  # never read outside this batch's storage
                 try:
                     found[cid].append(download(uri, self.scratch / f"restore-{i}-{len(found[cid])}"))
-                except OSError:
+                except FileNotFoundError:  # this member is not in that checkpoint
                     continue
+                except OSError as exc:     # recorded, never swallowed: the next candidate is tried
+                    self.on_event(cid, "checkpoint-unreadable", {"uri": uri, "error": f"{type(exc).__name__}: {exc}"})
         return found
+
+    def _kept_checkpoints(self) -> list[str]:
+        """Every checkpoint Ray Train keeps for this run (newest first), so that a damaged newest one
+        falls back to the one before it (the recipe ranks them by step and verifies their hashes)."""
+        run_dir = f"{self.run.runs_path}/{self.plan.name}"
+        fs, path = resolve_fs(run_dir)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError:
+            return []
+        names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_")), reverse=True)
+        return [f"{run_dir}/{n}" for n in names]
 
     # ----- checkpoints ------------------------------------------------------------------------------
     def checkpoint_dir(self, cid: str) -> Path:
@@ -230,6 +249,9 @@ def train_pack(config: dict[str, Any]) -> None:
         result = recipe.train(checkpoint_dir=shell.checkpoint_dir, on_checkpoint=shell.on_checkpoint,
                               should_stop=shell.should_stop)
         for cid, summary in result.items():
+            if summary["status"] == "failed":
+                shell.outcome(cid, "failed", error=f"training error: {summary['error']}")
+                continue
             if summary["status"] != "done":
                 shell.outcome(cid, "stopped", step=summary["step"])
                 continue

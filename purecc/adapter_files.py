@@ -35,6 +35,17 @@ class AdapterFileError(ValueError):
     """An adapter folder that is incomplete, tampered with, or made for another base."""
 
 
+class NonFiniteAdapter(AdapterFileError):
+    """Adapter weights holding NaN or Inf: never written, never loaded into a slot."""
+
+
+def check_finite(flat: torch.Tensor, what: str) -> None:
+    """Raise ``NonFiniteAdapter`` naming ``what`` when ``flat`` holds a NaN or an Inf."""
+    bad = int((~torch.isfinite(flat)).sum())
+    if bad:
+        raise NonFiniteAdapter(f"{what}: {bad} of {flat.numel()} weights are not finite (NaN or Inf)")
+
+
 @dataclass
 class AdapterManifest:
     """The contents of ``purecc_adapter.json``: what the adapter is, what it was trained on, its files' sha256."""
@@ -73,6 +84,7 @@ def _peft_config(bank: AdapterBank) -> dict:
 def export_slot(bank: AdapterBank, flat: torch.Tensor, dest: str | Path, manifest: AdapterManifest) -> Path:
     """Write one concept's adapter (flat vector in ``bank``'s layout) as PEFT + diffusers files."""
     validate_concept_id(manifest.concept_id)
+    check_finite(flat, f"export {manifest.concept_id}")
     dest = Path(dest)
     layers = bank.unflatten(flat.detach().float().cpu())
     peft_sd, diff_sd = {}, {}
@@ -141,4 +153,5 @@ def load_flat(bank: AdapterBank, folder: str | Path, *, base_fingerprint: str | 
         flat = bank.flatten(layers)
     except ValueError as exc:
         raise AdapterFileError(f"adapter {folder}: {exc}") from exc
+    check_finite(flat, f"adapter {manifest.concept_id}")
     return manifest, flat

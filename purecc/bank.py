@@ -69,7 +69,9 @@ class BankedLinear(nn.Module):
         a_cat, bt_cat = self._bank.layer_mats(self.spec)           # (S*r, in), (S*r, out)
         if a_cat.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             a_cat, bt_cat = a_cat.to(x.dtype), bt_cat.to(x.dtype)
-        h = (x @ a_cat.t()) * w                                    # (B, ..., S*r)
+        # where, not a plain product: a slot a sample does not use contributes exact zeros even when
+        # its activations overflow (0 * inf = NaN would reach every sample of the batch)
+        h = torch.where(w != 0, (x @ a_cat.t()) * w, 0.0)           # (B, ..., S*r)
         if not torch.is_grad_enabled() and h.dtype == y.dtype == bt_cat.dtype:
             # serving: fold the add into the matmul (fewer kernels per layer at small batch)
             return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), bt_cat).view(y.shape)

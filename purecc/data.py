@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP"})
 MAX_IMAGE_PIXELS = 40_000_000      # decompression-bomb cap, checked on the header before decoding
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_ROWS = 1000
+LATENT_CACHE_BYTES = 2 * 1024 ** 3  # cached latents kept per cache folder (least recently used go first)
 
 
 class ManifestError(ValueError):
@@ -244,10 +246,29 @@ def concept_latent_moments(manifest: ConceptManifest, vae, cfg: Preprocess, *, s
     if cache is not None and cache.is_file():
         stored = load_tensors(cache)
         if "mean" in stored and "std" in stored:
+            os.utime(cache)                 # recently used: pruned last
             return LatentMoments(stored["mean"], stored["std"])
     rng = random.Random(seed)
     pixels = torch.stack([preprocess(load_image(r.image_path), cfg, rng) for r in manifest.rows])
     moments = encode_latent_moments(vae, pixels)
     if cache is not None:
         atomic_save_tensors(cache, {"mean": moments.mean, "std": moments.std})
+        prune_latent_cache(cache.parent, keep=cache)
     return moments
+
+
+def prune_latent_cache(cache_dir: str | Path, *, max_bytes: int = LATENT_CACHE_BYTES,
+                       keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used cached latents until the folder holds at most ``max_bytes``
+    (``keep`` is never deleted); returns what was deleted."""
+    files = sorted(Path(cache_dir).glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    total, removed = sum(p.stat().st_size for p in files), []
+    for p in files:
+        if total <= max_bytes:
+            break
+        if p == keep:
+            continue
+        total -= p.stat().st_size
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

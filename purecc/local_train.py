@@ -57,10 +57,13 @@ def train_concepts(*, model: str, concepts: Sequence[tuple[str, str, str]], out:
     Returns one summary line per concept and stage.
     """
     steps, out = steps or {}, Path(out)
-    lines = []
+    lines, failed_ids = [], set()
     for stage in stages:
         recipe = stage_recipe_for(stage, steps=steps.get(stage), overrides=overrides, extractor=extractor,
                                   lambda_mode=lambda_mode)
+        concepts = [c for c in concepts if c[0] not in failed_ids]   # a concept that failed stops there
+        if not concepts:
+            break
         plan = local_plan(model, concepts, recipe, seed=seed)
         with tqdm(total=recipe.steps, desc=f"stage {stage} ({len(plan.members)} concepts)",
                   disable=not progress, unit="step") as bar:
@@ -74,6 +77,10 @@ def train_concepts(*, model: str, concepts: Sequence[tuple[str, str, str]], out:
             bar.update(max(resumed.values(), default=0))
             result = pack.train(checkpoint_dir=lambda cid, st=stage: out / cid / f"ckpt-stage{st}")
             for cid, summary in result.items():
+                if summary["status"] == "failed":
+                    failed_ids.add(cid)
+                    lines.append(f"{cid} stage {stage}: FAILED at step {summary['step']}: {summary['error']}")
+                    continue
                 dest = pack.export(cid, out / cid / f"stage{stage}")
                 lines.append(f"{cid} stage {stage}: {summary['step']} steps, last-10 loss "
                              f"{summary['loss_last10']:.4f} -> {dest}")

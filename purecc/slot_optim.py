@@ -48,7 +48,9 @@ class SlotAdamW:
 
         ``grad_scale`` (fp16 loss scaling): each slot's gradient is divided by its scale first, and a
         slot whose unscaled gradient is not finite is left as it is (no update, no step counted; its
-        returned norm is not finite), as ``torch.amp.GradScaler`` skips a step.
+        returned norm is not finite), as ``torch.amp.GradScaler`` skips a step. Without it, a slot
+        whose gradient or updated weights are not finite is left as it is the same way: nothing
+        non-finite ever enters a slot (the caller sees the non-finite norm).
         """
         grad = self.storage.grad
         if grad is None:
@@ -64,37 +66,29 @@ class SlotAdamW:
         b1, b2 = col([h.betas[0] for h in hypers]), col([h.betas[1] for h in hypers])
         eps, max_norm = col([h.eps for h in hypers]), col([h.max_grad_norm for h in hypers])
         g = grad.index_select(0, idx).float()                        # (k, P)
-        keep = None
         if grad_scale is not None:
             g = g / col(list(grad_scale))
-            keep = torch.isfinite(g).all(dim=1, keepdim=True)       # (k, 1); one host sync below
-            g = torch.where(keep, g, torch.zeros_like(g))
-            counted = keep.squeeze(1).cpu().long()
-        else:
-            counted = torch.ones(len(slots), dtype=torch.long)
-        self.steps[list(slots)] += counted
-        t = self.steps[list(slots)].clamp(min=1).to(dev, torch.float32).unsqueeze(1)
+        keep = torch.isfinite(g).all(dim=1, keepdim=True)           # (k, 1)
+        g = torch.where(keep, g, torch.zeros_like(g))
+        t = (self.steps[list(slots)] + 1).to(dev, torch.float32).unsqueeze(1)
 
         norms = g.norm(dim=1, keepdim=True)                          # (k, 1)
-        if keep is not None:
-            norms = torch.where(keep, norms, torch.full_like(norms, float("inf")))
-            old = (self.exp_avg.index_select(0, idx), self.exp_avg_sq.index_select(0, idx),
-                   self.storage.index_select(0, idx))
+        old = (self.exp_avg.index_select(0, idx), self.exp_avg_sq.index_select(0, idx),
+               self.storage.index_select(0, idx))
         g = g * (max_norm / (norms + 1e-6)).clamp(max=1.0)
         m = self.exp_avg.index_select(0, idx).lerp_(g, 1 - b1)      # m = b1*m + (1-b1)*g
         v = self.exp_avg_sq.index_select(0, idx).mul_(b2).add_((1 - b2) * g * g)
-        self.exp_avg.index_copy_(0, idx, m)
-        self.exp_avg_sq.index_copy_(0, idx, v)
         p = self.storage.index_select(0, idx).float()
         p = p * (1 - lr * wd)
         denom = (v / (1 - b2 ** t)).sqrt() + eps
         p = p - lr * (m / (1 - b1 ** t)) / denom
-        if keep is not None:       # skipped slots keep their moments and weights
-            self.exp_avg.index_copy_(0, idx, torch.where(keep, m, old[0]))
-            self.exp_avg_sq.index_copy_(0, idx, torch.where(keep, v, old[1]))
-            p = torch.where(keep, p, old[2].float())
-        self.storage.index_copy_(0, idx, p.to(self.storage.dtype))
-        return norms.squeeze(1)
+        keep = keep & torch.isfinite(p).all(dim=1, keepdim=True)
+        # skipped slots keep their moments, weights and step count (one host sync for the count)
+        self.exp_avg.index_copy_(0, idx, torch.where(keep, m, old[0]))
+        self.exp_avg_sq.index_copy_(0, idx, torch.where(keep, v, old[1]))
+        self.storage.index_copy_(0, idx, torch.where(keep, p, old[2].float()).to(self.storage.dtype))
+        self.steps[list(slots)] += keep.squeeze(1).cpu().long()
+        return torch.where(keep, norms, torch.full_like(norms, float("inf"))).squeeze(1)
 
     def slot_state(self, slot: int) -> dict[str, torch.Tensor]:
         """Copies of one slot's moments and step (for a checkpoint)."""

@@ -81,6 +81,7 @@ class _Concept:
     status: str = "pending"
     loss_scale: float = FP16_INIT_SCALE   # fp16 only: this concept's dynamic loss scale
     scale_good_steps: int = 0
+    error: str | None = None              # why it failed (status "failed")
 
     @property
     def losses(self) -> list[float]:
@@ -288,10 +289,23 @@ class PackTrainer:
         sums: dict[str, dict[str, torch.Tensor]] = {c.job.concept_id: {} for c in active}
         for micro in range(accum):
             per = self._micro_step(active, micro)
-            total = sum(v["loss"] * scale[cid] for cid, v in per.items()) / accum
+            # a diverging concept fails alone, before its loss reaches the backward pass (one host
+            # sync per micro-step): its overflowing activations would reach every slot's gradient
+            # (inf * 0 = NaN in the shared matmuls), so the healthy rest runs the forward again
+            finite = torch.isfinite(torch.stack([per[c.job.concept_id]["loss"].detach() for c in active])).tolist()
+            if not all(finite):
+                for c, ok in zip(active, finite):
+                    if not ok:
+                        self._fail(c, f"its loss became non-finite at step {c.step + 1} (diverged)")
+                active = [c for c, ok in zip(active, finite) if ok]
+                if not active:
+                    return
+                per = self._micro_step(active, micro)
+            total = sum(per[c.job.concept_id]["loss"] * scale[c.job.concept_id] for c in active) / accum
             total.backward()
-            for cid, vals in per.items():
-                for k, t in vals.items():
+            for c in active:
+                cid = c.job.concept_id
+                for k, t in per[cid].items():
                     sums[cid][k] = sums[cid].get(k, 0.0) + t.detach() / accum
         hypers = [SlotHyper(c.job.recipe.lr, c.job.recipe.betas, c.job.recipe.adam_eps,
                             c.job.recipe.weight_decay, c.job.recipe.max_grad_norm) for c in active]
@@ -308,9 +322,16 @@ class PackTrainer:
             if fp16:
                 metrics["loss_scale"] = c.loss_scale
                 self._update_scale(c, finite=math.isfinite(row[-1]))
+            elif not math.isfinite(row[-1]):     # the optimiser refused a non-finite gradient or update
+                self._fail(c, f"its gradient or update became non-finite at step {c.step} (diverged)")
             if self.on_metrics:
                 self.on_metrics({"concept_id": c.job.concept_id, "stage": self.stage, "step": c.step,
                                  "total": c.total, "grad_norm": row[-1], "lr": c.job.recipe.lr, **metrics})
+
+    def _fail(self, c: _Concept, error: str) -> None:
+        """Take a concept out of the pack: it stops training, its slot is cleared, the rest go on."""
+        c.status, c.error = "failed", error
+        self.bank.clear_slot(c.slot)
 
     @staticmethod
     def _update_scale(c: _Concept, *, finite: bool) -> None:
@@ -337,7 +358,8 @@ class PackTrainer:
         budget = {cid: (c.step + max_steps if max_steps else c.total) for cid, c in self.concepts.items()}
         while True:
             stop = set(should_stop()) if should_stop else set()
-            active = [c for c in self.concepts.values() if c.step < min(c.total, budget[c.job.concept_id])]
+            active = [c for c in self.concepts.values()
+                      if c.status != "failed" and c.step < min(c.total, budget[c.job.concept_id])]
             stopped = [c for c in active if "*" in stop or c.job.concept_id in stop]
             for c in stopped:
                 c.status = "stopped"
@@ -350,7 +372,7 @@ class PackTrainer:
             due = [c for c in active if c.step % c.job.recipe.checkpoint_every == 0 or c.step >= c.total]
             self._checkpoint(due, checkpoint_dir, on_checkpoint)
         for c in self.concepts.values():
-            if c.step >= c.total:
+            if c.step >= c.total and c.status != "failed":
                 c.status = "done"
         return {cid: self.summary(cid) for cid in self.concepts}
 
@@ -372,7 +394,7 @@ class PackTrainer:
         c = self.concepts[concept_id]
         recent = c.losses
         return {"concept_id": concept_id, "stage": self.stage, "step": c.step, "total": c.total,
-                "status": c.status, "final_loss": recent[-1] if recent else None,
+                "status": c.status, "error": c.error, "final_loss": recent[-1] if recent else None,
                 "loss_last10": c.curve.last_mean(10)}
 
     # ----- checkpoints and export ----------------------------------------------------------

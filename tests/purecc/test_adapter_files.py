@@ -67,3 +67,32 @@ def test_invalid_concept_id_cannot_become_a_path(exported, tmp_path):
     bank, flat, fp, _ = exported
     with pytest.raises(ValueError, match="not a valid concept id"):
         export_slot(bank, flat, tmp_path / "x", AdapterManifest("../etc", "sks", 2, 1, 4, 4.0, [], fp))
+
+
+def test_a_non_finite_adapter_is_refused_on_load_even_when_correctly_hashed(exported):
+    from safetensors.torch import load_file, save_file
+
+    from purecc.adapter_files import NonFiniteAdapter
+    from purecc.fileio import sha256_file
+
+    bank, flat, fp, folder = exported
+    weights = load_file(folder / DIFFUSERS_WEIGHTS)
+    key = sorted(weights)[0]
+    weights[key][0, 0] = float("nan")
+    save_file(weights, folder / DIFFUSERS_WEIGHTS)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][DIFFUSERS_WEIGHTS] = sha256_file(folder / DIFFUSERS_WEIGHTS)   # hashes match again
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(NonFiniteAdapter, match="1 of .* weights are not finite"):
+        load_flat(bank, folder, base_fingerprint=fp)
+
+
+def test_a_non_finite_slot_is_never_exported(exported, tmp_path):
+    from purecc.adapter_files import NonFiniteAdapter
+
+    bank, flat, fp, _ = exported
+    bad = flat.clone()
+    bad[3] = float("inf")
+    with pytest.raises(NonFiniteAdapter, match="export c"):
+        export_slot(bank, bad, tmp_path / "bad", AdapterManifest("c", "sks", 2, 10, 4, 4.0, [], fp))
+    assert not (tmp_path / "bad").exists()

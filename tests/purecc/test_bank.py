@@ -101,3 +101,23 @@ def test_init_slot_is_a_no_op_adapter(tiny_pipe):
     for a, b in bank.unflatten(bank.read_slot(0)).values():
         assert b.abs().sum() == 0
         assert 0.15 < a.std() < 0.35  # std 1/r = 0.25
+
+
+def test_an_overflowing_slot_changes_no_other_samples_output(tiny_pipe):
+    """A slot a sample does not use adds exact zeros even when its activations overflow (no 0 * inf)."""
+    bank = attach_bank(tiny_pipe.transformer, 2)
+    g = torch.Generator().manual_seed(0)
+    bank.load_slot(0, 0.05 * torch.randn(bank.params_per_slot, generator=g))
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    enc, pooled = torch.randn(2, 154, 64, generator=g), torch.randn(2, 64, generator=g)
+
+    def run():
+        with torch.no_grad(), bank.routing(torch.tensor([[1.0, 0.0], [0.0, 1.0]])):
+            return tiny_pipe.transformer(hidden_states=x, timestep=torch.tensor([500.0, 500.0]),
+                                         encoder_hidden_states=enc, pooled_projections=pooled,
+                                         return_dict=False)[0]
+    clean = run()
+    bank.load_slot(1, torch.full((bank.params_per_slot,), 3e38))          # finite, but overflows in use
+    dirty = run()
+    assert torch.equal(dirty[0], clean[0])                                 # sample 0 uses slot 0 only
+    assert not torch.isfinite(dirty[1]).all()

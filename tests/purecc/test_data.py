@@ -157,3 +157,21 @@ def test_latent_moments_give_the_posterior_std(sample_manifests, tiny_pipe):
     moments = concept_latent_moments(m, tiny_pipe.vae, Preprocess(resolution=64))
     assert moments.mean.shape == moments.std.shape and (moments.std > 0).all()
     assert torch.equal(moments.mean, concept_latents(m, tiny_pipe.vae, Preprocess(resolution=64)))
+
+
+def test_latent_cache_drops_the_least_recently_used_beyond_its_size(tmp_path):
+    import os
+    import time
+
+    from purecc.data import prune_latent_cache
+
+    files = []
+    for i in range(4):
+        p = tmp_path / f"{i}.safetensors"
+        p.write_bytes(b"x" * 100)
+        os.utime(p, (time.time() - 100 + i, time.time() - 100 + i))
+        files.append(p)
+    os.utime(files[0])                                   # used just now
+    removed = prune_latent_cache(tmp_path, max_bytes=250, keep=files[1])
+    assert removed == [files[2], files[3]]              # oldest first; the one just written is kept
+    assert files[0].exists() and files[1].exists() and sum(p.stat().st_size for p in tmp_path.iterdir()) <= 250

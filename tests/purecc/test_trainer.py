@@ -206,3 +206,28 @@ def test_fp16_overflow_skips_the_step_and_halves_that_concepts_scale(tiny_model_
     assert torch.equal(t.bank.read_slot(zig.slot), before) and int(t.optim.steps[zig.slot]) == steps_before
     assert zig.loss_scale == 5e37 and zig.step == 2         # the data stream moved on, the weights did not
     assert torch.isfinite(t.bank.storage).all()             # nothing non-finite entered any slot
+
+
+def test_a_diverging_concept_fails_alone_and_its_pack_mate_is_unchanged(tiny_model_dir, sample_manifests):
+    """ringed-circle diverges (absurd learning rate): it fails with a clear error and its slot is
+    cleared; zigzag-star ends with the weights of the same bank trained without it."""
+    from purecc.bank import attach_bank
+
+    good = stage_recipe(1, steps=6, resolution=64, grad_accum=1, lr=1e-3)
+    bad = stage_recipe(1, steps=6, resolution=64, grad_accum=1, lr=1e30, max_grad_norm=1e30, weight_decay=0.0)
+    zig = ConceptJob("zigzag-star", "zqx", sample_manifests["zigzag-star"], good, seed=1)
+    ring = ConceptJob("ringed-circle", "vlk", sample_manifests["ringed-circle"], bad, seed=2)
+    pack = _train(tiny_model_dir, [zig, ring])
+    summary = pack.summary("ringed-circle")
+    assert summary["status"] == "failed" and "non-finite" in summary["error"] and summary["step"] < 6
+    assert not pack.bank.read_slot(pack.slot_of("ringed-circle")).any()        # cleared
+    assert pack.summary("zigzag-star")["status"] == "done"
+    assert torch.isfinite(pack.bank.storage).all()
+    pipe = load_pipeline(str(tiny_model_dir))
+    attach_bank(pipe.transformer, 2)                                          # the same bank shape
+    alone = PackTrainer(pipe, [zig])
+    alone.setup()
+    alone.train()
+    a, p = alone.bank.read_slot(alone.slot_of("zigzag-star")), pack.bank.read_slot(pack.slot_of("zigzag-star"))
+    # the first step ran in a batch of two (float rounding of batched matmuls, as in pack vs alone)
+    assert (a - p).norm() / a.norm() < 1e-6, ((a - p).norm() / a.norm()).item()
