@@ -174,6 +174,8 @@ def _as_api_error(exc: BaseException, concept_index: dict[str, int]) -> ApiError
 @serve.deployment(name="GenerationAPI", ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class GenerationAPI:
+    """The HTTP ingress: validates requests, resolves concepts, and calls the generator replicas."""
+
     def __init__(self, generator: DeploymentHandle, config: ServiceConfig):
         self.generator, self.config = generator, config
         self.catalog = ConceptCatalog(AdapterRegistry(config.registry), config.catalog_ttl_s)
@@ -208,6 +210,7 @@ class GenerationAPI:
     @api.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS,
               summary="Generate images with concepts composed on the shared base")
     async def generate(self, body: GenerateRequest) -> GenerateResponse:
+        """Render a request's images with its concepts composed on the shared base."""
         start = time.perf_counter()
         deadline = start + self.config.request_timeout_s
         info = await self._model_info(deadline - time.perf_counter())
@@ -272,6 +275,7 @@ class GenerationAPI:
     @api.get("/v1/concepts", response_model=ConceptList, responses={503: ERRORS[503]},
              summary="List the concepts this service can compose")
     async def concepts(self) -> ConceptList:
+        """The servable concepts: published and made for this service's base model."""
         info = await self._model_info(self.config.request_timeout_s)
         manifests = await self.catalog.list()
         return ConceptList(concepts=[
@@ -304,6 +308,7 @@ class GenerationAPI:
                           "training ledger and makes sure a driver runs them. Data paths are relative to "
                           "<storage>/data/ on the service. Poll the Location for progress.")
     async def submit_batch(self, request: Request, response: Response) -> BatchSubmitted:
+        """Validate a concept batch, record its jobs and make sure a driver trains them (202)."""
         if self.batches is None:
             raise ApiError(404, NO_BATCHES)
         raw = await _json_body(request, MAX_BATCH_BYTES)
@@ -314,15 +319,18 @@ class GenerationAPI:
     @api.get("/v1/batches/{name}", response_model=BatchStatus, responses=BATCH_ERRORS,
              summary="A batch's jobs: state, progress, errors, adapters")
     async def batch_status(self, name: BatchName) -> BatchStatus:
+        """One batch's jobs with their state and progress."""
         return await self._on_batches("status", name)
 
     @api.get("/v1/batches", response_model=BatchList, responses=BATCH_ERRORS, summary="Batches in the ledger")
     async def batches_list(self) -> BatchList:
+        """Every batch of this service's storage root."""
         return await self._on_batches("list")
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}},
              summary="Readiness: 200 once a generator replica has its model loaded")
     async def healthz(self):
+        """Ready (200) once a generator replica has its model loaded, else 503 with the reason."""
         try:
             info = await self._model_info(HEALTH_TIMEOUT_S)
         except ApiError as exc:

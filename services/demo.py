@@ -30,6 +30,8 @@ FULL = {"steps1": 60, "steps2": 40, "checkpoint_every": 20, "render_steps": 20}
 
 @dataclass(frozen=True)
 class DemoPlan:
+    """What one demo run does: where it writes, quick (CI-sized) or full."""
+
     out: Path
     quick: bool
     port: int
@@ -37,10 +39,12 @@ class DemoPlan:
 
     @property
     def knobs(self) -> dict:
+        """Training steps and render settings of this run's size."""
         return QUICK if self.quick else FULL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``purecc demo`` to the command line."""
     p = sub.add_parser("demo", help="train the sample concepts on Ray Train, serve them on Ray Serve, "
                                     "query and compose them over HTTP (all on 127.0.0.1)",
                        description=__doc__.splitlines()[0])
@@ -97,6 +101,7 @@ def write_batch(plan: DemoPlan, model: Path) -> Path:
 
 
 def train(plan: DemoPlan, batch: Path, ray_tmp: str) -> list:
+    """Train the sample concepts as one batch on the local Ray cluster; returns their ledger rows."""
     from cluster import api
     from cluster.progress import LiveTable
 
@@ -129,6 +134,7 @@ def requests_for(jobs) -> list[dict]:
 
 
 def serve_and_query(plan: DemoPlan, model: Path, jobs) -> list[dict]:
+    """Serve the published concepts and query them over HTTP; returns one record per request."""
     from ray import serve
 
     from .app import build_app
@@ -178,6 +184,7 @@ def grid(plan: DemoPlan, results: list[dict]) -> Path:
 
 
 def report(plan: DemoPlan, model_note: str, jobs, results: list[dict], timings: dict) -> Path:
+    """Write report.json and report.md (training times, loss summaries, request latencies)."""
     concepts = []
     for j in jobs:
         from purecc.adapter_files import read_adapter_manifest
@@ -216,6 +223,7 @@ def _raise_interrupt(signum, frame):
 
 
 def run_demo(plan: DemoPlan) -> Path:
+    """The whole demo: world base, batch, training, serving, queries, grid and report."""
     from cluster.local_ray import start_local_ray
 
     t0 = time.perf_counter()
