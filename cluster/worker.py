@@ -140,13 +140,13 @@ class RayShell:
             raise FileNotFoundError(f"stage-1 adapter of {cid} is missing under "
                                     f"{stage1_root(self.run.storage)}") from None
 
-    def _stage1_dir(self, cid: str) -> Path:
-        """The member's stage-1 folder (fetched now when its extractor did not need it)."""
+    def _stage1_dir(self, cid: str) -> Path | None:
+        """The member's stage-1 folder (fetched now when its extractor did not need it), if published."""
         if cid not in self.stage1_dirs:
             try:
                 self.fetch_stage1(cid)
             except FileNotFoundError:
-                self.stage1_dirs[cid] = self.scratch / "stage1-missing" / cid
+                return None
         return self.stage1_dirs[cid]
 
     def candidates(self) -> dict[str, list[Path]]:
@@ -223,9 +223,9 @@ class RayShell:
         if self.stage == 1:
             AdapterRegistry(stage1_root(storage)).publish(cid, out)
             return f"{stage1_root(storage)}/adapters/{cid}"
-        earlier = self._stage1_dir(cid) / "validation" / "stage1"
-        if earlier.is_dir():
-            shutil.copytree(earlier, out / "validation" / "stage1", dirs_exist_ok=True)
+        stage1 = self._stage1_dir(cid)
+        if stage1 is not None and (stage1 / "validation" / "stage1").is_dir():
+            shutil.copytree(stage1 / "validation" / "stage1", out / "validation" / "stage1", dirs_exist_ok=True)
         AdapterRegistry(storage).publish(cid, out)
         return adapter_uri(storage, cid)
 

@@ -33,7 +33,7 @@ class SlotAdamW:
         self.storage = storage
         self.exp_avg = torch.zeros(storage.shape, dtype=torch.float32, device=storage.device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
-        self.steps = torch.zeros(storage.shape[0], dtype=torch.long)
+        self.steps = torch.zeros(storage.shape[0], dtype=torch.long, device=storage.device)  # on device: no sync
 
     def reset_slot(self, slot: int) -> None:
         """Forget a slot's moments and step count (a new concept in it)."""
@@ -70,7 +70,7 @@ class SlotAdamW:
             g = g / col(list(grad_scale))
         keep = torch.isfinite(g).all(dim=1, keepdim=True)           # (k, 1)
         g = torch.where(keep, g, torch.zeros_like(g))
-        t = (self.steps[list(slots)] + 1).to(dev, torch.float32).unsqueeze(1)
+        t = (self.steps[idx] + 1).to(torch.float32).unsqueeze(1)
 
         norms = g.norm(dim=1, keepdim=True)                          # (k, 1)
         old = (self.exp_avg.index_select(0, idx), self.exp_avg_sq.index_select(0, idx),
@@ -83,11 +83,11 @@ class SlotAdamW:
         denom = (v / (1 - b2 ** t)).sqrt() + eps
         p = p - lr * (m / (1 - b1 ** t)) / denom
         keep = keep & torch.isfinite(p).all(dim=1, keepdim=True)
-        # skipped slots keep their moments, weights and step count (one host sync for the count)
+        # skipped slots keep their moments, weights and step count
         self.exp_avg.index_copy_(0, idx, torch.where(keep, m, old[0]))
         self.exp_avg_sq.index_copy_(0, idx, torch.where(keep, v, old[1]))
         self.storage.index_copy_(0, idx, torch.where(keep, p, old[2].float()).to(self.storage.dtype))
-        self.steps[list(slots)] += keep.squeeze(1).cpu().long()
+        self.steps.index_add_(0, idx, keep.squeeze(1).long())
         return torch.where(keep, norms, torch.full_like(norms, float("inf"))).squeeze(1)
 
     def slot_state(self, slot: int) -> dict[str, torch.Tensor]:
