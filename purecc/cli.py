@@ -33,16 +33,47 @@ def _concept_weight(spec: str) -> tuple[str, float]:
     return name, w
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .local_train import train_concepts
+def _recipe_flags(args: argparse.Namespace) -> list[tuple[list[str], object]]:
+    """The named ``train`` flags as recipe fields (only those given; ``--set`` is applied after them)."""
+    pairs = [(["stage1", "steps"], args.steps1), (["stage2", "steps"], args.steps2),
+             (["resolution"], args.resolution), (["extractor"], args.extractor),
+             (["lambda_mode"], args.lambda_mode), (["seed"], args.seed),
+             (["stage1", "checkpoint_every"], args.checkpoint_every),
+             (["stage2", "checkpoint_every"], args.checkpoint_every),
+             (["validation", "prompts"], args.validation_prompt or None)]
+    return [(keys, value) for keys, value in pairs if value is not None]
 
+
+def _train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .local_train import train_concepts
+    from .pack import ValidationSettings
+    from .recipe_overrides import build_recipe
+
+    recipe = build_recipe(args.recipe, args.set, _recipe_flags(args))
+    if args.show_recipe:
+        print(yaml.safe_dump(recipe.effective(), sort_keys=False), end="")
+        return 0
+    for flag, value in (("--model", args.model), ("--concept", args.concept), ("--out", args.out)):
+        if not value:
+            raise ValueError(f"{flag}: required to train (only --show-recipe runs without it)")
     stages = (1, 2) if args.stage == "both" else (int(args.stage),)
-    overrides = {k: v for k, v in (("resolution", args.resolution), ("checkpoint_every", args.checkpoint_every))
-                 if v is not None}
-    summary = train_concepts(
-        model=args.model, concepts=[tuple(c) for c in args.concept], out=Path(args.out), stages=stages,
-        steps={1: args.steps1, 2: args.steps2}, overrides=overrides, extractor=args.extractor,
-        lambda_mode=args.lambda_mode, seed=args.seed, progress=not args.quiet)
+    logger = None
+    if args.tensorboard:
+        from .tb_log import TensorBoardLogger
+
+        logger = TensorBoardLogger(Path(args.out) / "tensorboard")
+    v = recipe.validation
+    try:
+        summary = train_concepts(
+            model=args.model, concepts=[tuple(c) for c in args.concept], out=Path(args.out), stages=stages,
+            recipes={s: recipe.stage(s) for s in stages}, seed=recipe.seed, progress=not args.quiet,
+            validation_prompts=v.prompts, validation_every=v.every,
+            validation=ValidationSettings(steps=v.steps, guidance=v.guidance), logger=logger)
+    finally:
+        if logger is not None:
+            logger.close()
     for line in summary:
         print(line)
     return 0
@@ -68,18 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5", action="store_true", help="include a tiny T5 text encoder")
     p.set_defaults(func=_tiny_model)
 
-    p = sub.add_parser("train", help="train concepts (stage 1, 2 or both) in one pack, in this process")
-    p.add_argument("--model", required=True, help="local diffusers SD3/SD3.5 folder")
-    p.add_argument("--concept", nargs=3, action="append", required=True, metavar=("ID", "TRIGGER", "MANIFEST"))
+    p = sub.add_parser("train", help="train concepts (stage 1, 2 or both) in one pack, in this process",
+                       description="Train concepts in this process. Any recipe field can be set: "
+                                   "--recipe FILE.yaml, then the named flags, then each --set in order.")
+    p.add_argument("--model", help="local diffusers SD3/SD3.5 folder")
+    p.add_argument("--concept", nargs=3, action="append", metavar=("ID", "TRIGGER", "MANIFEST"))
     p.add_argument("--stage", choices=("1", "2", "both"), default="both")
-    p.add_argument("--out", required=True, help="output folder: <out>/<id>/stage{1,2}/ adapters")
+    p.add_argument("--out", help="output folder: <out>/<id>/stage{1,2}/ adapters")
+    p.add_argument("--recipe", metavar="FILE.yaml", help="a recipe file (fields as `--show-recipe` prints them)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any recipe field, dotted, value as YAML (repeatable): --set stage1.lr=1e-4")
+    p.add_argument("--show-recipe", action="store_true", help="print the effective recipe and exit")
     p.add_argument("--steps1", type=int, default=None, help="stage-1 steps (default 1000)")
     p.add_argument("--steps2", type=int, default=None, help="stage-2 steps (default 800)")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--extractor", choices=("stage1", "base"), default="stage1")
-    p.add_argument("--lambda-mode", choices=("fixed", "adaptive"), default="fixed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extractor", choices=("stage1", "base"), default=None)
+    p.add_argument("--lambda-mode", choices=("fixed", "adaptive"), default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--validation-prompt", action="append", metavar="PROMPT",
+                   help="rendered at the end of each stage ([v] becomes the trigger; repeatable)")
+    p.add_argument("--tensorboard", action="store_true", help="TensorBoard event files in <out>/tensorboard")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from .data import ConceptManifest, load_image, read_concept_manifest
 from .ids import validate_concept_id, validate_trigger
@@ -29,6 +29,14 @@ from .trainer import CheckpointError, ConceptJob, PackTrainer, read_checkpoint_s
 
 EventFn = Callable[[str, str, dict], None]          # (concept_id, event, detail)
 MetricsFn = Callable[[dict], None]
+
+
+class PackLogger(Protocol):
+    """Experiment logging of a pack (e.g. ``purecc.tb_log.TensorBoardLogger``): optional, write-only."""
+
+    def log_metrics(self, metrics: dict) -> None: ...
+
+    def log_images(self, concept_id: str, stage: int, step: int, images: list[Path], prompts: list[str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -149,9 +157,12 @@ class PackRecipe:
 
     def __init__(self, plan: PackPlan, *, cache_dir: str | Path | None = None,
                  extractor: Callable[[str], Path] | None = None, on_metrics: MetricsFn | None = None,
-                 on_event: EventFn | None = None, pipe=None):
+                 on_event: EventFn | None = None, pipe=None, logger: PackLogger | None = None):
         self.plan, self.cache_dir, self.extractor = plan, cache_dir, extractor
         self.on_metrics, self.on_event = on_metrics, on_event or _no_event
+        self.logger = logger
+        if logger is not None:   # the logger sees every step's metrics after the runner's callback
+            self.on_metrics = lambda m, f=on_metrics: (f(m) if f else None, logger.log_metrics(m))
         self.pipe = pipe
         self.trainer: PackTrainer | None = None
         self.members: dict[str, ConceptPlan] = {}
@@ -266,7 +277,10 @@ class PackRecipe:
         settings = RenderSettings(steps=self.plan.validation.steps, guidance=self.plan.validation.guidance,
                                   width=res, height=res)
         images = generate(trainer.pipe, samples, {concept_id: trainer.slot_of(concept_id)}, settings)
-        return [save_png(img, Path(dest) / f"{i:02d}.png") for i, img in enumerate(images)]
+        paths = [save_png(img, Path(dest) / f"{i:02d}.png") for i, img in enumerate(images)]
+        if self.logger is not None:
+            self.logger.log_images(concept_id, self.stage, trainer.summary(concept_id)["step"], paths, prompts)
+        return paths
 
     def cleanup(self) -> None:
         """Drop the trainer and the pipeline (their memory goes back to the process)."""

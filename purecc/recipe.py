@@ -1,8 +1,15 @@
-"""Training recipes (method knobs) with the seed's defaults; validated on construction."""
+"""Training recipes (method knobs) with the seed's defaults; validated on construction.
+
+``StageRecipe`` is the value the trainer reads; ``RecipeFields`` is the schema of a recipe written by
+a user (a YAML file or ``purecc train --set``), checked field by field before a ``StageRecipe`` is made.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -84,3 +91,93 @@ def stage_recipe(stage: int, **overrides) -> StageRecipe:
     if "betas" in overrides:
         overrides["betas"] = tuple(overrides["betas"])
     return replace(base, **overrides)
+
+
+# ----- the recipe schema of files and command lines -------------------------------------------------
+# pydantic models (not the dataclass above) because a recipe from a user must be refused field by
+# field, unknown fields named; the dataclass stays the typed value the trainer reads.
+
+class _Strict(BaseModel):
+    """Unknown fields are errors; a validated model does not change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageFields(_Strict):
+    """One stage's knobs (``stage1:`` or ``stage2:``); unset fields keep the seed recipe of that stage."""
+
+    steps: int | None = Field(None, ge=1, le=1_000_000, description="optimiser steps of this stage")
+    lr: float | None = Field(None, gt=0, le=1.0, description="learning rate (constant schedule)")
+    batch_size: int | None = Field(None, ge=1, le=256, description="samples per concept per micro-step")
+    grad_accum: int | None = Field(None, ge=1, le=1024, description="micro-batches per step")
+    weight_decay: float | None = Field(None, ge=0, le=1.0, description="AdamW weight decay")
+    betas: tuple[float, float] | None = Field(None, description="AdamW betas")
+    adam_eps: float | None = Field(None, gt=0, le=1.0, description="AdamW epsilon")
+    max_grad_norm: float | None = Field(None, gt=0, description="gradient clipping norm")
+    precondition: bool | None = Field(None, description="x0-parameterised loss")
+    logit_mean: float | None = Field(None, description="logit-normal timestep sampling: mean")
+    logit_std: float | None = Field(None, gt=0, description="logit-normal timestep sampling: std")
+    eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
+    lambda_mode: Literal["fixed", "adaptive"] | None = Field(None, description="stage 2: fixed or adaptive lambda")
+    lambda_value: float | None = Field(None, ge=0, description="stage 2: the fixed lambda")
+    lambda_max: float | None = Field(None, ge=0, description="stage 2: the adaptive lambda's bound")
+    extractor: Literal["stage1", "base"] | None = Field(None, description="stage 2: the frozen extractor")
+    resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
+    crop: Literal["center", "random"] | None = Field(None, description="crop of the training images")
+    flip_prob: float | None = Field(None, ge=0, le=1, description="probability of a horizontal flip")
+    rank: int | None = Field(None, ge=1, le=128, description="LoRA rank")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] | None = Field(None, description="autocast")
+    max_sequence_length: int | None = Field(None, ge=1, le=512, description="T5 tokens of the prompts")
+    latent_sampling: Literal["mean", "sample"] | None = Field(None, description="VAE posterior mean or a draw")
+
+
+VALIDATION_PROMPTS_MAX = 16
+
+
+class ValidationFields(_Strict):
+    """Validation images: rendered at the end of each stage and, when ``every`` > 0, every ``every`` steps."""
+
+    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=500)]] = Field(
+        [], max_length=VALIDATION_PROMPTS_MAX, description="[v] becomes the trigger")
+    every: int = Field(0, ge=0, description="steps between renders during a stage (0: only at its end)")
+    steps: int = Field(20, ge=1, le=200, description="denoising steps of validation images")
+    guidance: float = Field(4.0, ge=0, le=30, description="classifier-free guidance scale")
+
+
+SHARED_FIELDS = ("resolution", "eta", "lambda_mode", "extractor")
+
+
+class RecipeFields(_Strict):
+    """A whole recipe (``purecc train --recipe FILE.yaml`` / ``--set``): shared knobs, then per stage.
+
+    ``resolution``, ``eta``, ``lambda_mode`` and ``extractor`` at the top apply to both stages (the
+    stage-2 ones to stage 2); a value under ``stage1:``/``stage2:`` wins over the shared one.
+    """
+
+    resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of data order, noise and init")
+    eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
+    lambda_mode: Literal["fixed", "adaptive"] | None = Field(None, description="stage 2: fixed or adaptive lambda")
+    extractor: Literal["stage1", "base"] | None = Field(None, description="stage 2: the frozen extractor")
+    validation: ValidationFields = ValidationFields()
+    stage1: StageFields = StageFields()
+    stage2: StageFields = StageFields()
+
+    def stage(self, stage: int) -> StageRecipe:
+        """The effective recipe of ``stage``: the seed's, the shared fields, then the stage's own."""
+        shared = {k: getattr(self, k) for k in SHARED_FIELDS if getattr(self, k) is not None}
+        if stage == 1:
+            shared = {k: v for k, v in shared.items() if k == "resolution"}
+        own = (self.stage1 if stage == 1 else self.stage2).model_dump(exclude_none=True)
+        return stage_recipe(stage, **{**shared, **own})
+
+    def effective(self) -> dict:
+        """Everything a run uses, every default filled in (what ``--show-recipe`` prints)."""
+        out = {"seed": self.seed, "validation": self.validation.model_dump()}
+        for stage in (1, 2):
+            body = self.stage(stage).to_dict()
+            body.pop("stage")
+            out[f"stage{stage}"] = {**body, "betas": list(body["betas"])}
+        return out
