@@ -79,6 +79,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from .lora_import import import_and_publish
+
+    where = import_and_publish(args.source, concept_id=args.id, trigger=args.trigger, model=args.model,
+                               storage=args.storage, rank=args.rank, alpha=args.alpha)
+    print(f"imported {args.source} as concept {args.id} -> {where}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     if args.url:
         (client,) = [ep for ep in entry_points(group="purecc.clients") if ep.name == "http"]
@@ -122,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true", help="TensorBoard event files in <out>/tensorboard")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("import", help="register a LoRA trained elsewhere (diffusers file or PEFT folder) as a "
+                                      "concept")
+    p.add_argument("source", help="pytorch_lora_weights.safetensors (or its folder), or a PEFT adapter folder")
+    p.add_argument("--id", required=True, help="concept id to publish it as")
+    p.add_argument("--trigger", required=True, help="the trigger word the LoRA was trained with")
+    p.add_argument("--model", required=True, help="the base model folder the LoRA was trained on")
+    p.add_argument("--storage", required=True, help="registry root (folder or s3:// URI) to publish into")
+    p.add_argument("--rank", type=int, default=4, help="the serving bank's LoRA rank (default 4)")
+    p.add_argument("--alpha", type=float, default=None, help="the serving bank's alpha (default: its rank)")
+    p.set_defaults(func=_import)
 
     p = sub.add_parser("generate", help="generate images with concepts (local model or --url service)")
     p.add_argument("--model", help="local diffusers SD3/SD3.5 folder (local mode)")
