@@ -2,7 +2,7 @@
 
     purecc submit BATCH.yaml --wait        # record + drive here, live table per concept
     purecc submit BATCH.yaml               # record + start a detached driver (log beside the ledger)
-    purecc status [ID] [--json] --batch BATCH.yaml   (or --ledger PATH, or PURECC_LEDGER)
+    purecc status [ID] [--json|--watch] --batch BATCH.yaml   (or --ledger PATH, or PURECC_LEDGER)
     purecc cancel ID --batch BATCH.yaml
     purecc resume --batch BATCH.yaml       # after a crash: finish every unfinished job
     purecc concepts --batch BATCH.yaml     # published concepts (or --storage ROOT)
@@ -87,9 +87,16 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from . import api
-    from .progress import format_table
+    from .progress import LiveTable, format_table
 
-    jobs = api.status(_ledger_of(args), args.concept_id)
+    ledger = _ledger_of(args)
+    jobs = api.status(ledger, args.concept_id)   # an unknown id is refused before watching
+    if args.watch:
+        live = LiveTable(interval=args.interval)
+        pick = (lambda js: [j for j in js if j.concept_id == args.concept_id]) if args.concept_id else list
+        jobs = pick(api.wait(ledger, poll_s=args.interval, on_tick=lambda js: live(pick(js))))
+        live.final(jobs)
+        return 1 if any(j.state == "failed" for j in jobs) else 0
     if args.json:
         json.dump([j.to_dict() for j in jobs], sys.stdout, indent=2, sort_keys=True)
         print()
@@ -148,6 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="state and progress of concept jobs")
     p.add_argument("concept_id", nargs="?", metavar="ID")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="update the table in place until no job is active")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between updates of --watch")
     _ledger_args(p)
     p.set_defaults(func=_status)
 
