@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 
 def _ledger_of(args: argparse.Namespace) -> str:
@@ -43,7 +44,7 @@ def _print_summary(ledger: str) -> int:
     from .progress import format_table
 
     jobs = api.status(ledger)
-    print(format_table(jobs))
+    print(format_table(jobs, now=time.time()))
     return 1 if any(j.state == "failed" for j in jobs) else 0
 
 
@@ -101,7 +102,7 @@ def _status(args: argparse.Namespace) -> int:
         json.dump([j.to_dict() for j in jobs], sys.stdout, indent=2, sort_keys=True)
         print()
     else:
-        print(format_table(jobs))
+        print(format_table(jobs, now=time.time()))
     return 0
 
 

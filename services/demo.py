@@ -5,8 +5,9 @@
 2. a local Ray cluster starts on 127.0.0.1; the batch is submitted to Ray Train and trained (stage 1,
    then stage 2, several trainings at once) with live progress until every concept is published;
 3. the Serve deployment starts on the same cluster; one request per concept and two-concept
-   compositions go over HTTP; the images, a grid PNG and a report (losses, stage times, latencies) are
-   saved; everything shuts down, also on Ctrl-C.
+   compositions go over HTTP; the images, a grid PNG (the prompt under every image), a loss-curve
+   plot per concept and a report (curves, stage times, latencies) are saved; everything shuts down,
+   also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -168,50 +169,70 @@ def serve_and_query(plan: DemoPlan, model: Path, jobs) -> list[dict]:
 
 
 def grid(plan: DemoPlan, results: list[dict]) -> Path:
-    """One row of labelled tiles, upscaled so the tiny images are visible."""
-    from PIL import Image, ImageDraw
+    """One row of tiles, upscaled so the tiny images are visible, each with its prompt under it."""
+    from PIL import Image
 
-    tile, label_h = 192, 28
-    sheet = Image.new("RGB", (tile * len(results), tile + label_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, r in enumerate(results):
-        img = Image.open(plan.out / r["image"]).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
-        sheet.paste(img, (i * tile, label_h))
-        draw.text((i * tile + 4, 6), r["name"][:30], fill="black")
-    path = plan.out / "grid.png"
-    sheet.save(path)
-    return path
+    from purecc.report_plots import captioned_grid
+
+    tiles = [(Image.open(plan.out / r["image"]), r["name"][:30], r["prompt"]) for r in results]
+    return captioned_grid(tiles, plan.out / "grid.png")
+
+
+def _curve(adapter: str | None) -> dict:
+    """The loss curve recorded in a local adapter's manifest (empty when there is none)."""
+    from purecc.adapter_files import AdapterFileError, read_adapter_manifest
+
+    if not adapter or "://" in adapter:
+        return {}
+    try:
+        return read_adapter_manifest(adapter).metrics.get("loss_curve") or {}
+    except AdapterFileError:
+        return {}
+
+
+def loss_curves(plan: DemoPlan, jobs, window_steps: int = 10) -> dict[str, dict]:
+    """Per concept: both stages' curves (bucket means and their sliding mean) and a plot of them."""
+    from purecc.report_plots import curve_series, plot_loss_curves
+
+    out = {}
+    for j in jobs:
+        stages = {"stage1": curve_series(_curve(j.stage1_adapter), window_steps),
+                  "stage2": curve_series(_curve(j.adapter), window_steps)}
+        plot = plot_loss_curves({"stage 1": stages["stage1"], "stage 2 (L_CC + eta L_pure)": stages["stage2"]},
+                                plan.out / "plots" / f"{j.concept_id}-loss.png", f"{j.concept_id}: training loss")
+        out[j.concept_id] = {**stages, "plot": str(plot.relative_to(plan.out))}
+    return out
 
 
 def report(plan: DemoPlan, model_note: str, jobs, results: list[dict], timings: dict) -> Path:
-    """Write report.json and report.md (training times, loss summaries, request latencies)."""
+    """Write report.json and report.md (training times, loss curves and plots, request latencies)."""
+    curves = loss_curves(plan, jobs)
     concepts = []
     for j in jobs:
-        from purecc.adapter_files import read_adapter_manifest
-
-        manifest = read_adapter_manifest(j.adapter) if j.adapter and "://" not in j.adapter else None
-        curve = (manifest.metrics.get("loss_curve") or {}) if manifest else {}
-        points = curve.get("points") or []
+        s2 = curves[j.concept_id]["stage2"]
         concepts.append({
             "id": j.concept_id, "trigger": j.spec.trigger, "state": j.state, "adapter": j.adapter,
             "stage1_s": (j.stage1_ended or 0) - (j.stage1_started or 0),
             "stage2_s": (j.stage2_ended or 0) - (j.stage2_started or 0),
-            # the first point of the bounded curve and the mean of the last 10 steps (single steps are noisy)
-            "stage2_first_loss": points[0][2] if points else None,
-            "stage2_last_loss": manifest.metrics.get("loss_last10") if manifest else None,
+            # sliding means over a window of steps at the start and the end (single steps are noisy)
+            "stage2_loss_first_window": s2["mean"][0] if s2 else None,
+            "stage2_loss_last_window": s2["mean"][-1] if s2 else None,
+            "loss_window_steps": s2["window_steps"] if s2 else None,
         })
     latencies = sorted(r["latency_s"] for r in results)
     data = {"model": model_note, "quick": plan.quick, "timings_s": timings, "concepts": concepts,
-            "requests": results, "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1]}
+            "loss_curves": curves, "requests": results, "latency_p50_s": latencies[len(latencies) // 2],
+            "latency_max_s": latencies[-1]}
     (plan.out / "report.json").write_text(json.dumps(data, indent=2, default=str))
     lines = ["# purecc demo report\n", f"model: {model_note}\n", "| concept | stage 1 training s | "
-             "stage 2 training s | stage-2 loss first -> last |", "|---|---|---|---|"]
+             "stage 2 training s | stage-2 loss, windowed mean first -> last |", "|---|---|---|---|"]
     for c in concepts:
-        first, last = c["stage2_first_loss"], c["stage2_last_loss"]
-        loss = f"{first:.4f} -> {last:.4f}" if first is not None else "n/a"
+        first, last = c["stage2_loss_first_window"], c["stage2_loss_last_window"]
+        loss = f"{first:.4f} -> {last:.4f} (mean of {c['loss_window_steps']} steps)" if first is not None else "n/a"
         lines.append(f"| {c['id']} | {c['stage1_s']:.1f} | {c['stage2_s']:.1f} | {loss} |")
-    lines += ["", "| request | latency ms | image |", "|---|---|---|"]
-    lines += [f"| {r['name']} | {r['latency_s'] * 1000:.0f} | {r['image']} |" for r in results]
+    lines += ["", "## Loss curves", ""] + [f"![{cid} loss]({c['plot']})" for cid, c in curves.items()]
+    lines += ["", "| request | latency ms | prompt | image |", "|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['latency_s'] * 1000:.0f} | {r['prompt']} | {r['image']} |" for r in results]
     lines += ["", "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "", "![grid](grid.png)"]
     path = plan.out / "report.md"
     path.write_text("\n".join(lines) + "\n")
