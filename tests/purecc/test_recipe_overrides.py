@@ -64,3 +64,13 @@ def test_effective_recipe_lists_every_field():
     assert set(eff["stage1"]) == set(stage_recipe(1).to_dict()) - {"stage"}
     # what --show-recipe prints is itself a valid recipe file giving the same recipe
     assert build_recipe(sets=[f"stage2.{k}={v}" for k, v in eff["stage2"].items()]).stage(2) == stage_recipe(2, steps=5)
+
+
+def test_show_recipe_output_is_a_recipe_file_of_the_same_run(tmp_path):
+    import yaml
+
+    r = build_recipe(sets=["stage1.lr=3e-4", "lambda_mode=adaptive", "validation.prompts=['a [v]']", "seed=5"])
+    f = tmp_path / "shown.yaml"
+    f.write_text(yaml.safe_dump(r.effective()))
+    again = build_recipe(f)
+    assert (again.stage(1), again.stage(2), again.seed, again.validation) == (r.stage(1), r.stage(2), 5, r.validation)

@@ -69,3 +69,19 @@ def test_show_recipe_prints_the_effective_recipe(capsys):
 def test_train_refuses_bad_recipes_naming_the_field(args, message, capsys):
     assert main(["train", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_rendering_during_a_stage_leaves_the_training_unchanged(tmp_path, tiny_model_dir, sample_manifests):
+    import torch
+    from safetensors.torch import load_file
+
+    common = ["train", "--model", str(tiny_model_dir), "--concept", "zigzag-star", "zqx",
+              str(sample_manifests["zigzag-star"]), "--stage", "1", "--steps1", "4", "--resolution", "64",
+              "--set", "stage1.grad_accum=1", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(common + ["--out", str(tmp_path / "rendered"), "--validation-prompt", "a [v] star",
+                          "--set", "validation.every=1", "--set", "validation.steps=2"]) == 0
+    assert len(list((tmp_path / "rendered" / "zigzag-star" / "validation" / "stage1").iterdir())) == 3
+    want, have = (load_file(tmp_path / run / "zigzag-star" / "stage1" / "pytorch_lora_weights.safetensors")
+                  for run in ("plain", "rendered"))
+    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
