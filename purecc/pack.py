@@ -143,6 +143,15 @@ def check_concept_data(member: ConceptPlan) -> ConceptManifest:
     return manifest
 
 
+def _tee(first: MetricsFn | None, then: MetricsFn) -> MetricsFn:
+    """One metrics callback calling ``first`` (the runner's, if any), then ``then`` (the logger's)."""
+    def both(m: dict) -> None:
+        if first is not None:
+            first(m)
+        then(m)
+    return both
+
+
 def _no_event(concept_id: str, event: str, detail: dict) -> None:
     """The default ``on_event``: nothing is recorded."""
 
@@ -152,7 +161,8 @@ class PackRecipe:
 
     ``extractor(concept_id)`` returns the local folder of the concept's stage-1 adapter (stage 2 with
     the stage-1 extractor); ``pipe``: an already loaded pipeline without a bank (default: loaded
-    from ``plan.base_model`` at ``setup``).
+    from ``plan.base_model`` at ``setup``); ``logger``: optional experiment logging (``PackLogger``:
+    every step's metrics and the validation images).
     """
 
     def __init__(self, plan: PackPlan, *, cache_dir: str | Path | None = None,
@@ -161,8 +171,8 @@ class PackRecipe:
         self.plan, self.cache_dir, self.extractor = plan, cache_dir, extractor
         self.on_metrics, self.on_event = on_metrics, on_event or _no_event
         self.logger = logger
-        if logger is not None:   # the logger sees every step's metrics after the runner's callback
-            self.on_metrics = lambda m, f=on_metrics: (f(m) if f else None, logger.log_metrics(m))
+        if logger is not None:
+            self.on_metrics = _tee(on_metrics, logger.log_metrics)
         self.pipe = pipe
         self.trainer: PackTrainer | None = None
         self.members: dict[str, ConceptPlan] = {}
