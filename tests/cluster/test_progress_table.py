@@ -95,8 +95,10 @@ def test_live_table_plain_prints_only_changed_rows(job):
     assert out.getvalue().splitlines()[-1].split()[4] == "2/6"
 
 
-def test_status_watch_follows_the_ledger_until_no_job_is_active(tmp_path, batch_files, capsys):
+def test_status_watch_follows_the_ledger_until_no_job_is_active(tmp_path, batch_files, monkeypatch):
+    import sys
     import threading
+    import time
 
     from purecc.cli import main
 
@@ -106,17 +108,21 @@ def test_status_watch_follows_the_ledger_until_no_job_is_active(tmp_path, batch_
         ids = [j.concept_id for j in led.jobs()]
         for cid in ids[1:]:
             led.request_cancel(cid)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)   # not a terminal: the plain log
 
-    def cancel_last():
+    def cancel_once_shown():
+        """Cancel the last active job once the watch has printed it queued (no race with its start)."""
+        deadline = time.time() + 120
+        while "queued" not in out.getvalue() and time.time() < deadline:
+            time.sleep(0.05)
         with JobLedger(ledger) as led:
             led.request_cancel(ids[0])
 
-    timer = threading.Timer(0.5, cancel_last)
-    timer.start()
-    try:
-        assert main(["status", ids[0], "--watch", "--interval", "0.1", "--ledger", str(ledger)]) == 0
-    finally:
-        timer.cancel()
-    lines = capsys.readouterr().out.splitlines()
+    thread = threading.Thread(target=cancel_once_shown, daemon=True)
+    thread.start()
+    assert main(["status", ids[0], "--watch", "--interval", "0.1", "--ledger", str(ledger)]) == 0
+    thread.join(timeout=10)
+    lines = out.getvalue().splitlines()
     assert [line.split()[1:3] for line in lines[1:]] == [[ids[0], "queued"], [ids[0], "cancelled"]]
     assert all(cid not in "\n".join(lines) for cid in ids[1:])
