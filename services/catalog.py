@@ -2,15 +2,22 @@
 
 So a concept published while the service runs is found on its first request, and a re-published
 one is picked up within ``ttl_s`` (its new weights' sha256 becomes the version the generator loads).
+A concept whose registry entry is bad is never cached: ``lookup`` raises ``ConceptUnservable``
+(HTTP 404 with the reason) and ``list`` leaves it out; both log why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
-from purecc.adapter_files import AdapterManifest
+from purecc.adapter_files import AdapterFileError, AdapterManifest
 from purecc.registry import AdapterRegistry
+
+from .errors import ConceptUnservable
+
+log = logging.getLogger(__name__)
 
 
 class ConceptCatalog:
@@ -21,11 +28,19 @@ class ConceptCatalog:
         self._manifests: dict[str, tuple[float, AdapterManifest]] = {}
 
     async def lookup(self, concept_id: str) -> AdapterManifest | None:
-        """The manifest of ``concept_id`` (cached up to ``ttl_s``), or None when it is not published."""
+        """The manifest of ``concept_id`` (cached up to ``ttl_s``), or None when it is not published.
+
+        Raises ``ConceptUnservable`` (with the reason) when its registry entry is bad.
+        """
         cached = self._manifests.get(concept_id)
         if cached is not None and time.monotonic() - cached[0] < self.ttl_s:
             return cached[1]
-        manifest = await asyncio.to_thread(self.registry.manifest, concept_id)
+        try:
+            manifest = await asyncio.to_thread(self.registry.manifest, concept_id)
+        except AdapterFileError as exc:
+            self._manifests.pop(concept_id, None)
+            log.warning("catalog: concept %s cannot be served: %s", concept_id, exc)
+            raise ConceptUnservable(concept_id, str(exc)) from None
         if manifest is None:
             self._manifests.pop(concept_id, None)
         else:
@@ -33,7 +48,7 @@ class ConceptCatalog:
         return manifest
 
     async def list(self) -> list[AdapterManifest]:
-        """Every published manifest, read afresh; refreshes the cache."""
+        """Every servable manifest, read afresh (bad entries are logged and left out); refreshes the cache."""
         manifests = await asyncio.to_thread(self.registry.list)
         now = time.monotonic()
         self._manifests = {m.concept_id: (now, m) for m in manifests}

@@ -18,6 +18,16 @@ class UnknownConcept(LookupError):
         return f"concept {self.concept_id!r} {self.reason}"
 
 
+class ConceptUnservable(UnknownConcept):
+    """The registry holds the concept but its entry is bad (a malformed manifest, a missing or unsafe
+    file, ...): not servable (HTTP 404), with the reason, which never names a server path."""
+
+    def __init__(self, concept_id: str, reason: str):
+        prefix = f"concept {concept_id}: "
+        detail = reason[len(prefix):] if reason.startswith(prefix) else reason
+        super().__init__(concept_id, f"cannot be served: {detail}")
+
+
 class ConceptUnloadable(ValueError):
     """The concept exists but its adapter cannot be loaded into this bank (HTTP 422)."""
 
