@@ -150,7 +150,8 @@ class HostAdapterCache:
             raise UnknownConcept(concept_id, f"has no published version with weights {version[:16]}")
         return found
 
-    def _read(self, concept_id: str, registry_version: str) -> HostAdapter:
+    def _read(self, concept_id: str, registry_version: str | None = None) -> HostAdapter:
+        """Fetch and load one registry version (None: the current one) into host memory."""
         if self._closed:
             raise RuntimeError(f"host cache: closed, cannot read {concept_id!r}")
         # a folder per read: concurrent reads of one concept (two versions) never share files
