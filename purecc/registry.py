@@ -337,6 +337,16 @@ class AdapterRegistry:
         except OSError as exc:
             return RegistryEntry(concept_id, version, None, owner, reason=f"unreadable ({type(exc).__name__})")
 
+    def verify(self, concept_id: str, version: str) -> AdapterManifest:
+        """Fully check one version (manifest, every file's size and sha256, safetensors layout, finite
+        weights; reads the weights) and return its manifest; ``AdapterFileError`` names what is wrong."""
+        folder = self._version_path(concept_id, version)
+        if self._type(folder) != pafs.FileType.Directory:
+            raise UnknownVersion(concept_id, version)
+        manifest = self._manifest_at(concept_id, folder)
+        self._verify(concept_id, version, folder, manifest)
+        return manifest
+
     def _verify(self, concept_id: str, version: str, folder: str, manifest: AdapterManifest) -> None:
         label = f"concept {concept_id}"
         if self.is_local:

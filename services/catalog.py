@@ -3,7 +3,10 @@
 So a concept published while the service runs is found on its first request, and a re-published
 one is picked up within ``ttl_s`` (its new weights' sha256 becomes the version the generator loads).
 A concept whose registry entry is bad is never cached: ``lookup`` raises ``ConceptUnservable``
-(HTTP 404 with the reason) and ``list`` leaves it out; both log why.
+(HTTP 404 with the reason) and ``list`` leaves it out; both log why. ``list`` also checks every
+version fully once (hashes, safetensors, finite weights: ``AdapterRegistry.verify``) and keeps
+the verdict, which stays true because versions never change; a request for a concept whose files
+are bad in a way only that full check sees is answered 422 by the generator's load.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class ConceptCatalog:
     def __init__(self, registry: AdapterRegistry, ttl_s: float = 2.0):
         self.registry, self.ttl_s = registry, ttl_s
         self._manifests: dict[str, tuple[float, AdapterManifest]] = {}
+        self._verdicts: dict[tuple[str, str], str | None] = {}     # (id, version) -> why unservable, or None
 
     async def lookup(self, concept_id: str) -> AdapterManifest | None:
         """The manifest of ``concept_id`` (cached up to ``ttl_s``), or None when it is not published.
@@ -49,7 +53,26 @@ class ConceptCatalog:
 
     async def list(self) -> list[AdapterManifest]:
         """Every servable manifest, read afresh (bad entries are logged and left out); refreshes the cache."""
-        manifests = await asyncio.to_thread(self.registry.list)
+        manifests = await asyncio.to_thread(self._servable)
         now = time.monotonic()
         self._manifests = {m.concept_id: (now, m) for m in manifests}
         return manifests
+
+    def _servable(self) -> list[AdapterManifest]:
+        out = []
+        for entry in self.registry.scan():
+            if not entry.servable:
+                if entry.reason != "no published version":
+                    log.warning("catalog: concept %s cannot be served: %s", entry.concept_id, entry.reason)
+                continue
+            key = (entry.concept_id, entry.version)
+            if key not in self._verdicts:
+                try:
+                    self.registry.verify(entry.concept_id, entry.version)
+                    self._verdicts[key] = None
+                except (KeyError, AdapterFileError) as exc:
+                    self._verdicts[key] = str(exc)
+                    log.warning("catalog: concept %s cannot be served: %s", entry.concept_id, exc)
+            if self._verdicts[key] is None:
+                out.append(entry.manifest)
+        return out
