@@ -375,9 +375,10 @@ def _label(folder: Path, expected_id: str | None) -> str:
 
 
 def adapter_folder(folder: str | Path) -> Path:
-    """``folder`` itself, or the current version's folder when it is a registry concept folder."""
+    """``folder`` itself, or the current version's folder when it is a registry concept folder (its
+    pointer wins over an old flat layout's files beside it)."""
     folder = Path(folder)
-    if (folder / MANIFEST).exists() or not (folder / POINTER).exists():
+    if not (folder / POINTER).exists():
         return folder
     cid = validate_concept_id(folder.name, "adapter folder")
     ptr = parse_pointer(read_regular_file(folder / POINTER, MAX_JSON_FILE_BYTES, label=f"adapter {cid}",
@@ -426,16 +427,22 @@ def parse_weights(data: bytes, *, label: str, name: str,
     return tensors
 
 
-def check_publishable(folder: str | Path, concept_id: str) -> AdapterManifest:
-    """What ``purecc.registry`` checks before publishing a folder: manifest, hashes, safetensors, finiteness."""
-    folder = Path(folder)
-    manifest = read_adapter_manifest(folder, concept_id=concept_id)
+def check_publishable(files: dict[str, bytes], concept_id: str) -> AdapterManifest:
+    """What ``purecc.registry`` checks in a folder's bytes before publishing them: the manifest (naming
+    ``concept_id``), every listed file present with its sha256, safetensors layout, finite weights."""
     label = f"adapter {concept_id}"
-    for name, data in read_listed_files(folder, manifest, label=label).items():
+    if MANIFEST not in files:
+        raise ManifestMissing(f"{label}: no {MANIFEST} (incomplete or not a purecc adapter)")
+    manifest = parse_manifest(files[MANIFEST], label=label, expected_id=concept_id)
+    for name, digest in manifest.files.items():
+        if name not in files:
+            raise FileMissing(f"{label}: file {name} is missing")
+        if sha256_bytes(files[name]) != digest:
+            raise HashMismatch(f"{label}: sha256 of {name} does not match its manifest")
         if name.endswith(".safetensors"):
-            parse_weights(data, label=label, name=name)
+            parse_weights(files[name], label=label, name=name)
         elif name.endswith(".json"):
-            parse_json(data, f"{label}: {name}")
+            parse_json(files[name], f"{label}: {name}")
     return manifest
 
 

@@ -385,8 +385,8 @@ class AdapterRegistry:
         label = f"publish {cid}"
         if not (folder / MANIFEST).is_file():
             raise ManifestMissing(f"{label}: the folder has no {MANIFEST}")
-        check_publishable(folder, cid)
         files = local_files(folder, label)
+        check_publishable(files, cid)              # the very bytes that are uploaded
         version = content_version(files)
         try:
             previous = self._pointer(cid) if self._type(self.concept_path(cid)) == pafs.FileType.Directory \

@@ -42,7 +42,7 @@ from purecc.adapter_files import DIFFUSERS_WEIGHTS, AdapterFileError, AdapterMan
 from purecc.bank import AdapterBank
 from purecc.registry import AdapterRegistry
 
-from .errors import ConceptUnloadable, SlotsBusy, TooManyConcepts, UnknownConcept
+from .errors import ConceptUnloadable, ConceptUnreadable, SlotsBusy, TooManyConcepts, UnknownConcept
 
 
 def adapter_version(manifest: AdapterManifest) -> str:
@@ -107,6 +107,8 @@ class HostAdapterCache:
             self.misses += 1
         try:
             item = self._read(concept_id, registry_version)
+        except ConceptUnreadable:
+            raise                       # storage trouble: the next request tries again
         except ConceptUnloadable as exc:
             with self._lock:
                 self._unloadable[key] = (time.monotonic() + self.unloadable_s, exc.reason)
@@ -143,6 +145,8 @@ class HostAdapterCache:
             raise UnknownConcept(concept_id) from None
         except AdapterFileError as exc:
             raise ConceptUnloadable(concept_id, str(exc)) from None
+        except OSError as exc:
+            raise ConceptUnreadable(concept_id, f"the registry cannot be read now ({type(exc).__name__})") from None
         if version is None or adapter_version(current[1]) == version:
             return current
         found = self.registry.find_version(concept_id, version)
@@ -163,6 +167,9 @@ class HostAdapterCache:
                 raise UnknownConcept(concept_id) from None
             except AdapterFileError as exc:
                 raise ConceptUnloadable(concept_id, str(exc)) from None
+            except OSError as exc:
+                raise ConceptUnreadable(concept_id, f"its files cannot be read now ({type(exc).__name__})") \
+                    from None
             try:
                 manifest, flat = load_flat(self.bank, folder, base_fingerprint=self.base_fingerprint,
                                            concept_id=concept_id)

@@ -45,6 +45,10 @@ class ConceptCatalog:
             self._manifests.pop(concept_id, None)
             log.warning("catalog: concept %s cannot be served: %s", concept_id, exc)
             raise ConceptUnservable(concept_id, str(exc)) from None
+        except OSError as exc:           # storage trouble: answered with the reason, never a 500
+            log.warning("catalog: concept %s: the registry cannot be read: %r", concept_id, exc)
+            raise ConceptUnservable(concept_id, f"its registry entry cannot be read now ({type(exc).__name__})") \
+                from None
         if manifest is None:
             self._manifests.pop(concept_id, None)
         else:

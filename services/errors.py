@@ -39,6 +39,11 @@ class ConceptUnloadable(ValueError):
         return f"concept {self.concept_id!r} cannot be loaded: {self.reason}"
 
 
+class ConceptUnreadable(ConceptUnloadable):
+    """The registry could not be read just now (a storage error): the load failed, but the concept is
+    not marked unloadable, so the next request tries again (HTTP 422, as its parent)."""
+
+
 class SlotsBusy(RuntimeError):
     """No device slot could be freed in time: every slot is pinned by in-flight requests (HTTP 503)."""
 

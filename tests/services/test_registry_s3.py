@@ -167,3 +167,23 @@ def test_bad_objects_are_reported_not_served(s3_root, adapter_factory, tmp_path)
     with pytest.raises(UnsafeFile, match="not a plain file name"):
         reg.fetch("good", tmp_path / "cache")
     assert not list(Path(tmp_path).rglob("escape.json"))
+
+
+def test_an_unreachable_store_is_a_named_refusal_never_a_mark(s3_root, tmp_path, bank_and_fp):
+    import asyncio
+    import socket
+
+    from services.errors import ConceptUnreadable
+
+    with socket.socket() as s:                  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reg = AdapterRegistry(f"s3://{BUCKET}/gone?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
+    bank, fp = bank_and_fp
+    host = HostAdapterCache(reg, bank, base_fingerprint=fp, cache_dir=tmp_path / "host")
+    with pytest.raises(ConceptUnreadable, match="cannot be read now"):
+        host.get("zig")
+    assert host.stats()["unloadable"] == []          # storage trouble is retried by the next request
+    with pytest.raises(ConceptUnservable, match="cannot be read now"):
+        asyncio.run(ConceptCatalog(reg, ttl_s=0).lookup("zig"))
+    host.close()
