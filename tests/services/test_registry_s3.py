@@ -187,3 +187,17 @@ def test_an_unreachable_store_is_a_named_refusal_never_a_mark(s3_root, tmp_path,
     with pytest.raises(ConceptUnservable, match="cannot be read now"):
         asyncio.run(ConceptCatalog(reg, ttl_s=0).lookup("zig"))
     host.close()
+
+
+def test_concurrent_fetches_of_one_version_share_one_copy(s3_root, adapter_factory, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, _, _ = s3_root
+    reg = AdapterRegistry(root)
+    reg.publish("many", adapter_factory.write("many", seed=60))
+    version, _ = reg.current("many")
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: AdapterRegistry(root).fetch("many", tmp_path / "cache"), range(16)))
+    assert set(folders) == {tmp_path / "cache" / "many" / version}
+    assert sorted(p.name for p in (tmp_path / "cache" / "many").iterdir()) == [version]   # no temp left
+    assert (folders[0] / MANIFEST).is_file() and (folders[0] / DIFFUSERS_WEIGHTS).is_file()

@@ -22,6 +22,8 @@ from purecc.adapter_files import DIFFUSERS_WEIGHTS, MANIFEST
 from purecc.fileio import sha256_bytes
 from purecc.registry import AdapterRegistry
 
+pytestmark = pytest.mark.ray
+
 
 def free_port() -> int:
     with socket.socket() as s:
