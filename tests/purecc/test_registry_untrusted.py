@@ -308,3 +308,16 @@ def test_flat_layout_is_read_and_migrated(bank_fp, tmp_path):
     new = reg.publish("old", write_adapter(bank, fp, tmp_path / "new", "old", seed=31))
     assert reg.current("old")[0] == Path(new).name and Path(reg.path_of("old")) == Path(new)
     assert reg.versions("old") == [Path(new).name]
+
+
+def test_a_concept_folder_reads_as_its_current_version(reg, bank_fp, tmp_path):
+    """``<root>/adapters/<id>`` (what the ledger records, what ``purecc generate --concept`` gets)."""
+    bank, fp = bank_fp
+    concept = reg.concept_path("alpha")
+    assert af.read_adapter_manifest(concept).files == reg.current("alpha")[1].files
+    _, flat = load_flat(bank, concept, base_fingerprint=fp)
+    _, same = load_flat(bank, reg.path_of("alpha"), base_fingerprint=fp)
+    assert torch.equal(flat, same)
+    (Path(concept) / POINTER).write_text('{"version": "../../../etc"}')
+    with pytest.raises(af.ManifestInvalid, match="current.json"):
+        af.read_adapter_manifest(concept)
