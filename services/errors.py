@@ -23,9 +23,9 @@ class ConceptUnservable(UnknownConcept):
     file, ...): not servable (HTTP 404), with the reason, which never names a server path."""
 
     def __init__(self, concept_id: str, reason: str):
-        prefix = f"concept {concept_id}: "
+        prefix, lead = f"concept {concept_id}: ", "cannot be served: "
         detail = reason[len(prefix):] if reason.startswith(prefix) else reason
-        super().__init__(concept_id, f"cannot be served: {detail}")
+        super().__init__(concept_id, detail if detail.startswith(lead) else lead + detail)   # pickles as is
 
 
 class ConceptUnloadable(ValueError):

@@ -201,3 +201,18 @@ def test_concurrent_fetches_of_one_version_share_one_copy(s3_root, adapter_facto
     assert set(folders) == {tmp_path / "cache" / "many" / version}
     assert sorted(p.name for p in (tmp_path / "cache" / "many").iterdir()) == [version]   # no temp left
     assert (folders[0] / MANIFEST).is_file() and (folders[0] / DIFFUSERS_WEIGHTS).is_file()
+
+
+def test_refusals_pickle_unchanged():
+    """They cross Ray's process boundaries (generator -> ingress) and must read the same after."""
+    import pickle
+
+    from purecc.registry import NotOwner, UnknownVersion
+    from services.errors import ConceptUnreadable
+
+    for exc in (ConceptUnservable("zig", "concept zig: purecc_adapter.json is not valid JSON"),
+                ConceptUnreadable("zig", "its files cannot be read now (OSError)"), NotOwner("zig", "ann"),
+                UnknownVersion("zig", "0" * 32)):
+        again = pickle.loads(pickle.dumps(exc))
+        assert type(again) is type(exc) and str(again) == str(exc)
+    assert str(ConceptUnservable("zig", "concept zig: x")) == "concept 'zig' cannot be served: x"
