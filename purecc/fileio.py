@@ -64,3 +64,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data`` (files read once into memory are hashed and parsed from the same bytes)."""
+    return hashlib.sha256(data).hexdigest()

@@ -42,7 +42,7 @@ from purecc.adapter_files import DIFFUSERS_WEIGHTS, AdapterFileError, AdapterMan
 from purecc.bank import AdapterBank
 from purecc.registry import AdapterRegistry
 
-from .errors import ConceptUnloadable, SlotsBusy, TooManyConcepts, UnknownConcept
+from .errors import ConceptUnloadable, ConceptUnreadable, SlotsBusy, TooManyConcepts, UnknownConcept
 
 
 def adapter_version(manifest: AdapterManifest) -> str:
@@ -65,56 +65,114 @@ class HostAdapterCache:
     and removed once the vector is in memory (a miss fetches again anyway), so evicted concepts
     leave no files. ``cache_dir`` defaults to a temporary folder of the cache's own, removed by
     ``close()`` (or, failing that, when the cache is garbage-collected or the process exits).
+
+    The version loaded is the version asked for: a request names the weights' sha256 it was
+    told about, and when the registry's pointer has moved on since, that older (immutable)
+    version is read, not the new one. A version that fails to load (bad files, NaN weights, another
+    base) is marked unloadable for ``unloadable_s`` seconds: its requests fail at once with the
+    same ``ConceptUnloadable``, and no slot is ever touched for it.
     """
 
     def __init__(self, registry: AdapterRegistry, bank: AdapterBank, *, base_fingerprint: str,
-                 capacity: int = 64, cache_dir: str | Path | None = None):
+                 capacity: int = 64, cache_dir: str | Path | None = None, unloadable_s: float = 30.0):
         if capacity < 1:
             raise ValueError(f"host_cache: must hold at least 1 concept, got {capacity}")
         self.registry, self.bank, self.capacity = registry, bank, capacity
         self.base_fingerprint = base_fingerprint
+        self.unloadable_s = unloadable_s
         self._own_dir = None if cache_dir else tempfile.TemporaryDirectory(prefix="purecc-adapters-")
         self.cache_dir = Path(cache_dir or self._own_dir.name)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._closed = False
         self.pin = bank.storage.is_cuda
         self._items: OrderedDict[tuple[str, str], HostAdapter] = OrderedDict()
+        self._unloadable: dict[tuple[str, str], tuple[float, str]] = {}
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def get(self, concept_id: str, version: str | None = None) -> HostAdapter:
         """The concept's adapter (``version``: its weights' sha256; None = the registry's current one)."""
-        if version is None:
-            manifest = self.registry.manifest(concept_id)
-            if manifest is None:
-                raise UnknownConcept(concept_id)
-            version = adapter_version(manifest)
-        with self._lock:
-            item = self._items.get((concept_id, version))
+        if version is not None:
+            item = self._hit((concept_id, version))
             if item is not None:
-                self._items.move_to_end((concept_id, version))
-                self.hits += 1
                 return item
+            self._refuse_if_marked((concept_id, version))
+        registry_version, manifest = self._resolve(concept_id, version)
+        key = (concept_id, adapter_version(manifest))
+        item = self._hit(key) if version is None else None
+        if item is not None:
+            return item
+        self._refuse_if_marked(key)
+        with self._lock:
             self.misses += 1
-        item = self._read(concept_id)
+        try:
+            item = self._read(concept_id, registry_version)
+        except ConceptUnreadable:
+            raise                       # storage trouble: the next request tries again
+        except ConceptUnloadable as exc:
+            with self._lock:
+                self._unloadable[key] = (time.monotonic() + self.unloadable_s, exc.reason)
+            raise
         with self._lock:
             self._items[(concept_id, adapter_version(item.manifest))] = item
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return item
 
-    def _read(self, concept_id: str) -> HostAdapter:
+    def _hit(self, key: tuple[str, str]) -> HostAdapter | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            return item
+
+    def _refuse_if_marked(self, key: tuple[str, str]) -> None:
+        """Raise the recorded ``ConceptUnloadable`` while ``key`` is marked unloadable."""
+        with self._lock:
+            mark = self._unloadable.get(key)
+            if mark is not None and mark[0] <= time.monotonic():
+                del self._unloadable[key]
+                mark = None
+        if mark is not None:
+            raise ConceptUnloadable(key[0], mark[1])
+
+    def _resolve(self, concept_id: str, version: str | None) -> tuple[str, AdapterManifest]:
+        """(registry version, manifest) to load: the current one, or the one whose weights are ``version``."""
+        try:
+            current = self.registry.current(concept_id)
+        except KeyError:
+            raise UnknownConcept(concept_id) from None
+        except AdapterFileError as exc:
+            raise ConceptUnloadable(concept_id, str(exc)) from None
+        except OSError as exc:
+            raise ConceptUnreadable(concept_id, f"the registry cannot be read now ({type(exc).__name__})") from None
+        if version is None or adapter_version(current[1]) == version:
+            return current
+        found = self.registry.find_version(concept_id, version)
+        if found is None:
+            raise UnknownConcept(concept_id, f"has no published version with weights {version[:16]}")
+        return found
+
+    def _read(self, concept_id: str, registry_version: str | None = None) -> HostAdapter:
+        """Fetch and load one registry version (None: the current one) into host memory."""
         if self._closed:
             raise RuntimeError(f"host cache: closed, cannot read {concept_id!r}")
         # a folder per read: concurrent reads of one concept (two versions) never share files
         work = Path(tempfile.mkdtemp(prefix=".read-", dir=self.cache_dir))
         try:
-            try:
-                folder = self.registry.fetch(concept_id, work)   # a local registry's own folder: read in place
+            try:       # a local registry's own folder: read in place
+                folder = self.registry.fetch(concept_id, work, version=registry_version)
             except KeyError:
                 raise UnknownConcept(concept_id) from None
+            except AdapterFileError as exc:
+                raise ConceptUnloadable(concept_id, str(exc)) from None
+            except OSError as exc:
+                raise ConceptUnreadable(concept_id, f"its files cannot be read now ({type(exc).__name__})") \
+                    from None
             try:
-                manifest, flat = load_flat(self.bank, folder, base_fingerprint=self.base_fingerprint)
+                manifest, flat = load_flat(self.bank, folder, base_fingerprint=self.base_fingerprint,
+                                           concept_id=concept_id)
             except AdapterFileError as exc:
                 raise ConceptUnloadable(concept_id, str(exc)) from None
         finally:
@@ -131,10 +189,12 @@ class HostAdapterCache:
             self._own_dir.cleanup()
 
     def stats(self) -> dict:
-        """Cache size, capacity, hits and misses."""
+        """Cache size, capacity, hits, misses and the concepts marked unloadable now."""
+        now = time.monotonic()
         with self._lock:
+            marked = sorted({cid for (cid, _), (until, _) in self._unloadable.items() if until > now})
             return {"cached": len(self._items), "capacity": self.capacity, "hits": self.hits,
-                    "misses": self.misses}
+                    "misses": self.misses, "unloadable": marked}
 
 
 @dataclass(eq=False)

@@ -98,6 +98,12 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
+@api.exception_handler(UnknownConcept)
+async def _unknown_concept(request: Request, exc: UnknownConcept) -> JSONResponse:
+    """An unknown or unservable concept found outside the generator call (the catalog): 404, its reason."""
+    return JSONResponse(ErrorBody(detail=str(exc), concept=exc.concept_id).model_dump(), status_code=404)
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 shape without the offending input, which may not even be JSON (NaN) or be huge."""

@@ -18,6 +18,16 @@ class UnknownConcept(LookupError):
         return f"concept {self.concept_id!r} {self.reason}"
 
 
+class ConceptUnservable(UnknownConcept):
+    """The registry holds the concept but its entry is bad (a malformed manifest, a missing or unsafe
+    file, ...): not servable (HTTP 404), with the reason, which never names a server path."""
+
+    def __init__(self, concept_id: str, reason: str):
+        prefix, lead = f"concept {concept_id}: ", "cannot be served: "
+        detail = reason[len(prefix):] if reason.startswith(prefix) else reason
+        super().__init__(concept_id, detail if detail.startswith(lead) else lead + detail)   # pickles as is
+
+
 class ConceptUnloadable(ValueError):
     """The concept exists but its adapter cannot be loaded into this bank (HTTP 422)."""
 
@@ -27,6 +37,11 @@ class ConceptUnloadable(ValueError):
 
     def __str__(self) -> str:
         return f"concept {self.concept_id!r} cannot be loaded: {self.reason}"
+
+
+class ConceptUnreadable(ConceptUnloadable):
+    """The registry could not be read just now (a storage error): the load failed, but the concept is
+    not marked unloadable, so the next request tries again (HTTP 422, as its parent)."""
 
 
 class SlotsBusy(RuntimeError):
