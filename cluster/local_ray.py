@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
 
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -19,10 +20,12 @@ LOOPBACK_ENV = {
 }
 
 
-def loopback_env() -> None:
-    """Export the loopback settings (before ``import ray`` starts any process)."""
+def loopback_env(extra: Mapping[str, str] | None = None) -> None:
+    """Export the loopback settings (kept where already set) and ``extra`` (always), before
+    ``import ray`` starts any process."""
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
+    os.environ.update(extra or {})
 
 
 def is_loopback(address: str) -> bool:
@@ -32,17 +35,18 @@ def is_loopback(address: str) -> bool:
 
 
 def start_local_ray(num_cpus: int | None = None, *, temp_dir: str | Path | None = None,
-                    address: str | None = None, quiet: bool = True):
+                    address: str | None = None, quiet: bool = True, env: Mapping[str, str] | None = None):
     """``ray.init`` for a laptop/CI run (no dashboard, 127.0.0.1), or join ``address`` on a cluster.
 
     The loopback environment is exported for a local cluster or a loopback ``address`` only, and
     must be in place before Ray is first imported (Ray reads it at import): import ``ray`` after
-    this call, or call ``loopback_env()`` first.
+    this call, or call ``loopback_env()`` first. ``env``: more variables for every process of a local
+    cluster (e.g. ``services.limits.proxy_environment``); only a cluster this call starts gets them.
 
     Returns the ``ray`` module. Idempotent: an already-initialised Ray is reused.
     """
     if not address or is_loopback(address):
-        loopback_env()   # not when joining a remote head: the driver must keep its real node IP
+        loopback_env(env)   # not when joining a remote head: the driver must keep its real node IP
     import ray
 
     if ray.is_initialized():
@@ -52,7 +56,7 @@ def start_local_ray(num_cpus: int | None = None, *, temp_dir: str | Path | None 
         return ray
     kwargs = {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False,
               "_node_ip_address": "127.0.0.1", "log_to_driver": not quiet,
-              "runtime_env": {"env_vars": dict(LOOPBACK_ENV)}}
+              "runtime_env": {"env_vars": {**LOOPBACK_ENV, **(env or {})}}}
     if temp_dir is not None:
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
