@@ -34,6 +34,21 @@ def is_loopback(address: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
+def _keep_local_node_ip() -> None:
+    """Keep ``_node_ip_address="127.0.0.1"`` even when ``ray`` was imported before ``loopback_env``.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import (``ray/_private/ray_constants.py``,
+    ``ENABLE_RAY_CLUSTER``); with it on, ``ray.init`` turns 127.0.0.1 into the machine's external
+    address (``ray/_private/services.py``, ``resolve_ip_for_localhost`` -> ``get_node_ip_address``)
+    and every Ray process then listens on all interfaces. A module imported early (anything that
+    imports ``ray`` or ``services.app``) would silently open the cluster; this makes the import
+    order irrelevant for a local cluster. The processes Ray starts read the exported variable.
+    """
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_local_ray(num_cpus: int | None = None, *, temp_dir: str | Path | None = None,
                     address: str | None = None, quiet: bool = True, env: Mapping[str, str] | None = None):
     """``ray.init`` for a laptop/CI run (no dashboard, 127.0.0.1), or join ``address`` on a cluster.
@@ -54,6 +69,7 @@ def start_local_ray(num_cpus: int | None = None, *, temp_dir: str | Path | None 
     if address:
         ray.init(address=address, log_to_driver=not quiet)
         return ray
+    _keep_local_node_ip()
     kwargs = {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False,
               "_node_ip_address": "127.0.0.1", "log_to_driver": not quiet,
               "runtime_env": {"env_vars": {**LOOPBACK_ENV, **(env or {})}}}

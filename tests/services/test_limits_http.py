@@ -36,7 +36,6 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
     from cluster.local_ray import start_local_ray
-    from services.app import INGRESS_HEADROOM, build_app
     from services.config import ServiceConfig
 
     work = tmp_path_factory.mktemp("limits")
@@ -45,7 +44,9 @@ def service(tiny_model_dir, tmp_path_factory):
     env = proxy_environment(LIMITS)
     saved = {k: os.environ.get(k) for k in env}
     ray = start_local_ray(2, temp_dir=temp_dir, env=env)
-    from ray import serve
+    from ray import serve     # ray and services.app only now: Ray reads its node-IP settings at import
+
+    from services.app import INGRESS_HEADROOM, build_app
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
