@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from fastapi import FastAPI, Request     # module level: this module's annotations are strings
 
 from services.limits import ENV_SETTINGS, LimitSettings, proxy_environment
 
@@ -186,6 +187,47 @@ def test_the_batch_route_has_its_own_larger_limit(service):
     assert resp.status_code == 404 and "not enabled" in resp.json()["detail"], resp.text
     too_big = b" " * (LIMITS.max_batch_body_bytes + 1)
     assert requests.post(url + "/v1/batches", data=too_big, timeout=30).status_code == 413
+
+
+def test_the_ingress_enforces_its_config_without_the_proxy_hook():
+    """Installed on a FastAPI app (as ``services.app`` does), settings from ``app.state.limits``,
+    served by uvicorn on 127.0.0.1 without Serve."""
+    import threading
+
+    import uvicorn
+
+    from services.limits import install
+
+    app = FastAPI()
+    install(app)
+    app.state.limits = LimitSettings(max_body_bytes=2048, body_timeout_s=1.0)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        return {"bytes": len(await request.body())}
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/echo"
+        assert requests.post(url, data=b"x" * 2048, timeout=10).json() == {"bytes": 2048}
+        over = requests.post(url, data=iter([b"x" * 1024] * 3), timeout=10)          # chunked
+        assert over.status_code == 413 and over.json()["detail"] == "the body exceeds 2048 bytes"
+        assert over.headers["connection"] == "close"
+        stalled = stalled_request(port, "/echo", chunked=False)
+        try:
+            fate = outcomes([stalled], within_s=10)
+        finally:
+            stalled.close()
+        assert list(fate.values()) == ["HTTP/1.1 408 Request Timeout"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_render_cost_is_bounded(service):
