@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
 
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -19,10 +20,12 @@ LOOPBACK_ENV = {
 }
 
 
-def loopback_env() -> None:
-    """Export the loopback settings (before ``import ray`` starts any process)."""
+def loopback_env(extra: Mapping[str, str] | None = None) -> None:
+    """Export the loopback settings (kept where already set) and ``extra`` (always), before
+    ``import ray`` starts any process."""
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
+    os.environ.update(extra or {})
 
 
 def is_loopback(address: str) -> bool:
@@ -31,18 +34,34 @@ def is_loopback(address: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
+def _keep_local_node_ip() -> None:
+    """Keep ``_node_ip_address="127.0.0.1"`` even when ``ray`` was imported before ``loopback_env``.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import (``ray/_private/ray_constants.py``,
+    ``ENABLE_RAY_CLUSTER``); with it on, ``ray.init`` turns 127.0.0.1 into the machine's external
+    address (``ray/_private/services.py``, ``resolve_ip_for_localhost`` -> ``get_node_ip_address``)
+    and every Ray process then listens on all interfaces. A module imported early (anything that
+    imports ``ray`` or ``services.app``) would silently open the cluster; this makes the import
+    order irrelevant for a local cluster. The processes Ray starts read the exported variable.
+    """
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_local_ray(num_cpus: int | None = None, *, temp_dir: str | Path | None = None,
-                    address: str | None = None, quiet: bool = True):
+                    address: str | None = None, quiet: bool = True, env: Mapping[str, str] | None = None):
     """``ray.init`` for a laptop/CI run (no dashboard, 127.0.0.1), or join ``address`` on a cluster.
 
     The loopback environment is exported for a local cluster or a loopback ``address`` only, and
     must be in place before Ray is first imported (Ray reads it at import): import ``ray`` after
-    this call, or call ``loopback_env()`` first.
+    this call, or call ``loopback_env()`` first. ``env``: more variables for every process of a local
+    cluster (e.g. ``services.limits.proxy_environment``); only a cluster this call starts gets them.
 
     Returns the ``ray`` module. Idempotent: an already-initialised Ray is reused.
     """
     if not address or is_loopback(address):
-        loopback_env()   # not when joining a remote head: the driver must keep its real node IP
+        loopback_env(env)   # not when joining a remote head: the driver must keep its real node IP
     import ray
 
     if ray.is_initialized():
@@ -50,9 +69,10 @@ def start_local_ray(num_cpus: int | None = None, *, temp_dir: str | Path | None 
     if address:
         ray.init(address=address, log_to_driver=not quiet)
         return ray
+    _keep_local_node_ip()
     kwargs = {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False,
               "_node_ip_address": "127.0.0.1", "log_to_driver": not quiet,
-              "runtime_env": {"env_vars": dict(LOOPBACK_ENV)}}
+              "runtime_env": {"env_vars": {**LOOPBACK_ENV, **(env or {})}}}
     if temp_dir is not None:
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())

@@ -12,7 +12,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -86,14 +86,40 @@ def routing_rows(samples: Sequence[Sample], slot_of: Mapping[str, int], num_slot
     return w
 
 
+class RenderCancelled(RuntimeError):
+    """``should_stop`` asked a render to stop; raised between denoising steps (or before the first)."""
+
+    def __init__(self, steps_done: int, steps: int):
+        super().__init__(steps_done, steps)
+        self.steps_done, self.steps = steps_done, steps
+
+    def __str__(self) -> str:
+        return f"the render was stopped after {self.steps_done} of {self.steps} denoising steps"
+
+
+def _stop_check(should_stop: Callable[[], bool], steps: int):
+    """A diffusers ``callback_on_step_end`` that raises ``RenderCancelled`` once ``should_stop()``."""
+    def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+        if should_stop():
+            raise RenderCancelled(step + 1, steps)
+        return tensors
+    return on_step_end
+
+
 @torch.no_grad()
 def generate(pipe, samples: Sequence[Sample], slot_of: Mapping[str, int], settings: RenderSettings,
-             *, output_type: str = "pil") -> list:
-    """Render ``samples`` in one batched pipeline call; concepts must already sit in bank slots."""
+             *, output_type: str = "pil", should_stop: Callable[[], bool] | None = None) -> list:
+    """Render ``samples`` in one batched pipeline call; concepts must already sit in bank slots.
+
+    ``should_stop``: asked before the first step and after every step; once it answers True the
+    render raises ``RenderCancelled`` there, so a caller that gave up stops costing the device.
+    """
     bank: AdapterBank | None = getattr(pipe.transformer, "adapter_bank", None)
     needs_bank = any(s.concepts for s in samples)
     if needs_bank and bank is None:
         raise ValueError("concepts: the model has no adapter bank; load concepts first")
+    if should_stop is not None and should_stop():
+        raise RenderCancelled(0, settings.steps)
     device = pipe._execution_device
     gens = [torch.Generator(device="cpu").manual_seed(s.seed) for s in samples]
     weights = routing_rows(samples, slot_of, bank.num_slots) if bank is not None else None
@@ -102,7 +128,9 @@ def generate(pipe, samples: Sequence[Sample], slot_of: Mapping[str, int], settin
                    num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                    width=settings.width, height=settings.height, generator=gens,
                    latents=_initial_latents(pipe, gens, settings, device), output_type=output_type,
-                   max_sequence_length=sequence_length(pipe, settings))
+                   max_sequence_length=sequence_length(pipe, settings),
+                   callback_on_step_end=_stop_check(should_stop, settings.steps) if should_stop else None,
+                   callback_on_step_end_tensor_inputs=[])
     return out.images
 
 

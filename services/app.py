@@ -50,8 +50,9 @@ from .adapter_cache import adapter_version
 from .batches import BaseModelUnreadable, BatchRejected, StorageBatches, UnknownBatch
 from .catalog import ConceptCatalog
 from .config import ServiceConfig
-from .deployment import ConceptGenerator, ConceptUse, RenderResult, RenderTask
+from .deployment import ConceptGenerator, ConceptUse, RenderResult, RenderTask, keep_replica_grpc_on_loopback
 from .errors import ConceptUnloadable, SlotsBusy, TooManyConcepts, UnknownConcept
+from .limits import check_render_cost, install as install_limits
 from .schemas import (MAX_BATCH_BYTES, BatchList, BatchRequest, BatchStatus, BatchSubmitted, ConceptInfo,
                       ConceptList, ConceptUsed, ErrorBody, GeneratedImage, GenerateRequest, GenerateResponse,
                       Health, Timings)
@@ -62,6 +63,7 @@ ROUTER = "services.routing:ConceptAffinityRouter"
 
 api = FastAPI(title="purecc", version="0.1.0",
               description="Multi-concept generation on one shared SD3/SD3.5 base with hot-loaded PureCC adapters.")
+install_limits(api)     # body deadline and size on every route (settings: api.state.limits)
 ERRORS = {404: {"model": ErrorBody, "description": "A requested concept is not servable."},
           503: {"model": ErrorBody, "description": "Overloaded or timed out; retry after Retry-After seconds."}}
 NO_BATCHES = "batch submission is not enabled on this service (it was started without a storage root)"
@@ -183,7 +185,9 @@ class GenerationAPI:
     """The HTTP ingress: validates requests, resolves concepts, and calls the generator replicas."""
 
     def __init__(self, generator: DeploymentHandle, config: ServiceConfig):
+        keep_replica_grpc_on_loopback()
         self.generator, self.config = generator, config
+        api.state.limits = config.limits
         self.catalog = ConceptCatalog(AdapterRegistry(config.registry), config.catalog_ttl_s)
         self.batches = StorageBatches(config.storage, config.model) if config.storage else None
         self._model: dict | None = None
@@ -259,6 +263,8 @@ class GenerationAPI:
                            loc=("num_images",))
         if len(body.concepts) > info["slots"]:
             raise ApiError(422, str(TooManyConcepts(len(body.concepts), info["slots"])), loc=("concepts",))
+        if (too_costly := check_render_cost(self.config.limits, width, height, body.steps, body.num_images)):
+            raise ApiError(422, too_costly, loc=("steps",))
 
     @staticmethod
     def _response(body: GenerateRequest, task: RenderTask, result: RenderResult, manifests: dict,

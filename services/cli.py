@@ -77,7 +77,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     from cluster.local_ray import start_local_ray
 
-    ray = start_local_ray(args.num_cpus, temp_dir=args.temp_dir, address=args.address)
+    from .limits import proxy_environment
+
+    ray = start_local_ray(args.num_cpus, temp_dir=args.temp_dir, address=args.address,
+                          env=proxy_environment(config.limits))   # the HTTP proxy reads bodies under limits
     from ray import serve
 
     from .app import build_app

@@ -11,6 +11,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .limits import LimitSettings
+
 
 class ServiceConfig(BaseModel):
     """The deployment's knobs, validated; ``registry`` defaults to ``storage``."""
@@ -57,6 +59,8 @@ class ServiceConfig(BaseModel):
     routing_stats_period_s: float = Field(2.0, gt=0, description="How often replicas report their resident "
                                                                  "concepts to the request router.")
     warmup: bool = Field(True, description="Run one tiny pass before taking traffic (first-pass costs on GPU).")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Body deadline and size limits, "
+                                                                             "and the render cost bound.")
 
     @model_validator(mode="before")
     @classmethod

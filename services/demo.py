@@ -253,7 +253,9 @@ def run_demo(plan: DemoPlan) -> Path:
     batch = write_batch(plan, model)
     print(f"base model: {note} at {model}", flush=True)
     ray_tmp = tempfile.mkdtemp(prefix="purecc-demo-")  # short path: Ray's sockets live under it
-    ray = start_local_ray(2, temp_dir=ray_tmp)
+    from .limits import LimitSettings, proxy_environment
+
+    ray = start_local_ray(2, temp_dir=ray_tmp, env=proxy_environment(LimitSettings()))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         timings["setup"] = time.perf_counter() - t0

@@ -11,6 +11,11 @@ with other settings in the same batch get their own pass, one after the other.
 The heavy work runs in worker threads (``asyncio.to_thread``), so the replica keeps answering
 health checks, routing-stats polls and slot bookkeeping while it renders.
 
+A pass stops between denoising steps (``purecc.generate.RenderCancelled``) once every request in it
+is gone: cancelled by its caller (the ingress cancels a request it stopped waiting for) or past its
+deadline (``request_timeout_s`` after it reached the replica). A thread cannot be cancelled, so
+without this a request that had timed out would keep the replica busy to its last step.
+
 Routing affinity: a custom Serve request router (``services.routing.ConceptAffinityRouter``), not
 model multiplexing. Each replica reports its resident concepts (``record_routing_stats``) and a
 request goes to the replica holding most of its concepts; multiplexing would key affinity and
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ray import serve
@@ -83,6 +88,12 @@ class _Pending:
     task: RenderTask
     lease: SlotLease
     held_at: float
+    deadline: float                 # time.monotonic() past which nobody waits for the answer
+    cancelled: bool = field(default=False)
+
+    def gone(self) -> bool:
+        """Nobody waits for this request's images any more (read from the render thread)."""
+        return self.cancelled or time.monotonic() > self.deadline
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,35 @@ class _PassOutcome:
 
 def _images_in(items: list[_Pending]) -> int:
     return sum(len(p.task.seeds) for p in items)
+
+
+LOOPBACK_GRPC_FLAG = "_purecc_loopback"
+
+
+def keep_replica_grpc_on_loopback() -> None:
+    """Make this replica's inter-deployment gRPC server listen on 127.0.0.1 when its node is 127.0.0.1.
+
+    Ray Serve 2.60 binds that server to every interface with no setting to change it
+    (``ray/serve/_private/replica.py``, ``_on_initialized``:
+    ``add_port_to_grpc_server(self._server, "[::]:0")``). Callers reach a replica at its node IP, so
+    on a loopback node (a local cluster, ``cluster.local_ray``) binding 127.0.0.1 serves them all.
+    Call it from a deployment's constructor: Serve starts that server right after the constructor
+    returns, through the module attribute replaced here. Elsewhere it changes nothing.
+    """
+    import ray
+    from ray.serve._private import replica as serve_replica
+
+    from cluster.local_ray import is_loopback
+
+    add_port = serve_replica.add_port_to_grpc_server
+    if getattr(add_port, LOOPBACK_GRPC_FLAG, False) or not is_loopback(ray.util.get_node_ip_address() + ":0"):
+        return
+
+    def add_loopback_port(server, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        return add_port(server, f"127.0.0.1:{port}" if host in ("[::]", "0.0.0.0") else address)
+    setattr(add_loopback_port, LOOPBACK_GRPC_FLAG, True)
+    serve_replica.add_port_to_grpc_server = add_loopback_port
 
 
 def model_limits(pipe) -> tuple[int, int]:
@@ -110,6 +150,7 @@ class ConceptGenerator:
     """Serve deployment class (wrapped by ``serve.deployment`` in ``services.app``)."""
 
     def __init__(self, config: ServiceConfig):
+        keep_replica_grpc_on_loopback()
         self.config = config
         self.pipe = load_pipeline(ModelConfig(path=config.model, dtype=config.dtype, device=config.device,
                                               load_t5=config.load_t5))
@@ -146,11 +187,15 @@ class ConceptGenerator:
     async def render(self, task: RenderTask) -> RenderResult:
         """Render one request: hold a slot per concept (hot-loading them), then join a batched pass."""
         arrived = time.perf_counter()
+        deadline = time.monotonic() + self.config.request_timeout_s
         lease = await self.slots.acquire([(c.concept_id, c.version) for c in task.concepts],
                                          timeout=self.config.slot_wait_s)
-        pending = _Pending(task, lease, time.perf_counter())
+        pending = _Pending(task, lease, time.perf_counter(), deadline)
         try:
             outcome = await self._render_batch(pending)
+        except asyncio.CancelledError:    # the caller gave up: its pass may stop (the thread goes on)
+            pending.cancelled = True
+            raise
         finally:
             lease.release()
         if isinstance(outcome, BaseException):
@@ -194,7 +239,8 @@ class ConceptGenerator:
             slot_of = p.lease.slot_of
             concepts = tuple((str(slot_of[c.concept_id]), c.weight) for c in p.task.concepts)
             samples += [Sample(p.task.prompt, seed, concepts, p.task.negative_prompt) for seed in p.task.seeds]
-        images = generate(self.pipe, samples, self._slot_keys, settings)
+        images = generate(self.pipe, samples, self._slot_keys, settings,
+                          should_stop=lambda: all(p.gone() for p in group))
         return [png_bytes(im) for im in images]
 
     # ----- introspection -------------------------------------------------------------------
