@@ -188,7 +188,9 @@ class RayShell:
                                                                "reason": "outside this batch's runs folder"})
                     continue
                 try:
-                    found[cid].append(download(uri, self.scratch / f"restore-{i}-{len(found[cid])}"))
+                    # named after the checkpoint, so that the recipe's events say which one it was
+                    dest = self.scratch / f"restore-{i}-{len(found[cid])}-{_label(uri).split('/')[0]}" / cid
+                    found[cid].append(download(uri, dest))
                 except FileNotFoundError as exc:
                     if uri in recorded:   # a recorded checkpoint is gone: say so (a kept one may lack a member)
                         self.on_event(cid, "checkpoint-unreadable", {"checkpoint": _label(uri), "error": str(exc)})

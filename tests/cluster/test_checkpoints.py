@@ -44,10 +44,10 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(ray_cluster, ba
     with JobLedger(result.ledger) as led:
         rejected = [e["detail"] for e in led.events("zigzag-star", "checkpoint-rejected")]
         resumed = [e["detail"] for e in led.events("zigzag-star", "resumed")]
-    newest, before = KILL - KILL % EVERY, KILL - KILL % EVERY - EVERY
+    before = KILL - KILL % EVERY - EVERY     # the newest (at KILL - KILL % EVERY) was damaged
     assert resumed == [{"stage": 1, "step": before}], resumed            # not step 0, not the damaged one
     assert rejected and all("sha256" in r["reason"] for r in rejected), rejected
-    assert all(r["checkpoint"].endswith("zigzag-star") and str(tmp_path) not in r["reason"] for r in rejected)
+    assert all(r["checkpoint"].endswith("/zigzag-star") and str(tmp_path) not in r["reason"] for r in rejected), rejected
 
     spec = load_batch(path).jobs()[0]
     ref = PackTrainer(load_pipeline(str(tiny_model_dir)),
@@ -57,5 +57,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(ray_cluster, ba
     want = load_file(ref.export("zigzag-star", tmp_path / "ref") / "adapter_model.safetensors")
     got_dir = AdapterRegistry(stage1_root(spec.storage)).fetch("zigzag-star", tmp_path / "cache")
     have = load_file(got_dir / "adapter_model.safetensors")
-    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
-    assert newest > before
+    assert want.keys() == have.keys()
+    worst = max((want[k] - have[k]).abs().max().item() for k in want)
+    assert worst <= 1e-6, worst        # as the kill test in test_batch_ray: equal up to float rounding
+    assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)     # it did train
