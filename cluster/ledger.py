@@ -47,7 +47,10 @@ TRANSITIONS = {
     "failed": {"queued", "stage2"},
     "cancelled": {"queued", "stage2"},
 }
-DRIVER_STALE_S = 30.0
+# A lease holder's heartbeat may wait up to BUSY_TIMEOUT_S for the write lock; the lease goes stale
+# only well after that, so a live holder is never taken over because it waited on a busy file.
+BUSY_TIMEOUT_S = 10.0
+DRIVER_STALE_S = 60.0
 MAX_ERROR_CHARS = 4000
 
 _SCHEMA = """
@@ -189,13 +192,13 @@ class JobLedger:
         self.path = Path(path).expanduser().resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise LedgerError(f"ledger {self.path}: the file system refused WAL mode ({mode})")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=60000")
+        self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         try:
             self._open_schema()
         except BaseException:
@@ -526,25 +529,43 @@ class JobLedger:
         return d
 
     def live_driver(self) -> dict | None:
-        """The driver lease row if its holder is alive (fresh heartbeat; a live pid on this host), else None."""
+        """The driver lease row if its holder is alive (fresh heartbeat; a live pid on this host), else None.
+
+        A reservation (``reserve_driver``) counts as live: its driver is on its way."""
         with self._lock:
             return self._live_driver(self._db)
 
-    def claim_driver(self, owner: str) -> None:
-        """Become the one scheduling driver; raises ``DriverBusy`` if a live one holds the lease."""
+    def claim_driver(self, owner: str, reservation: str | None = None) -> None:
+        """Become the one scheduling driver; raises ``DriverBusy`` if a live one holds the lease.
+
+        ``reservation``: the token of ``reserve_driver`` this driver was started for; it takes over
+        that reservation (and only that one)."""
         with self._tx() as db:
             live = self._live_driver(db)
-            if live and not (live["owner"] == owner and live["pid"] == os.getpid()):
+            mine = live and ((live["owner"] == owner and live["pid"] == os.getpid())
+                             or (reservation is not None and live["owner"] == RESERVED + reservation))
+            if live and not mine:
                 raise DriverBusy(f"ledger {self.path}: a driver is already running (pid {live['pid']} on "
                                  f"{live['host']}); it picks up newly submitted jobs by itself")
             db.execute("INSERT OR REPLACE INTO driver VALUES (1, ?, ?, ?, ?)",
                        (owner, socket.gethostname(), os.getpid(), time.time()))
             self._event(db, None, "driver-start", {"owner": owner, "pid": os.getpid()})
 
-    def heartbeat(self, owner: str) -> None:
-        """Renew ``owner``'s driver lease (no-op when it does not hold it)."""
+    def heartbeat(self, owner: str) -> float:
+        """Renew ``owner``'s driver lease; returns the time until which it holds it.
+
+        Raises ``LeaseLost`` when ``owner`` no longer holds it (another driver took it over after it
+        went stale, or it was released): the caller must stop scheduling at once. Check and renewal
+        are one write transaction, so no claim can come between them."""
         with self._tx() as db:
-            db.execute("UPDATE driver SET heartbeat = ? WHERE id = 1 AND owner = ?", (time.time(), owner))
+            row = db.execute("SELECT owner, pid, host FROM driver WHERE id = 1").fetchone()
+            if row is None or row["owner"] != owner:
+                holder = f"{row['owner']} (pid {row['pid']} on {row['host']})" if row else "nobody"
+                raise LeaseLost(f"ledger {self.path}: driver {owner} lost the driver lease to {holder}; "
+                                "it stops scheduling now")
+            now = time.time()
+            db.execute("UPDATE driver SET heartbeat = ? WHERE id = 1 AND owner = ?", (now, owner))
+        return now + DRIVER_STALE_S
 
     def release_driver_if_idle(self, owner: str) -> bool:
         """Give up the lease only if no job is active, in the same transaction: a submission that
@@ -562,3 +583,43 @@ class JobLedger:
         with self._tx() as db:
             db.execute("DELETE FROM driver WHERE id = 1 AND owner = ?", (owner,))
             self._event(db, None, "driver-stop", {"owner": owner})
+
+    def reserve_driver(self) -> str | None:
+        """Reserve the lease for a driver about to be started; its token, or None when a live driver
+        (or another reservation) holds it.
+
+        Check and reservation are one transaction, so of many concurrent submissions exactly one gets a
+        token and starts a driver; the driver claims with it (``claim_driver(owner, reservation=...)``).
+        A reservation never claimed goes stale like a lease (or at once when its process dies)."""
+        token = os.urandom(16).hex()
+        with self._tx() as db:
+            if self._live_driver(db) is not None:
+                return None
+            db.execute("INSERT OR REPLACE INTO driver VALUES (1, ?, ?, ?, ?)",
+                       (RESERVED + token, socket.gethostname(), os.getpid(), time.time()))
+            self._event(db, None, "driver-reserved", {"token": token, "pid": os.getpid()})
+        return token
+
+    def reservation_started(self, token: str, pid: int) -> None:
+        """Record the pid of the process started for a reservation: if it dies before it claims the
+        lease, the reservation is not live any more (the next submission starts a driver)."""
+        with self._tx() as db:
+            db.execute("UPDATE driver SET pid = ? WHERE id = 1 AND owner = ?", (pid, RESERVED + token))
+
+    def cancel_reservation(self, token: str) -> None:
+        """Drop an unclaimed reservation (its driver could not be started)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM driver WHERE id = 1 AND owner = ?", (RESERVED + token,))
+
+    def has_unfinished(self) -> bool:
+        """True when some job is queued or training."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM jobs WHERE state IN ('queued','stage1','stage2') "
+                                    "LIMIT 1").fetchone() is not None
+
+
+RESERVED = "reserved:"   # owner prefix of a driver lease reserved by ``reserve_driver``
+
+
+class LeaseLost(DriverBusy):
+    """The driver lease this driver held was taken over: it must stop scheduling at once."""

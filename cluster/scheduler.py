@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from purecc.pack import ConceptPlan, PackPlan, ValidationSettings
 from purecc.trainer import PACK_KEYS
@@ -40,6 +40,39 @@ from .worker import PackRun
 
 CHECKPOINTS_KEPT = 3
 MAX_RUN_ERROR = 3000
+RESOURCE_WAIT_S = 120.0     # how long a job waits for resources the cluster lacks before it fails
+CANCEL_GRACE_S = 5.0        # a run not started this long after a cancel is killed (it may wait on resources)
+NODES_TTL_S = 2.0           # how often the node list is read again
+
+
+def unsatisfiable(resources: Resources, cluster_resources: Mapping[str, float] | Sequence[Mapping[str, float]]) -> str | None:
+    """Why a training worker with ``resources`` can never be placed, or None when it can.
+
+    ``cluster_resources``: per-node resource maps (``node_resources()``; a worker's CPUs and GPUs
+    must all be on one node), or a single map of the cluster's totals (``ray.cluster_resources()``).
+    The message names the field, what it asks for and the most there is.
+    """
+    nodes = [cluster_resources] if isinstance(cluster_resources, Mapping) else list(cluster_resources)
+    where = "node of the cluster" if not isinstance(cluster_resources, Mapping) else "cluster (in total)"
+    for field_name, key, unit in (("gpus_per_worker", "GPU", "GPUs"), ("cpus_per_worker", "CPU", "CPUs")):
+        want = float(getattr(resources, field_name))
+        best = max((float(n.get(key, 0.0)) for n in nodes), default=0.0)
+        if want > best:
+            return (f"resources.{field_name}: {want:g} {unit} per worker, but no {where} has more than "
+                    f"{best:g}; lower it or add a node with enough {unit}")
+    fits = [n for n in nodes if float(n.get("GPU", 0.0)) >= resources.gpus_per_worker
+            and float(n.get("CPU", 0.0)) >= resources.cpus_per_worker]
+    if not fits:
+        return (f"resources: {resources.cpus_per_worker:g} CPUs and {resources.gpus_per_worker:g} GPUs per worker, "
+                "but no node of the cluster has both at once")
+    return None
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
 def job_key(rec: JobRecord) -> str:
@@ -150,7 +183,8 @@ class _Launch:
     stage: int
     members: list[str]
     max_attempts: int
-    cancel_sent: set[str] = field(default_factory=set)
+    cancel_sent: dict[str, float] = field(default_factory=dict)   # concept id -> when the cancel went out
+    started: bool = False      # its worker has reported (it is placed: not waiting for resources)
 
 
 @dataclass
@@ -166,16 +200,25 @@ class Scheduler:
     """The scheduling loop over one ledger. ``run()`` returns when no job is left to do.
 
     ``max_concurrent`` overrides the jobs' own limit; ``on_tick(jobs)`` is called every poll
-    (progress displays); ``fault`` (tests) makes a worker ``os._exit`` once at a given step.
+    (progress displays); ``fault`` (tests) makes a worker ``os._exit`` once at a given step;
+    ``reservation``: the ``JobLedger.reserve_driver`` token this driver was started for;
+    ``resource_wait_s``: how long a job waits for resources no node has before it fails.
+
+    Jobs whose resources no node has are held back (never launched, not counted against anyone's
+    concurrency), so one such batch never holds other batches back.
     """
 
     def __init__(self, ledger: JobLedger, *, poll_s: float = 0.5, max_concurrent: int | None = None,
                  on_tick: Callable[[list[JobRecord]], None] | None = None, fault: dict | None = None,
-                 scratch: str | None = None, owner: str | None = None):
+                 scratch: str | None = None, owner: str | None = None, reservation: str | None = None,
+                 resource_wait_s: float = RESOURCE_WAIT_S):
         self.ledger, self.poll_s, self.max_concurrent = ledger, poll_s, max_concurrent
         self.on_tick, self.fault, self.scratch = on_tick, fault, scratch
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.reservation, self.resource_wait_s = reservation, resource_wait_s
         self.launches: dict[Any, _Launch] = {}    # ObjectRef of the launcher task -> launch
+        self._short_since: dict[str, float] = {}  # concept id -> since when its resources are missing
+        self._nodes: tuple[float, list[dict[str, float]]] = (0.0, [])
         self._speed: dict[str, tuple[int, float, int]] = {}   # cid -> (stage, t0, step0) of this launch
         self._runs = 0
         self.board = None
@@ -189,15 +232,16 @@ class Scheduler:
         self._ray = ray
         self._launcher = ray.remote(num_cpus=0, max_retries=0)(run_pack)
         t0 = time.time()
-        self.ledger.claim_driver(self.owner)
+        self.ledger.claim_driver(self.owner, reservation=self.reservation)
         self.board = start_board()
         try:
             self._recover()
             while True:
-                self.ledger.heartbeat(self.owner)
+                self.ledger.heartbeat(self.owner)     # LeaseLost: another driver took over; stop now
                 self._cancellations()
                 self._drain()
                 self._reap()
+                self._resource_checks()
                 self._schedule()
                 if self.on_tick:
                     self.on_tick(self.ledger.jobs())
@@ -233,25 +277,77 @@ class Scheduler:
         busy = self._running_ids()
         return [r for r in self.ledger.jobs(ACTIVE) if r.concept_id not in busy and not r.cancel_requested]
 
+    # ----- resources -------------------------------------------------------------------------
+    def _node_list(self) -> list[dict[str, float]]:
+        at, nodes = self._nodes
+        if time.time() - at > NODES_TTL_S:
+            self._nodes = (time.time(), node_resources())
+        return self._nodes[1]
+
+    def _lacking(self, rec: JobRecord) -> str | None:
+        """Why no node can take ``rec``'s worker now (None: one can)."""
+        return unsatisfiable(rec.spec.resources, self._node_list())
+
+    def _resource_checks(self) -> None:
+        """Fail jobs whose resources no node has had for ``resource_wait_s`` (the cluster shrank or
+        never had them); a run still waiting to be placed for such jobs is stopped first."""
+        now, short = time.time(), {}
+        waiting = {cid: ref for ref, launch in self.launches.items() if not launch.started for cid in launch.members}
+        for rec in self.ledger.jobs(ACTIVE):
+            if rec.concept_id in self._running_ids() and rec.concept_id not in waiting:
+                continue
+            why = self._lacking(rec)
+            if why is None:
+                continue
+            since = self._short_since.get(rec.concept_id, now)
+            short[rec.concept_id] = since
+            if since == now:
+                self.ledger.record_event(rec.concept_id, "waiting-for-resources", {"why": why})
+            if now - since >= self.resource_wait_s:
+                if rec.concept_id in waiting:
+                    self._abort(waiting[rec.concept_id], "waiting for resources")
+                self.ledger.fail(rec.concept_id, f"{why} (waited {now - since:.0f} s)")
+                short.pop(rec.concept_id)
+        self._short_since = short
+
+    def _abort(self, ref, why: str) -> None:
+        """Stop a launched run that has not started (it waits to be placed)."""
+        launch = self.launches.pop(ref, None)
+        if launch is None:
+            return
+        self._ray.cancel(ref, force=True, recursive=True)
+        self.ledger.end_run(launch.run_id, "aborted", why)
+
     # ----- cancellation ----------------------------------------------------------------------
     def _cancellations(self) -> None:
-        running = {cid: launch for launch in self.launches.values() for cid in launch.members}
+        """Cancel what was asked: jobs not running at once; running ones through the board (their
+        worker stops at its next step); a run whose worker never started (it waits for resources)
+        is stopped after ``CANCEL_GRACE_S`` and its cancelled members are cancelled."""
+        running = {cid: (ref, launch) for ref, launch in self.launches.items() for cid in launch.members}
         for rec in self.ledger.jobs(ACTIVE):
             if not rec.cancel_requested:
                 continue
-            launch = running.get(rec.concept_id)
+            ref, launch = running.get(rec.concept_id, (None, None))
             if launch is None:
                 self.ledger.transition(rec.concept_id, "cancelled", pack=None, detail={"requested": True})
                 self.board.uncancel.remote([rec.concept_id])
             elif rec.concept_id not in launch.cancel_sent:
                 self.board.cancel.remote([rec.concept_id])
-                launch.cancel_sent.add(rec.concept_id)
+                launch.cancel_sent[rec.concept_id] = time.time()
+            elif not launch.started and time.time() - launch.cancel_sent[rec.concept_id] > CANCEL_GRACE_S:
+                self._abort(ref, "cancelled while waiting to start")
+                for cid in launch.cancel_sent:
+                    self.ledger.transition(cid, "cancelled", pack=None, detail={"requested": True, "waiting": True})
+                self.board.uncancel.remote(list(launch.cancel_sent))
 
     # ----- messages from workers -------------------------------------------------------------
     def _drain(self) -> None:
         progress: dict[str, dict] = {}
+        by_run = {launch.pack: launch for launch in self.launches.values()}
         for msg in self._ray.get(self.board.drain.remote()):
             kind, cid = msg["kind"], msg.get("concept_id")
+            if msg.get("run") in by_run:
+                by_run[msg["run"]].started = True
             if kind == "progress":
                 progress[cid] = self._with_eta(msg)
             elif kind == "checkpoint":
@@ -296,6 +392,7 @@ class Scheduler:
     # ----- runs ------------------------------------------------------------------------------
     def _reap(self) -> None:
         if not self.launches:
+            time.sleep(self.poll_s)   # nothing to wait on (jobs held back for resources): poll gently
             return
         refs = list(self.launches)
         done, _ = self._ray.wait(refs, num_returns=1, timeout=self.poll_s)
@@ -319,7 +416,7 @@ class Scheduler:
         self.ledger.end_run(launch.run_id, "ok" if result["ok"] and not left else "failed", result["error"])
 
     def _schedule(self) -> None:
-        ready = self._ready()
+        ready = [r for r in self._ready() if r.concept_id not in self._short_since]
         running = [self.ledger.get(c) for c in self._running_ids()]
         free = concurrency_limit(ready + running, self.max_concurrent) - len(self.launches)
         for proposal in plan_packs(ready, free):
@@ -327,6 +424,7 @@ class Scheduler:
 
     def _launch(self, proposal: PackProposal) -> None:
         stage, name = proposal.stage, proposal.name
+        self.ledger.heartbeat(self.owner)   # a launch only under a lease renewed just now
         run_id, ids = self.ledger.launch(name, stage, [r.concept_id for r in proposal.jobs])  # committed first
         if run_id is None:
             return

@@ -178,8 +178,11 @@ class JobSpec(_Strict):
         return self.stage1 if stage == 1 else self.stage2
 
     def content_hash(self) -> str:
-        """Identity of what gets trained: data, trigger, recipes, seed, prompts, base and storage."""
-        body = self.model_dump(mode="json", exclude={"batch", "resources"})
+        """Identity of what gets trained: data, trigger, recipes, seed, prompts and base, by content.
+
+        No path is hashed (the manifest, base model and storage may be mounted elsewhere next time):
+        the data by ``data_hash`` (prompts and image bytes), the base by ``base_id`` (its files)."""
+        body = self.model_dump(mode="json", exclude={"batch", "resources", "manifest", "base_model", "storage"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -192,12 +195,29 @@ def recipe_for(ov: Overrides, stage: int) -> StageRecipe:
     return stage_recipe(stage, **extra, **per)
 
 
+IDENTITY_FULL_BYTES = 1 << 20    # files up to this size are hashed whole (configs, tokenizers)
+IDENTITY_SAMPLE_BYTES = 1 << 20  # of larger files (weights), the first and last this many bytes
+
+
 def model_identity(path: str) -> str:
-    """A cheap identity of a base model folder (its index and transformer config files)."""
-    h = hashlib.sha256(str(Path(path).resolve()).encode())
-    for rel in ("model_index.json", "transformer/config.json"):
-        p = Path(path) / rel
-        h.update(p.read_bytes() if p.is_file() else b"-")
+    """An identity of a base model folder from its content, not its location: every file's relative
+    name and size, small files whole, large ones (weights) by their first and last MiB.
+
+    Hashing multi-GB weights whole at every submission would take minutes; their size and ends
+    change with any retraining or conversion, and the trainer checks the loaded base's own
+    fingerprint against every checkpoint anyway."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(root).as_posix()}\x00{size}\x00".encode())
+        with p.open("rb") as f:
+            if size <= IDENTITY_FULL_BYTES:
+                h.update(f.read())
+            else:
+                h.update(f.read(IDENTITY_SAMPLE_BYTES))
+                f.seek(size - IDENTITY_SAMPLE_BYTES)
+                h.update(f.read(IDENTITY_SAMPLE_BYTES))
     return h.hexdigest()[:16]
 
 

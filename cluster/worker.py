@@ -59,12 +59,27 @@ def download(uri: str, dest: Path) -> Path:
     return dest
 
 
+def _label(uri: str) -> str:
+    """A checkpoint's short name for events (its last two components: no server path in events)."""
+    return "/".join(uri.rstrip("/").split("/")[-2:])
+
+
+def _damage(uri: str) -> None:
+    """Tests: flip the last bytes of a stored file in place (a bad disk), through its file system."""
+    fs, path = resolve_fs(uri)
+    with fs.open_input_stream(path) as f:
+        data = f.read()
+    with fs.open_output_stream(path) as f:
+        f.write(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))
+
+
 @dataclass(frozen=True)
 class PackRun:
     """Everything a worker needs besides the board: the pack plan and where the run keeps its files.
 
     ``resume``: per concept, the checkpoint URI the ledger recorded for this stage; ``fault``
-    (tests): ``{concept_id, stage, step, marker}`` makes the worker ``os._exit(1)`` once there.
+    (tests): ``{concept_id, stage, step, marker}`` makes the worker ``os._exit(1)`` once there
+    (with ``corrupt_newest``: after damaging the newest checkpoint it reported, as a bad disk would).
     """
 
     plan: PackPlan
@@ -96,6 +111,7 @@ class RayShell:
         self.plan, self.stage = run.plan, run.plan.stage
         self.ckpt_root = scratch / "ckpt"
         self.report_seq = 0
+        self.last_reported: str | None = None     # URI of the newest pack checkpoint reported
         self.members: Mapping[str, Any] = {}      # the recipe's members once it is set up
         self.stage1_dirs: dict[str, Path] = {}
         self._ray = ray
@@ -122,6 +138,8 @@ class RayShell:
             marker = Path(fault["marker"])
             if not marker.exists():
                 atomic_write_json(marker, {"killed_at": time.time(), "pid": os.getpid(), **fault})
+                if fault.get("corrupt_newest") and self.last_reported:
+                    _damage(f"{self.last_reported}/{m['concept_id']}/checkpoint.safetensors")
                 os._exit(1)  # a real worker death: Ray Train restarts the worker group
         self.push("progress", {k: v for k, v in m.items() if isinstance(v, (int, float, str))})
 
@@ -162,16 +180,23 @@ class RayShell:
         pointers = self._ray.get(self.board.latest_checkpoints.remote(list(keys.values()), self.stage))
         kept = self._kept_checkpoints()
         for i, cid in enumerate(found):
-            uris = [pointers.get(keys[cid], {}).get("uri"), self.run.resume.get(cid)] + [f"{k}/{cid}" for k in kept]
+            recorded = [pointers.get(keys[cid], {}).get("uri"), self.run.resume.get(cid)]
+            uris = recorded + [f"{k}/{cid}" for k in kept]
             for uri in dict.fromkeys(u for u in uris if u):
-                if not _within(uri, self.run.runs_path):
-                    continue  # never read outside this batch's storage
-                try:
-                    found[cid].append(download(uri, self.scratch / f"restore-{i}-{len(found[cid])}"))
-                except FileNotFoundError:  # this member is not in that checkpoint
+                if not _within(uri, self.run.runs_path):   # never read outside this batch's storage
+                    self.on_event(cid, "checkpoint-rejected", {"checkpoint": _label(uri),
+                                                               "reason": "outside this batch's runs folder"})
                     continue
+                try:
+                    # named after the checkpoint, so that the recipe's events say which one it was
+                    dest = self.scratch / f"restore-{i}-{len(found[cid])}-{_label(uri).split('/')[0]}" / cid
+                    found[cid].append(download(uri, dest))
+                except FileNotFoundError as exc:
+                    if uri in recorded:   # a recorded checkpoint is gone: say so (a kept one may lack a member)
+                        self.on_event(cid, "checkpoint-unreadable", {"checkpoint": _label(uri), "error": str(exc)})
                 except OSError as exc:     # recorded, never swallowed: the next candidate is tried
-                    self.on_event(cid, "checkpoint-unreadable", {"uri": uri, "error": f"{type(exc).__name__}: {exc}"})
+                    self.on_event(cid, "checkpoint-unreadable", {"checkpoint": _label(uri),
+                                                                 "error": f"{type(exc).__name__}: {exc}"})
         return found
 
     def _kept_checkpoints(self) -> list[str]:
@@ -181,7 +206,10 @@ class RayShell:
         fs, path = resolve_fs(run_dir)
         try:
             infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        except OSError:
+        except OSError as exc:     # recorded for every member, never swallowed
+            for cid in self.members:
+                self.on_event(cid, "checkpoint-unreadable", {"checkpoint": _label(run_dir),
+                                                             "error": f"{type(exc).__name__}: {exc}"})
             return []
         names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
                         and i.base_name.startswith("checkpoint_")), reverse=True)
@@ -210,6 +238,7 @@ class RayShell:
                                checkpoint=Checkpoint.from_directory(str(pack_dir)))
         persisted = self._ray.train.get_checkpoint()
         uri = f"{self.run.runs_path}/{self.plan.name}/{Path(persisted.path).name}"
+        self.last_reported = uri
         self.push("checkpoint", {"uri": uri, "stage": self.stage, "members": saved}, wait=True)
         shutil.rmtree(pack_dir, ignore_errors=True)
 

@@ -244,18 +244,24 @@ class PackRecipe:
                     continue
                 try:
                     ranked.append((int(read_checkpoint_state(folder)["step"]), folder))
-                except (OSError, ValueError, KeyError) as exc:
-                    self.on_event(cid, "checkpoint-rejected", {"error": str(exc)})
+                except (OSError, ValueError, KeyError) as exc:   # damaged: its hashes do not match
+                    self._rejected(cid, folder, exc)
             for _, folder in sorted(ranked, key=lambda t: -t[0]):
                 try:
                     step = trainer.load_checkpoint(cid, folder)
                 except CheckpointError as exc:
-                    self.on_event(cid, "checkpoint-rejected", {"error": str(exc)})
+                    self._rejected(cid, folder, exc)
                     continue
                 resumed[cid] = step
                 self.on_event(cid, "resumed", {"stage": self.stage, "step": step})
                 break
         return resumed
+
+    def _rejected(self, cid: str, folder: Path, exc: Exception) -> None:
+        """A ``checkpoint-rejected`` event: which checkpoint (its last two path components) and why."""
+        label = f"{folder.parent.name}/{folder.name}"
+        reason = f"{type(exc).__name__}: {exc}".replace(str(folder), label)
+        self.on_event(cid, "checkpoint-rejected", {"checkpoint": label, "reason": reason})
 
     def save_checkpoint(self, concept_id: str, folder: str | Path) -> Path:
         """Write one member's checkpoint into ``folder``."""

@@ -42,6 +42,18 @@ class CheckpointError(ValueError):
     """A checkpoint that does not belong to this concept/stage or is damaged."""
 
 
+class ConceptDiverged(RuntimeError):
+    """One concept of a pack diverged: its loss, gradient or update became non-finite at ``step``.
+
+    The concept is taken out of its pack (slot zeroed, never routed again); its pack-mates go on.
+    """
+
+    def __init__(self, concept_id: str, step: int, what: str):
+        self.concept_id, self.step, self.what = concept_id, step, what
+        super().__init__(f"concept {concept_id} diverged at step {step}: its {what} became non-finite "
+                         "(NaN/Inf); it was stopped and its slot cleared (lower its lr or check its data)")
+
+
 @dataclass(frozen=True)
 class ConceptJob:
     """One concept's stage to train.
@@ -130,6 +142,7 @@ class PackTrainer:
         self.concepts: dict[str, _Concept] = {}
         self.bank: AdapterBank | None = None
         self.optim: SlotAdamW | None = None
+        self.failures: dict[str, ConceptDiverged] = {}
 
     # ----- setup ---------------------------------------------------------------------------
     @property
@@ -280,10 +293,11 @@ class PackTrainer:
             start += n
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _train_step(self, active: list[_Concept]) -> None:
+    def _gradients(self, active: list[_Concept], fp16: bool) -> tuple[list[_Concept], dict]:
+        """Accumulate ``active``'s gradients for one step into ``storage.grad``; returns the concepts
+        still active (those whose loss became non-finite are failed) and their summed metrics."""
         self.bank.storage.grad = None
         accum = active[0].job.recipe.grad_accum
-        fp16 = active[0].job.recipe.mixed_precision == "fp16"
         # fp16: each concept's loss carries its own scale, so one concept's overflow never changes another's
         scale = {c.job.concept_id: c.loss_scale if fp16 else 1.0 for c in active}
         sums: dict[str, dict[str, torch.Tensor]] = {c.job.concept_id: {} for c in active}
@@ -291,22 +305,57 @@ class PackTrainer:
             per = self._micro_step(active, micro)
             # a diverging concept fails alone, before its loss reaches the backward pass (one host
             # sync per micro-step): its overflowing activations would reach every slot's gradient
-            # (inf * 0 = NaN in the shared matmuls), so the healthy rest runs the forward again
+            # (inf * 0 = NaN in the shared matmuls)
             finite = torch.isfinite(torch.stack([per[c.job.concept_id]["loss"].detach() for c in active])).tolist()
             if not all(finite):
                 for c, ok in zip(active, finite):
                     if not ok:
-                        self._fail(c, f"its loss became non-finite at step {c.step + 1} (diverged)")
-                active = [c for c, ok in zip(active, finite) if ok]
-                if not active:
-                    return
-                per = self._micro_step(active, micro)
+                        self._fail(c, "loss")
+                # the healthy rest starts the step again without it: exactly a step without it
+                rest = [c for c, ok in zip(active, finite) if ok]
+                return self._gradients(rest, fp16) if rest else ([], {})
             total = sum(per[c.job.concept_id]["loss"] * scale[c.job.concept_id] for c in active) / accum
             total.backward()
             for c in active:
                 cid = c.job.concept_id
                 for k, t in per[cid].items():
                     sums[cid][k] = sums[cid].get(k, 0.0) + t.detach() / accum
+        return active, sums
+
+    def _grad_finite(self, active: list[_Concept]) -> list[bool]:
+        """Per concept: is its slot's gradient finite (one host sync)?"""
+        idx = torch.tensor([c.slot for c in active], device=self.bank.storage.device)
+        return torch.isfinite(self.bank.storage.grad.index_select(0, idx)).all(dim=1).tolist()
+
+    def _finite_gradients(self, active: list[_Concept], fp16: bool) -> tuple[list[_Concept], dict]:
+        """``_gradients`` with every concept whose own gradient is non-finite failed.
+
+        A non-finite gradient in one slot can make a pack-mate's gradient NaN too (its samples' NaN
+        activation gradients times a zero routing weight). So each flagged concept is checked on its own
+        batch alone; the culprits fail and the step is computed again without them, so the survivors'
+        step is exactly the step they take in a pack without the culprits.
+        """
+        while True:
+            active, sums = self._gradients(active, fp16)
+            if not active or fp16:   # fp16 overflow is the loss scaler's business (a skipped step)
+                return active, sums
+            flagged = [c for c, ok in zip(active, self._grad_finite(active)) if not ok]
+            if not flagged:
+                return active, sums
+            culprits = flagged if len(flagged) == 1 else \
+                [c for c in flagged if not self._gradients([c], fp16)[0] or not self._grad_finite([c])[0]]
+            for c in culprits or flagged:   # non-finite only together: none can be told apart
+                if c.status != "failed":
+                    self._fail(c, "gradient")
+            active = [c for c in active if c.status != "failed"]
+            if not active:
+                return [], {}
+
+    def _train_step(self, active: list[_Concept]) -> None:
+        fp16 = active[0].job.recipe.mixed_precision == "fp16"
+        active, sums = self._finite_gradients(active, fp16)
+        if not active:
+            return
         hypers = [SlotHyper(c.job.recipe.lr, c.job.recipe.betas, c.job.recipe.adam_eps,
                             c.job.recipe.weight_decay, c.job.recipe.max_grad_norm) for c in active]
         norms = self.optim.step([c.slot for c in active], hypers,
@@ -317,21 +366,26 @@ class PackTrainer:
                               for i, c in enumerate(active)]).tolist()
         for c, row in zip(active, values):
             metrics = dict(zip(keys, row))
-            c.step += 1
-            c.curve.add(metrics["loss"])
             if fp16:
                 metrics["loss_scale"] = c.loss_scale
                 self._update_scale(c, finite=math.isfinite(row[-1]))
-            elif not math.isfinite(row[-1]):     # the optimiser refused a non-finite gradient or update
-                self._fail(c, f"its gradient or update became non-finite at step {c.step} (diverged)")
+            elif not math.isfinite(row[-1]):     # finite gradient, non-finite update: the optimiser refused it
+                self._fail(c, "update")
+                continue
+            c.step += 1
+            c.curve.add(metrics["loss"])
             if self.on_metrics:
                 self.on_metrics({"concept_id": c.job.concept_id, "stage": self.stage, "step": c.step,
                                  "total": c.total, "grad_norm": row[-1], "lr": c.job.recipe.lr, **metrics})
 
-    def _fail(self, c: _Concept, error: str) -> None:
-        """Take a concept out of the pack: it stops training, its slot is cleared, the rest go on."""
-        c.status, c.error = "failed", error
+    def _fail(self, c: _Concept, what: str) -> None:
+        """Take a diverged concept out of the pack: it stops training, its slot is zeroed and never
+        routed again (``slot_of`` refuses it), its optimiser state is reset; the rest go on."""
+        err = ConceptDiverged(c.job.concept_id, c.step + 1, what)
+        c.status, c.error = "failed", str(err)
+        self.failures[c.job.concept_id] = err
         self.bank.clear_slot(c.slot)
+        self.optim.reset_slot(c.slot)
 
     @staticmethod
     def _update_scale(c: _Concept, *, finite: bool) -> None:
@@ -386,7 +440,10 @@ class PackTrainer:
             callback([c.job.concept_id for c in concepts])
 
     def slot_of(self, concept_id: str) -> int:
-        """The bank slot training ``concept_id`` (for rendering with it: ``purecc.generate``)."""
+        """The bank slot training ``concept_id`` (for rendering with it: ``purecc.generate``); raises
+        the concept's ``ConceptDiverged`` when it failed (its cleared slot is never routed)."""
+        if concept_id in self.failures:
+            raise self.failures[concept_id]
         return self.concepts[concept_id].slot
 
     def summary(self, concept_id: str) -> dict:

@@ -63,7 +63,8 @@ def test_resume_takes_the_newest_intact_checkpoint(tiny_model_dir, sample_manife
     again.setup()
     resumed = again.resume({"zigzag-star": [kept / "step-4", kept / "step-2", kept / "never-written"]})
     assert resumed == {"zigzag-star": 2}
-    assert [k for _, k, _ in events] == ["checkpoint-rejected", "resumed"] and "sha256" in events[0][2]["error"]
+    assert [k for _, k, _ in events] == ["checkpoint-rejected", "resumed"] and "sha256" in events[0][2]["reason"]
+    assert events[0][2]["checkpoint"] == "kept/step-4" and str(tmp_path) not in events[0][2]["reason"]
     again.train(checkpoint_dir=lambda cid: tmp_path / "again" / cid)
     a = again.export("zigzag-star", tmp_path / "a")
     b = first.export("zigzag-star", tmp_path / "b")
@@ -81,7 +82,7 @@ def test_checkpoint_of_other_content_is_refused(tiny_model_dir, sample_manifests
     new = _recipe(load_pipeline(str(tiny_model_dir)), _plan(sample_manifests, key="new-content"), events)
     new.setup()
     assert new.resume({"zigzag-star": [tmp_path / "ckpt" / "zigzag-star"]}) == {}
-    assert events[0][1] == "checkpoint-rejected" and "job_key" in events[0][2]["error"]
+    assert events[0][1] == "checkpoint-rejected" and "job_key" in events[0][2]["reason"]
 
 
 def test_recipe_needs_setup_and_stage2_needs_its_extractor(tiny_pipe, sample_manifests):
