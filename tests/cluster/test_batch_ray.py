@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from cluster import api
 from cluster.ledger import JobLedger
 from cluster.local_ray import start_local_ray
+from purecc.registry import AdapterRegistry
 from cluster_helpers import batch_dict, copy_concept, truncate_image, write_batch
 
 pytestmark = pytest.mark.ray
@@ -132,6 +133,11 @@ def test_batch_publishes_with_overlapping_trainings(main_batch, tiny_model_dir):
     assert ("s1-zigzag-star-2-" in " ".join(n for n, _ in names)) and all(r["ended_at"] for r in runs)
 
 
+def _served(root: Path, cid: str) -> Path:
+    """The folder of the version the registry under ``root`` serves for ``cid``."""
+    return Path(AdapterRegistry(root).path_of(cid))
+
+
 def test_published_adapters_load_and_generate(main_batch, tiny_model_dir):
     from purecc.generate import RenderSettings, Sample, generate, load_concepts
     from purecc.model import ModelConfig, load_pipeline
@@ -140,7 +146,7 @@ def test_published_adapters_load_and_generate(main_batch, tiny_model_dir):
     assert [m.concept_id for m in found] == sorted(GOOD)
     assert all(m.stage == 2 and m.steps == S2_STEPS and m.metrics["batch"] == "tiny" for m in found)
     for cid in GOOD:
-        folder = main_batch["storage"] / "adapters" / cid
+        folder = _served(main_batch["storage"], cid)
         assert (folder / "validation" / "stage1" / "00.png").is_file()
         assert (folder / "validation" / "stage2" / "00.png").is_file()
     pipe = load_pipeline(ModelConfig(path=str(tiny_model_dir)))
@@ -173,8 +179,8 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_weights(main_batch
                    out=out, steps={1: S1_STEPS, 2: S2_STEPS},
                    overrides={"resolution": 64, "grad_accum": 1, "checkpoint_every": CKPT_EVERY}, progress=False)
     for cid in ("zigzag-star", "ringed-circle"):
-        for stage, got in ((1, main_batch["storage"] / "work" / "stage1" / "adapters" / cid),
-                           (2, main_batch["storage"] / "adapters" / cid)):
+        for stage, got in ((1, _served(main_batch["storage"] / "work" / "stage1", cid)),
+                           (2, _served(main_batch["storage"], cid))):
             want = load_file(out / cid / f"stage{stage}" / "pytorch_lora_weights.safetensors")
             have = load_file(got / "pytorch_lora_weights.safetensors")
             assert want.keys() == have.keys()
@@ -197,8 +203,8 @@ def test_purecc_train_and_ray_train_give_bit_identical_adapters(main_batch, tiny
     train_concepts(model=str(tiny_model_dir), concepts=[("split-diamond", "bxj", str(sample_manifests["split-diamond"]))],
                    out=out, steps={1: S1_STEPS, 2: S2_STEPS}, overrides={"resolution": 64, "grad_accum": 1},
                    progress=False)
-    for stage, got in ((1, main_batch["storage"] / "work" / "stage1" / "adapters" / "split-diamond"),
-                       (2, main_batch["storage"] / "adapters" / "split-diamond")):
+    for stage, got in ((1, _served(main_batch["storage"] / "work" / "stage1", "split-diamond")),
+                       (2, _served(main_batch["storage"], "split-diamond"))):
         for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
             want, have = load_file(out / "split-diamond" / f"stage{stage}" / name), load_file(got / name)
             assert want.keys() == have.keys()
