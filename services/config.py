@@ -11,6 +11,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .auth import TOKENS_FILE, AuthSettings
+
 
 class ServiceConfig(BaseModel):
     """The deployment's knobs, validated; ``registry`` defaults to ``storage``."""
@@ -57,6 +59,8 @@ class ServiceConfig(BaseModel):
     routing_stats_period_s: float = Field(2.0, gt=0, description="How often replicas report their resident "
                                                                  "concepts to the request router.")
     warmup: bool = Field(True, description="Run one tiny pass before taking traffic (first-pass costs on GPU).")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Bearer tokens, rate limits and "
+                                                                         "per-owner quotas (services.auth).")
 
     @model_validator(mode="before")
     @classmethod
@@ -79,6 +83,13 @@ class ServiceConfig(BaseModel):
                                  "storage is set (batches publish into <storage>/adapters/, which this service "
                                  "must serve)")
         return self
+
+    @property
+    def tokens_file(self) -> str | None:
+        """The token file: ``auth.tokens``, else ``<storage>/auth/tokens.json``, else None (no token is valid)."""
+        if self.auth.tokens:
+            return self.auth.tokens
+        return os.path.join(self.storage, TOKENS_FILE) if self.storage else None
 
     @property
     def max_images_per_request(self) -> int:
