@@ -78,7 +78,9 @@ AUTH_ERRORS = {
                                              "belongs to another owner."},
     429: {"model": ErrorBody, "description": "The token's rate limit or its owner's quota; retry after "
                                              "Retry-After seconds."}}
-ERRORS = {404: {"model": ErrorBody, "description": "A requested concept is not servable."},
+ERRORS = {400: {"model": ErrorBody, "description": "The body cannot be parsed (FastAPI's answer to bytes that "
+                                             "are not UTF-8)."},
+          404: {"model": ErrorBody, "description": "A requested concept is not servable."},
           503: {"model": ErrorBody, "description": "Overloaded or timed out; retry after Retry-After seconds."},
           **AUTH_ERRORS}
 NO_BATCHES = "batch submission is not enabled on this service (it was started without a storage root)"
