@@ -253,8 +253,11 @@ class Authority:
         if credentials is None:
             raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer pcc_<id>_<secret>' "
                                      "(create one with `purecc token create`)", headers=CHALLENGE)
+        if self.store is None:
+            raise HTTPException(401, "this service has no token file configured (auth.tokens or storage), so "
+                                     "no token is valid", headers=CHALLENGE)
         try:
-            rec = self.store.verify(credentials.credentials) if self.store else None
+            rec = self.store.verify(credentials.credentials)
         except (OSError, ValueError, KeyError, TypeError):
             raise HTTPException(503, "the token file cannot be read now", headers={"Retry-After": "5"}) from None
         if rec is None:

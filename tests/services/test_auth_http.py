@@ -21,7 +21,7 @@ import requests
 from purecc.cli import main as purecc_main
 from purecc.registry import AdapterRegistry
 from service_helpers import bearer, free_port, make_token, roomy_auth
-from services.auth import AuthSettings, TokenStore
+from services.auth import Authority, AuthSettings, RateLimiter, TokenStore
 
 TRIGGERS = {"zigzag-star": "zqx", "ringed-circle": "vlk"}
 STEPS = {"resolution": 64, "stage1": {"steps": 2, "checkpoint_every": 1}, "stage2": {"steps": 2}}
@@ -53,6 +53,27 @@ def test_tokens_are_stored_hashed_and_verified(tmp_path):
         store.create("alice", ["root"])
     with pytest.raises(ValueError, match="owner"):
         store.create("../etc", ["generate"])
+
+
+def test_the_token_bucket_allows_its_burst_then_its_rate():
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=3, clock=lambda: now[0])
+    assert [limiter.take("t") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("t") == pytest.approx(1.0) and limiter.take("other") == 0.0
+    now[0] = 1.0                              # one request a second comes back
+    assert limiter.take("t") == 0.0 and limiter.take("t") > 0
+
+
+def test_without_a_token_file_no_token_is_valid():
+    from fastapi import HTTPException
+    from fastapi.security import HTTPAuthorizationCredentials
+
+    authority = Authority(AuthSettings(), None)
+    with pytest.raises(HTTPException) as err:
+        authority.authenticate(HTTPAuthorizationCredentials(scheme="Bearer", credentials="pcc_x_y"), "generate")
+    assert err.value.status_code == 401 and "no token file" in err.value.detail
+    off = Authority(AuthSettings(enabled=False), None).authenticate(None, "submit")
+    assert off.admin and off.owner == "local"
 
 
 def test_token_cli_round_trip(tmp_path, capsys):
