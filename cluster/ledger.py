@@ -7,7 +7,10 @@ the driver acts on it (launching a run, marking a stage done), so a driver kille
 the truth on restart. Only the driver and the CLI on the head node open the file; training workers
 never do (SQLite is not safe over NFS locking): they report through the driver's progress board.
 
-Tables: ``jobs`` (the rows), ``runs`` (one row per Ray Train run launched), ``events`` (an append-only
+Tables: ``jobs`` (the rows; ``owner``: who submitted the concept, None for jobs recorded without one),
+``batches`` (a batch name and its owner) and ``batch_members`` (batch name -> concept ids: resubmitting
+identical content under another batch name adds the concept to that batch and leaves it in the first),
+``runs (one row per Ray Train run launched), ``events`` (an append-only
 history: submitted, launched, resumed, stage-done, published, failed, ...), ``driver`` (a lease held by
 the one driver allowed to schedule), ``meta`` (``schema_version``: the schema the file is in).
 
@@ -32,10 +35,30 @@ from purecc.ids import validate_concept_id
 
 from .spec import JobSpec
 
-SCHEMA_VERSION = 1   # bump only with a step in MIGRATIONS that changes the schema to it
+SCHEMA_VERSION = 2   # bump only with a step in MIGRATIONS that changes the schema to it
+_OWNER_TABLES = """
+CREATE TABLE IF NOT EXISTS batches (name TEXT PRIMARY KEY, owner TEXT, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS batch_members (
+    batch TEXT NOT NULL, concept_id TEXT NOT NULL, added_at REAL NOT NULL, PRIMARY KEY (batch, concept_id)
+);
+CREATE INDEX IF NOT EXISTS batch_members_by_concept ON batch_members (concept_id);
+"""
+
+
+def _add_owners(db: sqlite3.Connection) -> None:
+    """Version 2: an owner per job, batches and their members (each job a member of its batch)."""
+    db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+    for stmt in filter(None, (s.strip() for s in _OWNER_TABLES.split(";"))):
+        db.execute(stmt)
+    db.execute("INSERT OR IGNORE INTO batches (name, owner, created_at) "
+               "SELECT batch, NULL, MIN(submitted_at) FROM jobs GROUP BY batch")
+    db.execute("INSERT OR IGNORE INTO batch_members (batch, concept_id, added_at) "
+               "SELECT batch, concept_id, submitted_at FROM jobs")
+
+
 # (version, step): ``step(db)`` brings a ledger of the version before it to ``version``; run in version
-# order inside one transaction. E.g. (2, lambda db: db.execute("ALTER TABLE jobs ADD COLUMN note TEXT")).
-MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], Any]]] = []
+# order inside one transaction.
+MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], Any]]] = [(2, _add_owners)]
 ACTIVE = ("queued", "stage1", "stage2")
 FINISHED = ("published", "failed", "cancelled")
 STATES = ACTIVE + FINISHED
@@ -70,7 +93,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     checkpoint TEXT, checkpoint_stage INTEGER, checkpoint_step INTEGER,
     stage1_adapter TEXT, adapter TEXT, error TEXT,
     submitted_at REAL NOT NULL, updated_at REAL NOT NULL,
-    stage1_started REAL, stage1_ended REAL, stage2_started REAL, stage2_ended REAL, published_at REAL
+    stage1_started REAL, stage1_ended REAL, stage2_started REAL, stage2_ended REAL, published_at REAL,
+    owner TEXT
 );
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -86,7 +110,7 @@ CREATE TABLE IF NOT EXISTS driver (
     owner TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, heartbeat REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_concept ON events (concept_id, kind);
-"""
+""" + _OWNER_TABLES
 
 # columns a replace or requeue resets
 _PROGRESS_COLS = ("stage", "step", "total", "loss", "eta_s", "progress_at")
@@ -103,6 +127,31 @@ class ContentConflict(LedgerError):
         self.ids = ids
         super().__init__(f"concept(s) {', '.join(ids)} already exist in the ledger with different content "
                          "(data, trigger, recipe or base); resubmit with replace=True (--replace) to retrain them")
+
+
+class NotOwner(LedgerError):
+    """A submission touching a concept or batch name that another owner holds (HTTP 403)."""
+
+    def __init__(self, kind: str, name: str):
+        self.kind, self.name = kind, name
+        super().__init__(f"{kind} {name!r} belongs to another owner; choose another {kind} id or ask an admin")
+
+
+class QuotaExceeded(LedgerError):
+    """A submission that would take an owner past a quota (HTTP 429); nothing was recorded."""
+
+    def __init__(self, what: str, count: int, limit: int):
+        self.what, self.count, self.limit = what, count, limit
+        super().__init__(f"quota exceeded: this submission would give its owner {count} {what}, the limit is "
+                         f"{limit}; wait for some to finish or cancel some")
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-owner limits checked inside a submission's transaction (None: unlimited)."""
+
+    active_concepts: int | None = None     # jobs queued or training
+    active_batches: int | None = None      # batches with a job queued or training
 
 
 class DriverBusy(LedgerError):
@@ -144,6 +193,7 @@ class JobRecord:
     stage2_started: float | None
     stage2_ended: float | None
     published_at: float | None
+    owner: str | None = None
 
     @property
     def next_stage(self) -> int | None:
@@ -310,33 +360,76 @@ class JobLedger:
             rows = self._db.execute("SELECT * FROM runs ORDER BY id").fetchall()
         return [{**dict(r), "members": json.loads(r["members"])} for r in rows]
 
+    def batch_jobs(self, name: str) -> list[JobRecord]:
+        """The jobs that are members of batch ``name``, in the order they joined it."""
+        with self._lock:
+            rows = self._db.execute("SELECT jobs.* FROM batch_members m JOIN jobs ON jobs.concept_id = m.concept_id "
+                                    "WHERE m.batch = ? ORDER BY m.rowid", (name,)).fetchall()
+        return [self._record(r) for r in rows]
+
+    def batches(self, owner: str | None = None) -> list[tuple[str, str | None]]:
+        """(name, owner) of every batch with a member, oldest first; only ``owner``'s when given."""
+        q = ("SELECT name, owner FROM batches WHERE EXISTS (SELECT 1 FROM batch_members m WHERE m.batch = name)"
+             + (" AND owner = ?" if owner is not None else "") + " ORDER BY created_at, name")
+        with self._lock:
+            rows = self._db.execute(q, () if owner is None else (owner,)).fetchall()
+        return [(r["name"], r["owner"]) for r in rows]
+
+    def batch_owner(self, name: str) -> str | None:
+        """The owner of batch ``name`` (None when recorded without one); KeyError when it is not recorded."""
+        with self._lock:
+            row = self._db.execute("SELECT owner FROM batches WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise KeyError(f"batch {name!r} is not in the ledger")
+        return row["owner"]
+
+    def owners(self, concept_ids: Sequence[str]) -> dict[str, str | None]:
+        """The owner of each of ``concept_ids`` that is in the ledger (None: recorded without one)."""
+        ids = list(dict.fromkeys(concept_ids))
+        if not ids:
+            return {}
+        with self._lock:
+            rows = self._db.execute(f"SELECT concept_id, owner FROM jobs WHERE concept_id IN "
+                                    f"({', '.join('?' * len(ids))})", ids).fetchall()
+        return {r["concept_id"]: r["owner"] for r in rows}
+
     # ----- submission ------------------------------------------------------------------------
-    def submit(self, jobs: Sequence[JobSpec], *, replace: bool = False, requeue: bool = False) -> SubmitReport:
+    def submit(self, jobs: Sequence[JobSpec], *, replace: bool = False, requeue: bool = False,
+               owner: str | None = None, admin: bool = True, quota: Quota | None = None) -> SubmitReport:
         """Record ``jobs``; idempotent for identical content. All or nothing.
 
         An id already present with different content is refused (``ContentConflict``) unless
         ``replace``; ``requeue`` puts identical failed/cancelled jobs back in line (their checkpoints
-        and finished stage 1 are kept).
+        and finished stage 1 are kept). Each job joins its batch (``batch_members``); an identical job
+        already recorded under another batch stays there too. New jobs and batches get ``owner``;
+        unless ``admin``, a concept or batch name held by another owner (or by none) is refused
+        (``NotOwner``), and ``quota`` is checked for ``owner`` before committing (``QuotaExceeded``).
         """
         report = SubmitReport([], [], [], [])
         now = time.time()
         with self._tx() as db:
             live = self._live_driver(db)
+            for name in dict.fromkeys(job.batch for job in jobs):
+                self._join_batch(db, name, owner, admin, now)
             conflicts = []
             for job in jobs:
                 validate_concept_id(job.concept_id)
                 h = job.content_hash()
                 row = db.execute("SELECT * FROM jobs WHERE concept_id = ?", (job.concept_id,)).fetchone()
+                if row is not None and not admin and row["owner"] != owner:
+                    raise NotOwner("concept", job.concept_id)
+                db.execute("INSERT OR IGNORE INTO batch_members (batch, concept_id, added_at) VALUES (?, ?, ?)",
+                           (job.batch, job.concept_id, now))
                 if row is None:
                     db.execute("INSERT INTO jobs (concept_id, batch, content_hash, spec, state, submitted_at, "
-                               "updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                               (job.concept_id, job.batch, h, job.model_dump_json(), now, now))
-                    self._event(db, job.concept_id, "submitted", {"content_hash": h}, now)
+                               "updated_at, owner) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                               (job.concept_id, job.batch, h, job.model_dump_json(), now, now, owner))
+                    self._event(db, job.concept_id, "submitted", {"content_hash": h, "owner": owner}, now)
                     report.added.append(job.concept_id)
                 elif row["content_hash"] == h:
-                    # same content: keep the row; scheduling knobs (resources) may change
-                    db.execute("UPDATE jobs SET spec = ?, batch = ? WHERE concept_id = ?",
-                               (job.model_dump_json(), job.batch, job.concept_id))
+                    # same content: keep the row and its first batch; scheduling knobs (resources) may change
+                    db.execute("UPDATE jobs SET spec = ? WHERE concept_id = ?",
+                               (job.model_copy(update={"batch": row["batch"]}).model_dump_json(), job.concept_id))
                     if requeue and row["state"] in ("failed", "cancelled"):
                         to = "stage2" if row["stage1_adapter"] else "queued"
                         db.execute("UPDATE jobs SET state = ?, error = NULL, failures = 0, cancel_requested = 0, "
@@ -363,7 +456,31 @@ class JobLedger:
                     report.replaced.append(job.concept_id)
             if conflicts:
                 raise ContentConflict(conflicts)
+            if quota is not None and not admin:
+                self._check_quota(db, owner, quota)
         return report
+
+    def _join_batch(self, db, name: str, owner: str | None, admin: bool, now: float) -> None:
+        """Record batch ``name`` for ``owner``; refuse another owner's batch name unless ``admin``."""
+        row = db.execute("SELECT owner FROM batches WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            db.execute("INSERT INTO batches (name, owner, created_at) VALUES (?, ?, ?)", (name, owner, now))
+        elif not admin and row["owner"] != owner:
+            raise NotOwner("batch", name)
+
+    @staticmethod
+    def _check_quota(db, owner: str | None, quota: Quota) -> None:
+        active = "('queued','stage1','stage2')"
+        if quota.active_concepts is not None:
+            n = db.execute(f"SELECT COUNT(*) FROM jobs WHERE owner IS ? AND state IN {active}", (owner,)).fetchone()[0]
+            if n > quota.active_concepts:
+                raise QuotaExceeded("queued or training concepts", n, quota.active_concepts)
+        if quota.active_batches is not None:
+            n = db.execute(f"SELECT COUNT(DISTINCT m.batch) FROM batch_members m JOIN jobs j ON j.concept_id = "
+                           f"m.concept_id JOIN batches b ON b.name = m.batch WHERE b.owner IS ? AND j.state IN "
+                           f"{active}", (owner,)).fetchone()[0]
+            if n > quota.active_batches:
+                raise QuotaExceeded("batches training", n, quota.active_batches)
 
     # ----- state changes ---------------------------------------------------------------------
     def transition(self, concept_id: str, to: str, *, expect: Sequence[str] | None = None,

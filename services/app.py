@@ -4,9 +4,17 @@
     GET  /v1/concepts       servable concepts
     POST /v1/batches        a concept batch to train (202, Location: /v1/batches/{name})
     GET  /v1/batches/{name} its jobs: state, step/total, loss, ETA, error, adapter, timestamps
-    GET  /v1/batches        batches in the ledger
+    GET  /v1/batches        the caller's batches
+    POST /v1/batches/{name}/cancel   cancel a batch's unfinished jobs
     GET  /healthz           200 once a generator replica has its model loaded, 503 before
     GET  /openapi.json      the schema (interactive docs at /docs)
+
+Every route but /healthz and the docs needs a bearer token (``services.auth``): generate scope for
+/v1/generate and /v1/concepts, submit scope for the batch routes, admin for every owner's batches.
+401 (``WWW-Authenticate: Bearer``): no valid token; 403: the token lacks the scope, or the batch or
+concept belongs to another owner; 429 (``Retry-After``): the token's rate or its owner's quota.
+A caller sees and composes its own concepts and those without an owner (published by the operator's
+tools); another owner's trained concept answers 404 as if it did not exist.
 
 Status codes: 422 names the offending field (FastAPI's own shape, also for the limits checked
 here; a rejected batch lists every problem); 404 names an unknown concept or batch; 503 (with
@@ -30,7 +38,7 @@ import sqlite3
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -41,19 +49,21 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from cluster.ledger import ContentConflict, LedgerError
+from cluster.ledger import ContentConflict, LedgerError, NotOwner, Quota, QuotaExceeded
 from purecc.generate import RenderSettings, fill_placeholders, trained_sequence_length
 from purecc.ids import CONCEPT_ID_PATTERN
 from purecc.registry import AdapterRegistry
 
 from .adapter_cache import adapter_version
+from .auth import Authority, Principal, require
 from .batches import BaseModelUnreadable, BatchRejected, StorageBatches, UnknownBatch
 from .catalog import ConceptCatalog
 from .config import ServiceConfig
 from .deployment import ConceptGenerator, ConceptUse, RenderResult, RenderTask, keep_replica_grpc_on_loopback
 from .errors import ConceptUnloadable, SlotsBusy, TooManyConcepts, UnknownConcept
 from .limits import check_render_cost, install as install_limits
-from .schemas import (MAX_BATCH_BYTES, BatchList, BatchRequest, BatchStatus, BatchSubmitted, ConceptInfo,
+from .schemas import (MAX_BATCH_BYTES, BatchCancelled, BatchList, BatchRequest, BatchStatus, BatchSubmitted,
+                      ConceptInfo,
                       ConceptList, ConceptUsed, ErrorBody, GeneratedImage, GenerateRequest, GenerateResponse,
                       Health, Timings)
 
@@ -64,8 +74,17 @@ ROUTER = "services.routing:ConceptAffinityRouter"
 api = FastAPI(title="purecc", version="0.1.0",
               description="Multi-concept generation on one shared SD3/SD3.5 base with hot-loaded PureCC adapters.")
 install_limits(api)     # body deadline and size on every route (settings: api.state.limits)
-ERRORS = {404: {"model": ErrorBody, "description": "A requested concept is not servable."},
-          503: {"model": ErrorBody, "description": "Overloaded or timed out; retry after Retry-After seconds."}}
+AUTH_ERRORS = {
+    401: {"model": ErrorBody, "description": "No valid bearer token (missing, unknown, revoked or malformed)."},
+    403: {"model": ErrorBody, "description": "The token lacks this route's scope, or the batch or concept "
+                                             "belongs to another owner."},
+    429: {"model": ErrorBody, "description": "The token's rate limit or its owner's quota; retry after "
+                                             "Retry-After seconds."}}
+ERRORS = {400: {"model": ErrorBody, "description": "The body cannot be parsed (FastAPI's answer to bytes that "
+                                             "are not UTF-8)."},
+          404: {"model": ErrorBody, "description": "A requested concept is not servable."},
+          503: {"model": ErrorBody, "description": "Overloaded or timed out; retry after Retry-After seconds."},
+          **AUTH_ERRORS}
 NO_BATCHES = "batch submission is not enabled on this service (it was started without a storage root)"
 BATCH_ERRORS = {
     404: {"model": ErrorBody, "description": "Unknown batch, or " + NO_BATCHES + "."},
@@ -73,10 +92,18 @@ BATCH_ERRORS = {
                                              "replace), or is training and cannot be replaced now."},
     413: {"model": ErrorBody, "description": f"The body exceeds {MAX_BATCH_BYTES} bytes."},
     503: {"model": ErrorBody, "description": "The ledger or the service's model cannot be read now, or the "
-                                             "training driver could not be started (the jobs are recorded)."}}
+                                             "training driver could not be started (the jobs are recorded)."},
+    **AUTH_ERRORS}
 INVALID = {422: {"description": "The batch is rejected: every problem, in FastAPI's shape (detail: [{loc, msg, "
                                 "type}]).",
                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}}
+def _authority() -> Authority:
+    """The serving replica's ``Authority`` (the dependency runs inside the ingress replica)."""
+    return serve.get_replica_context().servable_object.authority
+
+
+Generator = Annotated[Principal, Depends(require("generate", _authority))]
+Submitter = Annotated[Principal, Depends(require("submit", _authority))]
 BatchName = Annotated[str, PathParam(pattern=CONCEPT_ID_PATTERN, description="Batch name, as submitted.")]
 
 
@@ -189,7 +216,9 @@ class GenerationAPI:
         self.generator, self.config = generator, config
         api.state.limits = config.limits
         self.catalog = ConceptCatalog(AdapterRegistry(config.registry), config.catalog_ttl_s)
-        self.batches = StorageBatches(config.storage, config.model) if config.storage else None
+        self.authority = Authority(config.auth, config.tokens_file)
+        quota = Quota(active_concepts=config.auth.max_queued_concepts, active_batches=config.auth.max_training_batches)
+        self.batches = StorageBatches(config.storage, config.model, quota) if config.storage else None
         self._model: dict | None = None
 
     async def _call(self, method: str, *args, timeout: float, concept_index: dict[str, int] | None = None):
@@ -219,16 +248,17 @@ class GenerationAPI:
 
     @api.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS,
               summary="Generate images with concepts composed on the shared base")
-    async def generate(self, body: GenerateRequest) -> GenerateResponse:
+    async def generate(self, body: GenerateRequest, principal: Generator) -> GenerateResponse:
         """Render a request's images with its concepts composed on the shared base."""
         start = time.perf_counter()
         deadline = start + self.config.request_timeout_s
         info = await self._model_info(deadline - time.perf_counter())
         width, height = body.width or info["native_side"], body.height or info["native_side"]
         self._check_limits(body, info, width, height)
+        hidden = await self._others_concepts([c.id for c in body.concepts], principal)
         manifests = {}
         for c in body.concepts:
-            m = await self.catalog.lookup(c.id)
+            m = None if c.id in hidden else await self.catalog.lookup(c.id)
             if m is None:
                 raise ApiError(404, f"concept {c.id!r} is not in the adapter registry", concept=c.id)
             if m.base_fingerprint != info["base_fingerprint"]:
@@ -284,16 +314,28 @@ class GenerationAPI:
                                 guidance=body.guidance, width=task.settings.width, height=task.settings.height,
                                 batch_images=result.batch_images, replica=result.replica, timings=timings)
 
-    @api.get("/v1/concepts", response_model=ConceptList, responses={503: ERRORS[503]},
+    @api.get("/v1/concepts", response_model=ConceptList, responses={503: ERRORS[503], **AUTH_ERRORS},
              summary="List the concepts this service can compose")
-    async def concepts(self) -> ConceptList:
-        """The servable concepts: published and made for this service's base model."""
+    async def concepts(self, principal: Generator) -> ConceptList:
+        """The servable concepts the caller may use: published and made for this service's base model."""
         info = await self._model_info(self.config.request_timeout_s)
         manifests = await self.catalog.list()
+        hidden = await self._others_concepts([m.concept_id for m in manifests], principal)
         return ConceptList(concepts=[
             ConceptInfo(id=m.concept_id, trigger=m.trigger, stage=m.stage, steps=m.steps, rank=m.rank,
                         version=adapter_version(m), created=m.created)
-            for m in manifests if m.base_fingerprint == info["base_fingerprint"]])
+            for m in manifests if m.base_fingerprint == info["base_fingerprint"] and m.concept_id not in hidden])
+
+    async def _others_concepts(self, ids: list[str], principal: Principal) -> set[str]:
+        """Those of ``ids`` trained through this ledger for another owner (hidden from the principal);
+        concepts without an owner (published by the operator's own tools) are everyone's to use."""
+        if principal.admin or self.batches is None or not ids:
+            return set()
+        try:
+            owners = await asyncio.to_thread(self.batches.owners, ids)
+        except sqlite3.Error as exc:
+            raise ApiError(503, f"concept owners cannot be read now: {exc}", retry_after=30) from None
+        return {cid for cid, owner in owners.items() if owner is not None and owner != principal.owner}
 
     async def _on_batches(self, method: str, *args):
         """``self.batches.<method>(*args)`` in a thread, its errors mapped to HTTP answers."""
@@ -307,6 +349,10 @@ class GenerationAPI:
             raise ApiError(404, str(exc)) from None
         except ContentConflict as exc:
             raise ApiError(409, str(exc), concept=exc.ids[0]) from None
+        except NotOwner as exc:
+            raise ApiError(403, str(exc), concept=exc.name if exc.kind == "concept" else None) from None
+        except QuotaExceeded as exc:
+            raise ApiError(429, str(exc), retry_after=self.config.auth.quota_retry_after_s) from None
         except (BaseModelUnreadable, sqlite3.Error) as exc:
             raise ApiError(503, f"batches are unavailable: {exc}", retry_after=30) from None
         except RayError as exc:        # the jobs are recorded; resubmitting starts a driver again
@@ -319,25 +365,33 @@ class GenerationAPI:
               description="Validates the whole batch (422 lists every problem), records its jobs in the "
                           "training ledger and makes sure a driver runs them. Data paths are relative to "
                           "<storage>/data/ on the service. Poll the Location for progress.")
-    async def submit_batch(self, request: Request, response: Response) -> BatchSubmitted:
+    async def submit_batch(self, request: Request, response: Response, principal: Submitter) -> BatchSubmitted:
         """Validate a concept batch, record its jobs and make sure a driver trains them (202)."""
         if self.batches is None:
             raise ApiError(404, NO_BATCHES)
         raw = await _json_body(request, MAX_BATCH_BYTES)
-        result = await self._on_batches("submit", raw)
+        result = await self._on_batches("submit", raw, principal)
         response.headers["Location"] = f"{request.scope.get('root_path', '')}/v1/batches/{result.batch}"
         return result
 
     @api.get("/v1/batches/{name}", response_model=BatchStatus, responses=BATCH_ERRORS,
              summary="A batch's jobs: state, progress, errors, adapters")
-    async def batch_status(self, name: BatchName) -> BatchStatus:
-        """One batch's jobs with their state and progress."""
-        return await self._on_batches("status", name)
+    async def batch_status(self, name: BatchName, principal: Submitter) -> BatchStatus:
+        """One of the caller's batches: its jobs with their state and progress."""
+        return await self._on_batches("status", name, principal)
 
-    @api.get("/v1/batches", response_model=BatchList, responses=BATCH_ERRORS, summary="Batches in the ledger")
-    async def batches_list(self) -> BatchList:
-        """Every batch of this service's storage root."""
-        return await self._on_batches("list")
+    @api.post("/v1/batches/{name}/cancel", response_model=BatchCancelled, responses=BATCH_ERRORS,
+              summary="Cancel a batch's unfinished jobs (idempotent)",
+              description="Queued jobs are cancelled at once; training ones stop at their next step and keep their "
+                          "checkpoints. Only the batch's owner or an admin may cancel it (403).")
+    async def cancel_batch(self, name: BatchName, principal: Submitter) -> BatchCancelled:
+        """Cancel every unfinished job of one batch."""
+        return await self._on_batches("cancel", name, principal)
+
+    @api.get("/v1/batches", response_model=BatchList, responses=BATCH_ERRORS, summary="The caller's batches")
+    async def batches_list(self, principal: Submitter) -> BatchList:
+        """The caller's batches (an admin's: every batch of this service's storage root)."""
+        return await self._on_batches("list", principal)
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}},
              summary="Readiness: 200 once a generator replica has its model loaded")

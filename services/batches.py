@@ -3,9 +3,16 @@ root, its jobs go into the training ledger, and a driver is kept running for the
 
 The service fixes what a user may not choose: the base model (its own), the storage root, and with
 it the ledger (``<storage>/ledger.sqlite``) and the registry the adapters are published to
-(``<storage>/adapters/``). Concept data is read from ``<storage>/data/`` only: a manifest path is
+(``<storage>/adapters/``). Concept data is read from the caller's own data area only,
+``<storage>/data/<owner>/`` (an admin's is ``<storage>/data/``, every owner's): a manifest path is
 relative, without ``..``, and the manifest and every image it names resolve (symlinks followed)
 inside that folder; nothing outside it is ever opened.
+
+Ownership (``services.auth.Principal``): a batch and each of its concepts belong to the owner who
+first submitted them. A caller lists and reads only its own batches (another owner's answers 404,
+as if it did not exist); submitting to another owner's batch name or concept id, replacing or
+cancelling another owner's batch is refused (``NotOwner``, 403); an admin may do all of it. Status
+bodies name adapters by their path relative to the storage root, never an absolute server path.
 
 Validation reports every problem at once, in FastAPI's 422 shape: the request's own schema
 (``services.schemas``, tighter bounds than cluster's), the data paths, then ``cluster.spec``'s
@@ -34,12 +41,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from cluster.api import start_driver
-from cluster.ledger import ACTIVE, JobLedger, JobRecord
+from cluster.ledger import ACTIVE, JobLedger, JobRecord, NotOwner, Quota
 from cluster.spec import BatchSpecError, ValidatedBatch
 from purecc.data import ManifestError, manifest_image_paths
 
-from .schemas import (MAX_BATCH_CONCEPTS, BatchList, BatchRequest, BatchStatus, BatchSubmitted, BatchSummary,
-                      JobStatus)
+from .auth import Principal
+from .schemas import (MAX_BATCH_CONCEPTS, BatchCancelled, BatchList, BatchRequest, BatchStatus, BatchSubmitted,
+                      BatchSummary, JobStatus)
 
 DATA_DIR = "data"
 LEDGER_FILE = "ledger.sqlite"
@@ -83,25 +91,36 @@ class BaseModelUnreadable(RuntimeError):
 
 
 # ----- validation ------------------------------------------------------------------------------
-def confine(value: str, root: Path) -> Path:
+def confine(value: str, root: Path, area: str = f"<storage>/{DATA_DIR}/") -> Path:
     """``value``, a path relative to ``root`` (resolved), resolved with symlinks followed; raises
-    ValueError saying why it is refused (absolute, URI, ``..``, or it resolves outside ``root``)."""
+    ValueError saying why it is refused (absolute, URI, ``..``, or it resolves outside ``root``).
+    ``area`` is how messages name ``root`` (never the server path)."""
     if "\x00" in value:
         raise ValueError("the path contains a NUL character")
     if "://" in value:
-        raise ValueError(f"{value!r} must be a path relative to <storage>/{DATA_DIR}/, not a URI")
+        raise ValueError(f"{value!r} must be a path relative to {area}, not a URI")
     rel = Path(value)
     if rel.is_absolute():
-        raise ValueError(f"{value!r} must be relative to <storage>/{DATA_DIR}/, not an absolute path")
+        raise ValueError(f"{value!r} must be relative to {area}, not an absolute path")
     if ".." in rel.parts:
         raise ValueError(f"{value!r} must not contain '..'")
-    path = (root / rel).resolve()
+    try:
+        path = (root / rel).resolve()
+    except OSError as exc:       # a name too long for the file system, a symlink loop
+        raise ValueError(f"{value!r} cannot be resolved ({exc.strerror or type(exc).__name__})") from None
     if not path.is_relative_to(root):
-        raise ValueError(f"{value!r} resolves outside <storage>/{DATA_DIR}/ (through a symlink)")
+        raise ValueError(f"{value!r} resolves outside {area} (through a symlink)")
     return path
 
 
-def _images_outside(manifest: Path, root: Path) -> str | None:
+def data_area(storage: Path, principal: Principal) -> tuple[Path, str]:
+    """The folder a principal's data paths are relative to, and how messages name it."""
+    if principal.admin:
+        return storage / DATA_DIR, f"<storage>/{DATA_DIR}/"
+    return storage / DATA_DIR / principal.owner, f"<storage>/{DATA_DIR}/{principal.owner}/"
+
+
+def _images_outside(manifest: Path, root: Path, area: str) -> str | None:
     """Why the manifest's images are refused (one outside ``root``), or None."""
     try:
         images = manifest_image_paths(manifest)
@@ -109,7 +128,7 @@ def _images_outside(manifest: Path, root: Path) -> str | None:
         return None                    # cluster.spec reports a missing or unreadable manifest
     for row, image in enumerate(images, 1):
         if not image.resolve().is_relative_to(root):
-            return f"row {row}: its image resolves outside <storage>/{DATA_DIR}/"
+            return f"row {row}: its image resolves outside {area}"
     return None
 
 
@@ -139,9 +158,11 @@ def _order(issue: Issue) -> tuple[int, int]:
     return 0, 0
 
 
-def batch_from_request(raw: Any, *, base_model: str, storage: Path) -> tuple[ValidatedBatch, BatchRequest]:
-    """Validate a request body into a cluster batch (data confined to ``<storage>/data/``), with the
-    manifests its validation parsed; raises ``BatchRejected`` listing every problem."""
+def batch_from_request(raw: Any, *, base_model: str, storage: Path, data_root: Path | None = None,
+                       area: str = f"<storage>/{DATA_DIR}/") -> tuple[ValidatedBatch, BatchRequest]:
+    """Validate a request body into a cluster batch (data confined to ``data_root``, by default
+    ``<storage>/data/``, named ``area`` in messages), with the manifests its validation parsed;
+    raises ``BatchRejected`` listing every problem."""
     if not isinstance(raw, dict):
         raise BatchRejected([Issue((), "expected a JSON object (the batch)", "model_attributes_type")])
     issues = [Issue((k,), f"set by the service ({why}); leave it out", "extra_forbidden")
@@ -153,7 +174,7 @@ def batch_from_request(raw: Any, *, base_model: str, storage: Path) -> tuple[Val
         request = BatchRequest.model_validate(body)
     except ValidationError as exc:
         issues += [_issue(tuple(e["loc"]), e["msg"], e["type"], concepts) for e in exc.errors()]
-    root = (storage / DATA_DIR).resolve()
+    root = (data_root or storage / DATA_DIR).resolve()
     checked = []
     for i, c in enumerate(concepts[:MAX_BATCH_CONCEPTS]):     # beyond the bound: reported by the schema
         if not isinstance(c, dict):
@@ -162,8 +183,8 @@ def batch_from_request(raw: Any, *, base_model: str, storage: Path) -> tuple[Val
         path = None
         if isinstance(c.get("data"), str) and not any(x.loc == ("concepts", i, "data") for x in issues):
             try:
-                path = confine(c["data"], root)
-                why = _images_outside(path, root)
+                path = confine(c["data"], root, area)
+                why = _images_outside(path, root, area)
             except ValueError as exc:
                 why = str(exc)
             if why:
@@ -196,11 +217,22 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and isfinite(x) else None
 
 
-def job_status(rec: JobRecord) -> JobStatus:
-    """A ledger record as the API shows it (non-finite numbers as null)."""
+def _relative(path: str | None, storage: Path) -> str | None:
+    """A published adapter's folder relative to the storage root (never an absolute server path)."""
+    if not path:
+        return None
+    local = Path(path)
+    if local.is_absolute() and local.is_relative_to(storage):
+        return local.relative_to(storage).as_posix()
+    return None if local.is_absolute() or "://" in path else local.as_posix()
+
+
+def job_status(rec: JobRecord, storage: Path) -> JobStatus:
+    """A ledger record as the API shows it (non-finite numbers as null, the adapter storage-relative)."""
     return JobStatus(id=rec.concept_id, state=rec.state, stage=rec.stage, step=rec.step, total=rec.total,
                      loss=_finite(rec.loss), eta_s=_finite(rec.eta_s), attempts=rec.attempts,
-                     cancel_requested=rec.cancel_requested, error=rec.error, adapter=rec.adapter,
+                     cancel_requested=rec.cancel_requested, error=rec.error,
+                     adapter=_relative(rec.adapter, storage),
                      submitted_at=rec.submitted_at, updated_at=rec.updated_at, stage1_started=rec.stage1_started,
                      stage1_ended=rec.stage1_ended, stage2_started=rec.stage2_started,
                      stage2_ended=rec.stage2_ended, published_at=rec.published_at)
@@ -212,13 +244,14 @@ def _summary(name: str, jobs: list[JobRecord]) -> dict:
 
 
 class StorageBatches:
-    """The batches of one storage root as the ingress sees them. Methods block (SQLite, data
-    files): call them from a thread. The ledger is created by the first submission, never by a read."""
+    """The batches of one storage root as the ingress sees them, per principal. Methods block (SQLite,
+    data files): call them from a thread. The ledger is created by the first submission, never by a read."""
 
-    def __init__(self, storage: str, base_model: str):
+    def __init__(self, storage: str, base_model: str, quota: Quota | None = None):
         self.storage = Path(storage).expanduser().resolve()
         self.base_model = str(Path(base_model).expanduser().resolve())
         self.ledger_path = self.storage / LEDGER_FILE
+        self.quota = quota
         self._ledger: JobLedger | None = None
         self._lock = threading.Lock()
 
@@ -228,16 +261,20 @@ class StorageBatches:
                 self._ledger = JobLedger(self.ledger_path)
             return self._ledger
 
-    def submit(self, raw: Any) -> BatchSubmitted:
-        """Validate, record (idempotent; ``ContentConflict`` for a changed concept without
-        ``replace``) and make sure a driver runs the jobs."""
-        batch, request = batch_from_request(raw, base_model=self.base_model, storage=self.storage)
+    def submit(self, raw: Any, principal: Principal) -> BatchSubmitted:
+        """Validate (data in the principal's area), record for the principal (idempotent;
+        ``ContentConflict`` for a changed concept without ``replace``, ``NotOwner`` for another owner's
+        concept or batch, ``QuotaExceeded`` past a quota) and make sure a driver runs the jobs."""
+        root, area = data_area(self.storage, principal)
+        batch, request = batch_from_request(raw, base_model=self.base_model, storage=self.storage, data_root=root,
+                                            area=area)
         try:
             jobs = batch.jobs()          # hashed from the manifests as validated: none is read again
         except OSError as exc:           # an image went away since it was checked
-            raise BatchRejected([Issue(("concepts",), str(exc))]) from None
+            raise BatchRejected([Issue(("concepts",), f"a data file went away: {exc.strerror}")]) from None
         ledger = self._open(create=True)
-        report = ledger.submit(jobs, replace=request.replace, requeue=request.requeue)
+        report = ledger.submit(jobs, replace=request.replace, requeue=request.requeue, owner=principal.owner,
+                               admin=principal.admin, quota=self.quota)
         if not ledger.jobs(ACTIVE):
             driver = "idle"
         elif ledger.live_driver():
@@ -245,24 +282,56 @@ class StorageBatches:
         else:
             start_driver(str(ledger.path))
             driver = "started"
-        return BatchSubmitted(**self.status(batch.spec.name).model_dump(), added=report.added,
+        return BatchSubmitted(**self.status(batch.spec.name, principal).model_dump(), added=report.added,
                               unchanged=report.unchanged, replaced=report.replaced, requeued=report.requeued,
                               driver=driver)
 
-    def status(self, name: str) -> BatchStatus:
-        """The batch's jobs; ``UnknownBatch`` if none is in the ledger."""
+    def _visible_jobs(self, name: str, principal: Principal) -> tuple[JobLedger, list[JobRecord]]:
+        """The ledger and the member jobs of a batch the principal may see; ``UnknownBatch`` otherwise."""
         ledger = self._open(create=False)
-        jobs = [j for j in ledger.jobs() if j.batch == name] if ledger else []
+        try:
+            owner = ledger.batch_owner(name) if ledger else None
+        except KeyError:
+            raise UnknownBatch(name) from None
+        if ledger is None or not (principal.admin or owner == principal.owner):
+            raise UnknownBatch(name)
+        jobs = ledger.batch_jobs(name)
         if not jobs:
             raise UnknownBatch(name)
-        return BatchStatus(**_summary(name, jobs), jobs=[job_status(j) for j in jobs])
+        return ledger, jobs
 
-    def list(self) -> BatchList:
-        """Every batch of the ledger, in short."""
+    def status(self, name: str, principal: Principal) -> BatchStatus:
+        """The batch's jobs; ``UnknownBatch`` if it is not in the ledger or not the principal's."""
+        _, jobs = self._visible_jobs(name, principal)
+        return BatchStatus(**_summary(name, jobs), jobs=[job_status(j, self.storage) for j in jobs])
+
+    def list(self, principal: Principal) -> BatchList:
+        """The principal's batches (an admin's: every batch), in short."""
         ledger = self._open(create=False)
-        groups: dict[str, list[JobRecord]] = {}
-        for j in ledger.jobs() if ledger else []:
-            groups.setdefault(j.batch, []).append(j)
-        return BatchList(batches=[
-            BatchSummary(**_summary(name, jobs), submitted_at=min(j.submitted_at for j in jobs),
-                         updated_at=max(j.updated_at for j in jobs)) for name, jobs in groups.items()])
+        rows = ledger.batches(None if principal.admin else principal.owner) if ledger else []
+        out = []
+        for name, _ in rows:
+            jobs = ledger.batch_jobs(name)
+            out.append(BatchSummary(**_summary(name, jobs), submitted_at=min(j.submitted_at for j in jobs),
+                                    updated_at=max(j.updated_at for j in jobs)))
+        return BatchList(batches=out)
+
+    def cancel(self, name: str, principal: Principal) -> BatchCancelled:
+        """Cancel every unfinished job of the batch (idempotent): ``UnknownBatch`` when it is not in
+        the ledger, ``NotOwner`` when it is another owner's (an admin may cancel any)."""
+        ledger = self._open(create=False)
+        try:
+            owner = ledger.batch_owner(name) if ledger else None
+        except KeyError:
+            raise UnknownBatch(name) from None
+        if ledger is None:
+            raise UnknownBatch(name)
+        if not (principal.admin or owner == principal.owner):
+            raise NotOwner("batch", name)
+        messages = [ledger.request_cancel(j.concept_id) for j in ledger.batch_jobs(name)]
+        return BatchCancelled(**self.status(name, principal).model_dump(), messages=messages)
+
+    def owners(self, concept_ids: list[str]) -> dict[str, str | None]:
+        """The owners of those concepts that were trained through this ledger."""
+        ledger = self._open(create=False)
+        return ledger.owners(concept_ids) if ledger else {}

@@ -1,4 +1,8 @@
-"""``purecc serve``: start Ray (or join a cluster) and Serve, print the URL, serve until Ctrl-C.
+"""``purecc serve``: start Ray (or join a cluster) and Serve, print the URL, serve until Ctrl-C;
+``purecc token create/list/revoke``: the service's API tokens.
+
+``serve`` requires bearer tokens by default, read from ``<storage>/auth/tokens.json`` (or ``--tokens``);
+``--no-auth`` is refused unless the service listens on 127.0.0.1 only, and says so at start.
 
 On a cluster, prefer ``serve deploy services/serve_config.yaml`` (same application builder).
 """
@@ -6,10 +10,13 @@ On a cluster, prefer ``serve deploy services/serve_config.yaml`` (same applicati
 from __future__ import annotations
 
 import argparse
+import json
 import signal
+import sys
 import time
 from pathlib import Path
 
+from .auth import SCOPES, TOKENS_FILE, AuthSettings, TokenStore
 from .config import ServiceConfig
 
 DEFAULTS = ServiceConfig.model_fields
@@ -46,7 +53,78 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--temp-dir", default=None, help="local Ray's session folder (logs)")
     p.add_argument("--name", default="purecc", help="Serve application name")
+    p.add_argument("--tokens", help=f"API token file (default: <storage>/{TOKENS_FILE}; see `purecc token`)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve without tokens: every caller is an admin. Only with --host 127.0.0.1")
+    p.add_argument("--rate", type=float, default=AuthSettings.model_fields["requests_per_minute"].default,
+                   help="requests per minute per token")
     p.set_defaults(func=_serve)
+    _register_token(sub)
+
+
+def _register_token(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("token", help="create, list or revoke the service's API tokens",
+                       description="API tokens of a purecc service, stored hashed in <storage>/auth/tokens.json.")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    for name, help_ in (("create", "create a token (printed once; only its hash is kept)"),
+                        ("list", "list the tokens (never their secrets)"), ("revoke", "revoke a token by id")):
+        c = tsub.add_parser(name, help=help_)
+        where = c.add_mutually_exclusive_group(required=True)
+        where.add_argument("--storage", help="the service's storage root")
+        where.add_argument("--tokens", help="the token file itself")
+        c.set_defaults(func=globals()[f"_token_{name}"])
+    create, _, revoke = (tsub.choices[n] for n in ("create", "list", "revoke"))
+    create.add_argument("--owner", required=True, help="who the token acts for ([a-z0-9][a-z0-9_-]{0,63}); "
+                                                       "its data area is <storage>/data/<owner>/")
+    create.add_argument("--scope", action="append", choices=SCOPES, required=True,
+                        help="generate, submit or admin (repeat for several)")
+    tsub.choices["list"].add_argument("--json", action="store_true", help="machine-readable output")
+    revoke.add_argument("id", help="the token id (pcc_<id>_...)")
+
+
+def _store(args: argparse.Namespace) -> TokenStore:
+    return TokenStore(args.tokens or Path(args.storage).expanduser().resolve() / TOKENS_FILE)
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    try:
+        rec, token = _store(args).create(args.owner, args.scope)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"created token {rec.id} for {rec.owner} ({', '.join(rec.scopes)}); it is shown once:", file=sys.stderr)
+    print(token, flush=True)
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    records = _store(args).list()
+    if args.json:
+        print(json.dumps([{"id": r.id, "owner": r.owner, "scopes": list(r.scopes), "created_at": r.created_at,
+                           "revoked_at": r.revoked_at} for r in records], indent=2))
+        return 0
+    for r in records:
+        state = "revoked" if r.revoked_at else "active"
+        print(f"{r.id}  {r.owner:<20} {','.join(r.scopes):<24} {state}  "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.created_at))} UTC")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    try:
+        rec = _store(args).revoke(args.id)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    print(f"revoked token {rec.id} ({rec.owner})")
+    return 0
+
+
+def check_no_auth(host: str, no_auth: bool) -> None:
+    """Refuse ``--no-auth`` on anything but the loopback address (ValueError saying why)."""
+    if no_auth and host != "127.0.0.1":
+        raise ValueError(f"--no-auth is only allowed with --host 127.0.0.1 (got {host!r}): anyone who reaches "
+                         "the port could train, read every batch and take over concepts")
 
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
@@ -57,12 +135,14 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     storage = str(Path(args.storage).expanduser().resolve()) if args.storage else None
+    tokens = str(Path(args.tokens).expanduser().resolve()) if args.tokens else None
+    auth = AuthSettings(enabled=not args.no_auth, tokens=tokens, requests_per_minute=args.rate)
     return ServiceConfig(
         model=args.model, registry=args.registry, storage=storage, slots=args.slots, replicas=args.replicas,
         gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica, max_batch_images=args.max_batch_images,
         batch_wait_s=args.batch_wait_ms / 1000, max_ongoing_requests=args.max_ongoing,
         max_queued_requests=args.max_queued, request_timeout_s=args.timeout, host_cache=args.host_cache,
-        dtype=args.dtype, load_t5=not args.no_t5)
+        dtype=args.dtype, load_t5=not args.no_t5, auth=auth)
 
 
 def _raise_interrupt(signum, frame):
@@ -72,9 +152,20 @@ def _raise_interrupt(signum, frame):
 def _serve(args: argparse.Namespace) -> int:
     from purecc.model import read_model_index
 
+    try:
+        check_no_auth(args.host, args.no_auth)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not args.address:
         read_model_index(args.model)    # fail here, not in a replica, on a wrong folder
     config = config_from_args(args)
+    if args.no_auth:
+        print("WARNING: authentication is OFF (--no-auth): every local caller is an admin; "
+              "for development on 127.0.0.1 only", file=sys.stderr, flush=True)
+    elif config.tokens_file is None:
+        print("WARNING: no token file (--tokens or --storage): every protected route answers 401",
+              file=sys.stderr, flush=True)
     from cluster.local_ray import start_local_ray
 
     from .limits import proxy_environment

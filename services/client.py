@@ -1,6 +1,6 @@
 """Python client of the purecc HTTP service, and ``purecc generate --url`` on top of it.
 
-    client = ServiceClient("http://127.0.0.1:8000")
+    client = ServiceClient("http://127.0.0.1:8000", token="pcc_...")   # or $PURECC_TOKEN
     result = client.generate("a <zigzag-star> star", concepts=[("zigzag-star", 1.0)], seed=7)
     result.save("out/")          # out/image_7.png, like ``purecc generate --model``
     client.submit_batch({"name": "shapes", "concepts": [{"id": "zigzag-star", "trigger": "zqx",
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from urllib.parse import quote
 import requests
 
 from purecc.fileio import atomic_write_bytes
+
+TOKEN_ENV = "PURECC_TOKEN"
 
 
 class ServiceError(RuntimeError):
@@ -52,12 +55,17 @@ def _detail(body: object) -> str:
 
 
 class ServiceClient:
-    """Talks to one service URL. Not shared between threads (it keeps one HTTP session)."""
+    """Talks to one service URL with a bearer token (``token``, else ``$PURECC_TOKEN``; none: only
+    /healthz or a ``--no-auth`` service answers). Not shared between threads (it keeps one HTTP session)."""
 
-    def __init__(self, url: str, *, timeout: float = 300.0, session: requests.Session | None = None):
+    def __init__(self, url: str, *, token: str | None = None, timeout: float = 300.0,
+                 session: requests.Session | None = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = session or requests.Session()
+        token = token or os.environ.get(TOKEN_ENV)
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _request(self, method: str, path: str, **kwargs) -> dict:
         resp = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
@@ -99,8 +107,12 @@ class ServiceClient:
         return self._request("GET", f"/v1/batches/{quote(name, safe='')}")
 
     def batches(self) -> list[dict]:
-        """GET /v1/batches: every batch of the service's ledger, in short."""
+        """GET /v1/batches: the caller's batches (an admin's: every batch), in short."""
         return self._request("GET", "/v1/batches")["batches"]
+
+    def cancel_batch(self, name: str) -> dict:
+        """POST /v1/batches/{name}/cancel: cancel the batch's unfinished jobs (owner or admin only)."""
+        return self._request("POST", f"/v1/batches/{quote(name, safe='')}/cancel")
 
     def generate(self, prompt: str, *, concepts: Iterable[tuple[str, float]] | Mapping[str, float] = (),
                  seed: int = 0, steps: int = 28, guidance: float = 7.0, width: int | None = None,
@@ -118,8 +130,9 @@ class ServiceClient:
 
 
 def generate_cli(args: argparse.Namespace) -> int:
-    """``purecc generate --url URL ...``: same flags and output files as the local mode."""
-    client = ServiceClient(args.url)
+    """``purecc generate --url URL ...``: same flags and output files as the local mode; the token
+    from ``--token`` where the parser has it, else ``$PURECC_TOKEN``."""
+    client = ServiceClient(args.url, token=getattr(args, "token", None))
     try:
         result = client.generate(args.prompt, concepts=list(args.concept), seed=args.seed, steps=args.steps,
                                  guidance=args.guidance, width=args.width, height=args.height,

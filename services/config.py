@@ -11,6 +11,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .auth import TOKENS_FILE, AuthSettings
 from .limits import LimitSettings
 
 
@@ -61,6 +62,8 @@ class ServiceConfig(BaseModel):
     warmup: bool = Field(True, description="Run one tiny pass before taking traffic (first-pass costs on GPU).")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Body deadline and size limits, "
                                                                              "and the render cost bound.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Bearer tokens, rate limits and "
+                                                                         "per-owner quotas (services.auth).")
 
     @model_validator(mode="before")
     @classmethod
@@ -83,6 +86,13 @@ class ServiceConfig(BaseModel):
                                  "storage is set (batches publish into <storage>/adapters/, which this service "
                                  "must serve)")
         return self
+
+    @property
+    def tokens_file(self) -> str | None:
+        """The token file: ``auth.tokens``, else ``<storage>/auth/tokens.json``, else None (no token is valid)."""
+        if self.auth.tokens:
+            return self.auth.tokens
+        return os.path.join(self.storage, TOKENS_FILE) if self.storage else None
 
     @property
     def max_images_per_request(self) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+DEMO_OWNER = "demo"
 QUICK = {"steps1": 6, "steps2": 4, "checkpoint_every": 3, "render_steps": 4}
 FULL = {"steps1": 60, "steps2": 40, "checkpoint_every": 20, "render_steps": 20}
 
@@ -139,15 +140,18 @@ def serve_and_query(plan: DemoPlan, model: Path, jobs) -> list[dict]:
     from ray import serve
 
     from .app import build_app
+    from .auth import TokenStore
     from .client import ServiceClient
     from .config import ServiceConfig
 
     config = ServiceConfig(model=str(model), storage=str(plan.out / "storage"), slots=4, cpus_per_replica=1.0,
                            max_batch_images=4)   # the registry is the storage root; batches can be posted too
+    # the service requires tokens, as in production: the demo makes its own (kept in <storage>/auth/)
+    _, token = TokenStore(config.tokens_file).create(DEMO_OWNER, ["generate", "submit"])
     serve.start(http_options={"host": "127.0.0.1", "port": plan.port})
     serve.run(build_app(config), name="purecc", route_prefix="/")
     url = f"http://127.0.0.1:{plan.port}"
-    client = ServiceClient(url, timeout=120)
+    client = ServiceClient(url, token=token, timeout=120)
     client.wait_ready(timeout=120)
     served = [c["id"] for c in client.concepts()]
     print(f"service ready at {url}; servable concepts: {served}", flush=True)

@@ -258,8 +258,9 @@ class JobStatus(BaseModel):
     attempts: int = Field(description="Training runs launched for this job so far.")
     cancel_requested: bool = Field(description="Whether a cancellation is pending or was done.")
     error: Optional[str] = Field(None, description="Why the job failed, or the failure its retry follows.")
-    adapter: Optional[str] = Field(None, description="The published adapter's folder (state published); the "
-                                                     "concept is then servable by its id.")
+    adapter: Optional[str] = Field(None, description="The published adapter's folder relative to the service's "
+                                                     "storage root (state published); the concept is then "
+                                                     "servable by its id.")
     submitted_at: float = Field(description="When the job was first recorded (Unix time).")
     updated_at: float = Field(description="Its last state change (Unix time).")
     stage1_started: Optional[float] = Field(None, description="Stage 1's first step (Unix time).")
@@ -288,6 +289,13 @@ class BatchSubmitted(BatchStatus):
     driver: Literal["started", "running", "idle"] = Field(
         description="started: this request started the training driver; running: a live driver holds the "
                     "ledger and picks the jobs up; idle: nothing is left to train.")
+
+
+class BatchCancelled(BatchStatus):
+    """A batch after its cancellation (POST /v1/batches/{name}/cancel)."""
+
+    messages: list[str] = Field(description="What happened to each job: cancelled, cancellation requested (it "
+                                            "stops at its next step), or already finished.")
 
 
 class BatchSummary(BaseModel):

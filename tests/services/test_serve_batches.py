@@ -1,8 +1,8 @@
 """Concept batches over HTTP: submit, watch, serve; every problem of a bad batch in one 422.
 
 One local Ray (2 CPUs on 127.0.0.1) and Serve with two applications of the tiny model:
-- ``main`` at / with a storage root (the sample concepts copied under ``<storage>/data/``; the
-  registry is the same folder);
+- ``main`` at / with a storage root (the sample concepts copied under ``<storage>/data/alice/``, the
+  data area of the token's owner; the registry is the same folder);
 - ``plain`` at /plain without one (the batch routes answer 404).
 
 The main batch trains two concepts in one pack for a few steps per stage (two Ray Train runs),
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from service_helpers import bearer, free_port, make_token, roomy_auth
 from services.client import ServiceClient, ServiceError
 
 pytestmark = pytest.mark.ray
@@ -30,22 +31,28 @@ DEFAULTS = {"resolution": 64, "stage1": {"steps": 4, "checkpoint_every": 2, "gra
 TRAIN_TIMEOUT_S = 240
 
 
+OWNER = "alice"
+
+
 @dataclass
 class BatchService:
     url: str
     storage: Path
     outside: Path
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return bearer(self.token)
 
     def post(self, body: dict, path: str = "/v1/batches") -> requests.Response:
-        return requests.post(self.url + path, json=body, timeout=60)
+        return requests.post(self.url + path, json=body, timeout=60, headers=self.headers)
 
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, headers=self.headers)
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def client(self) -> ServiceClient:
+        return ServiceClient(self.url, token=self.token, timeout=60)
 
 
 def batch(name: str, ids=tuple(TRIGGERS), **extra) -> dict:
@@ -65,22 +72,24 @@ def batch_service(tiny_model_dir, sample_manifests, tmp_path_factory):
     work = tmp_path_factory.mktemp("batches")
     storage = work / "storage"
     for cid in TRIGGERS:
-        shutil.copytree(sample_manifests[cid].parent, storage / "data" / cid)
+        shutil.copytree(sample_manifests[cid].parent, storage / "data" / OWNER / cid)
     outside = work / "outside"
     shutil.copytree(sample_manifests["zigzag-star"].parent, outside)
-    (storage / "data" / "escape").symlink_to(outside, target_is_directory=True)
+    (storage / "data" / OWNER / "escape").symlink_to(outside, target_is_directory=True)
+    tokens = storage / "auth" / "tokens.json"
+    token = make_token(tokens, OWNER)
     temp_dir = Path(f"/tmp/pcbat-{os.getpid()}")
     ray = start_local_ray(2, temp_dir=temp_dir)
     from ray import serve
 
     port = free_port()
-    common = dict(model=str(tiny_model_dir), cpus_per_replica=0.5, warmup=False, slots=2)
+    common = dict(model=str(tiny_model_dir), cpus_per_replica=0.5, warmup=False, slots=2, auth=roomy_auth(tokens))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(ServiceConfig(**common, registry=str(work / "registry"))), name="plain",
                   route_prefix="/plain")
         serve.run(build_app(ServiceConfig(**common, storage=str(storage))), name="main", route_prefix="/")
-        yield BatchService(f"http://127.0.0.1:{port}", storage, outside)
+        yield BatchService(f"http://127.0.0.1:{port}", storage, outside, token)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -103,7 +112,7 @@ def wait_done(client: ServiceClient, name: str, timeout: float) -> tuple[dict, l
 
 
 def test_a_batch_posted_over_http_trains_publishes_and_is_served(batch_service):
-    client = ServiceClient(batch_service.url, timeout=60)
+    client = batch_service.client()
     resp = batch_service.post(batch("shapes"))
     assert resp.status_code == 202, resp.text
     assert resp.headers["location"] == "/v1/batches/shapes"
@@ -115,7 +124,8 @@ def test_a_batch_posted_over_http_trains_publishes_and_is_served(batch_service):
     print("progress seen:", seen)
     assert status["counts"] == {"published": 2}, status
     for job in status["jobs"]:
-        assert job["adapter"] and Path(job["adapter"]).is_relative_to(batch_service.storage / "adapters"), job
+        assert job["adapter"] and job["adapter"].startswith(f"adapters/{job['id']}"), job     # storage-relative
+        assert (batch_service.storage / job["adapter"]).is_dir() and str(batch_service.storage) not in str(job)
         assert job["published_at"] >= job["stage2_started"] >= job["stage1_ended"] >= job["stage1_started"], job
         assert (job["stage"], job["step"], job["total"]) == (2, 3, 3), job
         assert job["error"] is None and job["loss"] is not None
@@ -146,7 +156,7 @@ def test_a_bad_batch_gets_one_422_listing_every_problem(batch_service):
     concepts = body["concepts"]
     for i, c in enumerate(concepts):
         c["id"] = f"c{i}"
-    concepts[0]["data"] = str(batch_service.storage / "data" / "zigzag-star" / "manifest.csv")   # absolute
+    concepts[0]["data"] = str(batch_service.storage / "data" / OWNER / "zigzag-star" / "manifest.csv")  # absolute
     concepts[1]["data"] = "../outside/manifest.csv"                                              # .. escape
     concepts[2]["colour"] = "red"                                                                # unknown field
     concepts[3]["id"] = "Not An Id"                                                              # bad id
@@ -167,43 +177,47 @@ def test_a_bad_batch_gets_one_422_listing_every_problem(batch_service):
     assert "outside" in problems[("body", "concepts", 5, "data")]
     assert all({"loc", "msg", "type"} <= set(d) for d in detail)
     assert str(batch_service.outside) not in resp.text       # nothing outside the data folder is named
-    assert requests.get(batch_service.url + "/v1/batches/broken", timeout=30).status_code == 404  # nothing recorded
+    assert batch_service.get("/v1/batches/broken").status_code == 404  # nothing recorded
 
 
 @pytest.mark.parametrize("data,code", [(b"not json", 422), (b"[1]", 422), (b'{"name": NaN}', 422),
                                        (b" " * (1024 * 1024 + 1), 413)], ids=["text", "list", "nan", "huge"])
 def test_malformed_batch_bodies_are_4xx(batch_service, data, code):
     resp = requests.post(batch_service.url + "/v1/batches", data=data, timeout=30,
-                         headers={"content-type": "application/json"})
+                         headers={"content-type": "application/json", **batch_service.headers})
     assert resp.status_code == code, resp.text
 
 
 def test_unknown_batch_is_404_and_a_bad_name_422(batch_service):
-    resp = requests.get(batch_service.url + "/v1/batches/never-submitted", timeout=30)
+    resp = batch_service.get("/v1/batches/never-submitted")
     assert resp.status_code == 404 and "never-submitted" in resp.json()["detail"], resp.text
-    assert requests.get(batch_service.url + "/v1/batches/Bad%20Name", timeout=30).status_code == 422
+    assert batch_service.get("/v1/batches/Bad%20Name").status_code == 422
     with pytest.raises(ServiceError) as err:
-        ServiceClient(batch_service.url).batch_status("never-submitted")
+        batch_service.client().batch_status("never-submitted")
     assert err.value.status == 404
 
 
 def test_a_service_without_storage_answers_404(batch_service):
     plain = batch_service.url + "/plain"
-    for method, path in (("POST", "/v1/batches"), ("GET", "/v1/batches/shapes"), ("GET", "/v1/batches")):
-        resp = requests.request(method, plain + path, json=batch("shapes") if method == "POST" else None, timeout=30)
+    for method, path in (("POST", "/v1/batches"), ("GET", "/v1/batches/shapes"), ("GET", "/v1/batches"),
+                         ("POST", "/v1/batches/shapes/cancel")):
+        resp = requests.request(method, plain + path, json=batch("shapes") if method == "POST" else None, timeout=30,
+                                headers=batch_service.headers)
         assert resp.status_code == 404, resp.text
         assert "not enabled" in resp.json()["detail"]
 
 
 def test_openapi_documents_the_batch_api(batch_service):
     spec = requests.get(batch_service.url + "/openapi.json", timeout=30).json()
-    assert {"/v1/batches", "/v1/batches/{name}"} <= set(spec["paths"])
+    assert {"/v1/batches", "/v1/batches/{name}", "/v1/batches/{name}/cancel"} <= set(spec["paths"])
     post = spec["paths"]["/v1/batches"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/BatchRequest"
-    assert {"202", "404", "409", "413", "422", "503"} <= set(post["responses"])
+    assert {"202", "401", "403", "404", "409", "413", "422", "429", "503"} <= set(post["responses"])
+    assert post["security"] == [{"bearer": []}] and "bearer" in spec["components"]["securitySchemes"]
+    assert not [p for p in post.get("parameters", []) if p["in"] == "query"], post     # no stray `request`
     schemas = spec["components"]["schemas"]
     names = ("BatchRequest", "BatchConcept", "BatchOverrides", "BatchStage", "BatchResources", "BatchValidation",
-             "BatchSubmitted", "BatchStatus", "JobStatus", "BatchList", "BatchSummary")
+             "BatchSubmitted", "BatchStatus", "JobStatus", "BatchList", "BatchSummary", "BatchCancelled")
     undocumented = [f"{n}.{p}" for n in names for p, s in schemas[n]["properties"].items() if not s.get("description")]
     assert not undocumented, undocumented
     assert schemas["BatchRequest"]["properties"]["concepts"]["maxItems"] == 32

@@ -18,6 +18,7 @@ import yaml
 import services
 from purecc.cli import build_parser
 from services.app import build_app
+from services.auth import TokenStore
 from services.cli import config_from_args
 from services.config import ServiceConfig
 
@@ -32,6 +33,13 @@ def test_serve_flags_become_the_service_config():
     assert (cfg.slots, cfg.replicas, cfg.gpus_per_replica, cfg.batch_wait_s) == (4, 2, 1.0, 0.05)
     assert (cfg.max_queued_requests, cfg.request_timeout_s, cfg.registry) == (8, 30.0, "s3://b/p")
     assert args.host == "127.0.0.1"
+    assert cfg.auth.enabled and cfg.tokens_file is None       # auth on by default; tokens from --storage
+    with_storage = config_from_args(build_parser().parse_args(["serve", "--model", "/m", "--storage", "/s",
+                                                               "--gpus-per-replica", "0"]))
+    assert with_storage.tokens_file == "/s/auth/tokens.json"
+    off = config_from_args(build_parser().parse_args(["serve", "--model", "/m", "--registry", "/r", "--no-auth",
+                                                      "--gpus-per-replica", "0", "--tokens", "/t.json"]))
+    assert not off.auth.enabled and off.tokens_file == "/t.json"
 
 
 def test_config_rejects_bad_values_naming_them():
@@ -50,6 +58,8 @@ def test_serve_deploy_file_is_valid_and_builds_the_application():
     app = ServeDeploySchema.model_validate(data).applications[0]
     assert app.import_path == "services.app:build_app"
     built = build_app(app.args)                     # what `serve deploy` calls with `args`
+    secured = build_app({**app.args, "auth": {"tokens": "/shared/purecc/auth/tokens.json", "burst": 5}})
+    assert secured._bound_deployment.init_args[1].auth.burst == 5
     generator = built._bound_deployment.init_args[0]._bound_deployment
     assert generator.name == "ConceptGenerator"
     assert generator.ray_actor_options["num_gpus"] == app.args["gpus_per_replica"]
@@ -69,9 +79,11 @@ def _free_port() -> int:
 def test_purecc_serve_starts_prints_the_url_and_stops_on_ctrl_c(tiny_model_dir, tmp_path):
     port = _free_port()
     temp_dir = f"/tmp/pccli-{os.getpid()}"
+    tokens = tmp_path / "tokens.json"
+    token = TokenStore(tokens).create("tester", ["generate"])[1]
     cmd = [sys.executable, "-m", "purecc.cli", "serve", "--model", str(tiny_model_dir), "--registry",
            str(tmp_path / "registry"), "--port", str(port), "--num-cpus", "2", "--cpus-per-replica", "0.5",
-           "--temp-dir", temp_dir]
+           "--temp-dir", temp_dir, "--tokens", str(tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline, line = time.monotonic() + 120, ""
@@ -80,7 +92,9 @@ def test_purecc_serve_starts_prints_the_url_and_stops_on_ctrl_c(tiny_model_dir, 
             assert line or proc.poll() is None, "purecc serve exited early"
         assert f"http://127.0.0.1:{port}" in line
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
-        assert requests.get(f"http://127.0.0.1:{port}/v1/concepts", timeout=30).json() == {"concepts": []}
+        assert requests.get(f"http://127.0.0.1:{port}/v1/concepts", timeout=30).status_code == 401
+        assert requests.get(f"http://127.0.0.1:{port}/v1/concepts", timeout=30,
+                            headers={"Authorization": f"Bearer {token}"}).json() == {"concepts": []}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from purecc.model import load_pipeline
 from purecc.recipe import stage_recipe
 from purecc.registry import AdapterRegistry
 from purecc.trainer import ConceptJob, PackTrainer
+from service_helpers import bearer, free_port, make_token, roomy_auth
 
 
 pytestmark = pytest.mark.ray
@@ -59,24 +59,26 @@ class Service:
     model: Path
     health_log: list[int]
     work: Path
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return bearer(self.token)
 
     def folder(self, concept_id: str) -> Path:
         return Path(self.registry.path_of(concept_id))
 
     def post(self, body: dict, *, tight: bool = False, base: str | None = None) -> requests.Response:
         base = base or (self.tight_url if tight else self.url)
-        return requests.post(base + "/v1/generate", json=body, timeout=120)
+        return requests.post(base + "/v1/generate", json=body, timeout=120, headers=self.headers)
+
+    def get(self, path: str) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, headers=self.headers)
 
     def stats(self, app: str = "main") -> dict:
         from ray import serve
 
         return serve.get_deployment_handle("ConceptGenerator", app).stats.remote().result()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_concepts(model: Path, manifests: dict, dest: Path) -> dict[str, Path]:
@@ -117,7 +119,10 @@ def service(tiny_model_dir, sample_manifests, adapter_factory, tmp_path_factory)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    common = dict(model=str(tiny_model_dir), registry=str(work / "registry"), cpus_per_replica=0.5, warmup=False)
+    tokens = work / "tokens.json"
+    token = make_token(tokens, "tester", "generate")
+    common = dict(model=str(tiny_model_dir), registry=str(work / "registry"), cpus_per_replica=0.5, warmup=False,
+                  auth=roomy_auth(tokens))
     health_log: list[int] = []
     stop = threading.Event()
     try:
@@ -139,7 +144,7 @@ def service(tiny_model_dir, sample_manifests, adapter_factory, tmp_path_factory)
         deploy_tight.join(120)
         deploy_pair.join(120)
         poller.join(60)
-        yield Service(url, url + "/tight", url + "/pair", registry, Path(tiny_model_dir), health_log, work)
+        yield Service(url, url + "/tight", url + "/pair", registry, Path(tiny_model_dir), health_log, work, token)
     finally:
         stop.set()
         serve.shutdown()
@@ -199,7 +204,8 @@ def test_health_is_503_until_the_model_is_loaded(service):
 
 
 @pytest.mark.parametrize("case", ["single", "composition"])
-def test_http_matches_local_generate(service, tmp_path, case):
+def test_http_matches_local_generate(service, tmp_path, case, monkeypatch):
+    monkeypatch.setenv("PURECC_TOKEN", service.token)          # what `purecc generate --url` sends
     concepts = [("zigzag-star", 1.0)] if case == "single" else [("zigzag-star", 1.0), ("r0", 0.7)]
     prompt = "a <zigzag-star> star" + (" beside a <r0> thing" if case == "composition" else "")
     local = local_generate(service, tmp_path / "local", prompt, concepts, seed=5, num_images=2)
@@ -272,10 +278,10 @@ def test_in_flight_slots_are_never_evicted(service, tmp_path):
 
 
 def test_concept_published_while_running_is_served(service, adapter_factory, tmp_path):
-    assert "late" not in [c["id"] for c in requests.get(service.url + "/v1/concepts", timeout=30).json()["concepts"]]
+    assert "late" not in [c["id"] for c in service.get("/v1/concepts").json()["concepts"]]
     assert service.post(body("a <late> thing", [("late", 1.0)], seed=3)).status_code == 404
     adapter_factory.publish(service.registry, "late", seed=99, trigger="lte")
-    listed = requests.get(service.url + "/v1/concepts", timeout=30).json()["concepts"]
+    listed = service.get("/v1/concepts").json()["concepts"]
     assert "late" in [c["id"] for c in listed]
     resp = service.post(body("a <late> thing", [("late", 1.0)], seed=3))
     assert resp.json()["prompt"] == "a lte thing" and resp.json()["concepts"][0]["hot_loaded"]
@@ -318,7 +324,7 @@ def test_invalid_requests_get_422_naming_the_field(service, change, field):
 def test_malformed_bodies_and_nan_weights_get_422(service):
     for data in (b"not json", b"[1, 2]", b'{"prompt": "x", "concepts": [{"id": "r0", "weight": NaN}]}'):
         resp = requests.post(service.url + "/v1/generate", data=data, timeout=30,
-                             headers={"content-type": "application/json"})
+                             headers={"content-type": "application/json", **service.headers})
         assert resp.status_code == 422, (data, resp.text)
 
 
@@ -358,5 +364,10 @@ def test_openapi_documents_every_field(service):
     assert not undocumented, undocumented
     req = schemas["GenerateRequest"]["properties"]
     assert req["steps"]["maximum"] == 100 and req["prompt"]["maxLength"] == 1000
-    assert {"404", "422", "503"} <= set(spec["paths"]["/v1/generate"]["post"]["responses"])
+    assert {"401", "403", "404", "422", "429", "503"} <= set(spec["paths"]["/v1/generate"]["post"]["responses"])
+    for path, method in (("/v1/generate", "post"), ("/v1/concepts", "get")):
+        assert spec["paths"][path][method]["security"] == [{"bearer": []}], path
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+    scheme = spec["components"]["securitySchemes"]["bearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer") and "purecc token create" in scheme["description"]
     assert json.dumps(spec)   # serialisable

@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from cluster.spec import BatchSpec, ConceptSpec, Overrides, Resources, StageOverrides, ValidationRender
+from services.auth import Principal
 from services.batches import FIXED, StorageBatches
 from services.schemas import (BatchConcept, BatchOverrides, BatchRequest, BatchResources, BatchStage,
                               BatchValidation)
@@ -94,7 +95,8 @@ def test_an_http_submission_reads_each_manifest_once(tmp_path, tiny_model_dir, s
     monkeypatch.setattr(batches_module, "start_driver", record_start)
     body = {"name": "shapes", "concepts": [{"id": cid, "data": f"{cid}/manifest.csv", "trigger": trig}
                                            for cid, trig in ids.items()]}
-    result = StorageBatches(str(storage), str(tiny_model_dir)).submit(body)
+    admin = Principal("ops", frozenset({"admin"}))          # an admin's data area is all of <storage>/data/
+    result = StorageBatches(str(storage), str(tiny_model_dir)).submit(body, admin)
     assert (result.added, result.driver) == (list(ids), "started")
     assert started == [str(storage / "ledger.sqlite")]
     assert reads == {str(storage / "data" / cid / "manifest.csv"): 1 for cid in ids}
