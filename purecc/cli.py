@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images with concepts (local model or --url service)")
     p.add_argument("--model", help="local diffusers SD3/SD3.5 folder (local mode)")
     p.add_argument("--url", help="base URL of a purecc service, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", default=None, help="the service's bearer token (--url); default $PURECC_TOKEN, "
+                                                 "which keeps it out of the process list")
     p.add_argument("--concept", type=_concept_weight, action="append", default=[],
                    metavar="ADAPTER[:WEIGHT]", help="adapter folder (local) or concept id (--url)")
     p.add_argument("--prompt", required=True, help="prompt; <concept_id> becomes that concept's trigger")

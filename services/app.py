@@ -34,7 +34,9 @@ touching a GPU) and ``ConceptGenerator`` behind a handle, routed by ``services.r
 import asyncio
 import base64
 import json
+import logging
 import sqlite3
+import threading
 import time
 from typing import Annotated, Any
 
@@ -67,6 +69,7 @@ from .schemas import (MAX_BATCH_BYTES, BatchCancelled, BatchList, BatchRequest, 
                       ConceptList, ConceptUsed, ErrorBody, GeneratedImage, GenerateRequest, GenerateResponse,
                       Health, Timings)
 
+log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0
 INGRESS_HEADROOM = 32      # requests the ingress holds beyond the generators' capacity (404/422s, health)
 ROUTER = "services.routing:ConceptAffinityRouter"
@@ -219,7 +222,16 @@ class GenerationAPI:
         self.authority = Authority(config.auth, config.tokens_file)
         quota = Quota(active_concepts=config.auth.max_queued_concepts, active_batches=config.auth.max_training_batches)
         self.batches = StorageBatches(config.storage, config.model, quota) if config.storage else None
+        if self.batches is not None:     # unfinished jobs of an earlier run go on without a new submission
+            threading.Thread(target=self._resume_batches, name="purecc-resume", daemon=True).start()
         self._model: dict | None = None
+
+    def _resume_batches(self) -> None:
+        try:
+            if self.batches.resume():
+                log.info("started a driver for the unfinished jobs of the ledger")
+        except Exception:                # the ledger unreadable now: the next submission tries again
+            log.exception("could not resume the unfinished jobs of the ledger")
 
     async def _call(self, method: str, *args, timeout: float, concept_index: dict[str, int] | None = None):
         """``generator.<method>(*args)`` with a deadline, its errors mapped to HTTP answers."""

@@ -40,7 +40,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cluster.api import start_driver
+from cluster.api import UnsatisfiableResources, check_resources, resume_unfinished
 from cluster.ledger import ACTIVE, JobLedger, JobRecord, NotOwner, Quota
 from cluster.spec import BatchSpecError, ValidatedBatch
 from purecc.data import ManifestError, manifest_image_paths
@@ -272,19 +272,26 @@ class StorageBatches:
             jobs = batch.jobs()          # hashed from the manifests as validated: none is read again
         except OSError as exc:           # an image went away since it was checked
             raise BatchRejected([Issue(("concepts",), f"a data file went away: {exc.strerror}")]) from None
+        try:                             # a cluster that can never place the workers: refused, nothing recorded
+            check_resources(batch.spec.resources)
+        except UnsatisfiableResources as exc:
+            field, _, why = str(exc).partition(": ")
+            raise BatchRejected([Issue(tuple(field.split(".")), why or str(exc))]) from None
         ledger = self._open(create=True)
         report = ledger.submit(jobs, replace=request.replace, requeue=request.requeue, owner=principal.owner,
                                admin=principal.admin, quota=self.quota)
         if not ledger.jobs(ACTIVE):
             driver = "idle"
-        elif ledger.live_driver():
-            driver = "running"
-        else:
-            start_driver(str(ledger.path))
-            driver = "started"
+        else:                            # one reservation per wave of submissions: never two drivers
+            driver = "started" if resume_unfinished(ledger.path) is not None else "running"
         return BatchSubmitted(**self.status(batch.spec.name, principal).model_dump(), added=report.added,
                               unchanged=report.unchanged, replaced=report.replaced, requeued=report.requeued,
                               driver=driver)
+
+    def resume(self) -> bool:
+        """At service start: start a driver when the ledger has unfinished jobs and none is alive (a
+        restarted service resumes queued and interrupted training by itself). True when one was started."""
+        return self.ledger_path.is_file() and resume_unfinished(self.ledger_path) is not None
 
     def _visible_jobs(self, name: str, principal: Principal) -> tuple[JobLedger, list[JobRecord]]:
         """The ledger and the member jobs of a batch the principal may see; ``UnknownBatch`` otherwise."""

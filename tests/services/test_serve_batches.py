@@ -180,6 +180,16 @@ def test_a_bad_batch_gets_one_422_listing_every_problem(batch_service):
     assert batch_service.get("/v1/batches/broken").status_code == 404  # nothing recorded
 
 
+def test_a_batch_no_node_can_place_is_refused_at_submit(batch_service):
+    body = batch("too-big", ids=["zigzag-star"])
+    body["resources"] = {"gpus_per_worker": 2}
+    resp = batch_service.post(body)
+    assert resp.status_code == 422, resp.text
+    [problem] = resp.json()["detail"]
+    assert problem["loc"] == ["body", "resources", "gpus_per_worker"] and "no node" in problem["msg"], problem
+    assert batch_service.get("/v1/batches/too-big").status_code == 404        # nothing recorded
+
+
 @pytest.mark.parametrize("data,code", [(b"not json", 422), (b"[1]", 422), (b'{"name": NaN}', 422),
                                        (b" " * (1024 * 1024 + 1), 413)], ids=["text", "list", "nan", "huge"])
 def test_malformed_batch_bodies_are_4xx(batch_service, data, code):
