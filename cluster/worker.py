@@ -6,7 +6,9 @@ needs: progress, events and outcomes pushed to the driver's board, checkpoints r
 ``ray.train.report`` (and found again after a restart: the run's own ``ray.train.get_checkpoint()``,
 the board's pointer, the ledger's), cancellations polled every step, the stage-1 adapter fetched
 from storage, and publishing: stage 1 into ``<storage>/work/stage1``, stage 2 into the adapter
-registry ``<storage>/adapters``.
+registry ``<storage>/adapters``. Where the ``tensorboard`` package is installed, each member's losses,
+lambda and validation images also go to TensorBoard event files, copied at the end of each stage to
+``<storage>/work/tensorboard/<concept_id>/stage<n>/`` (next to the run checkpoints under ``work/``).
 
 A reported pack checkpoint is one folder with a sub-folder per concept (``checkpoint.safetensors`` +
 ``state.json``, which records the job's content key). Nothing is pickled.
@@ -30,6 +32,7 @@ from purecc.pack import PackPlan, PackRecipe
 from purecc.registry import AdapterRegistry, resolve_fs
 
 STAGE1_AREA = "work/stage1"
+TENSORBOARD_AREA = "work/tensorboard"
 
 
 def stage1_root(storage: str) -> str:
@@ -243,6 +246,20 @@ class RayShell:
         shutil.rmtree(pack_dir, ignore_errors=True)
 
     # ----- the end of a stage --------------------------------------------------------------------------
+    def keep_tensorboard(self, cid: str, local: Path) -> None:
+        """Copy the member's event files of this stage to the storage (a failed copy is an event, the
+        adapter is published all the same)."""
+        src = local / cid
+        if not src.is_dir():
+            return
+        dest = f"{self.run.storage}/{TENSORBOARD_AREA}/{cid}/stage{self.stage}"
+        fs, path = resolve_fs(dest)
+        try:
+            fs.create_dir(path, recursive=True)
+            pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        except OSError as exc:
+            self.on_event(cid, "tensorboard-unwritable", {"error": f"{type(exc).__name__}: {exc.strerror or exc}"})
+
     def publish(self, recipe: PackRecipe, cid: str) -> str:
         """Export the member's adapter (+ validation images) and publish it; returns its URI."""
         out = self.scratch / "export" / cid
@@ -259,6 +276,16 @@ class RayShell:
         return adapter_uri(storage, cid)
 
 
+def _tensorboard(folder: Path):
+    """The run's TensorBoard logger, or None where the optional ``tensorboard`` package is missing."""
+    from purecc.tb_log import TensorBoardLogger
+
+    try:
+        return TensorBoardLogger(folder)
+    except ValueError:
+        return None
+
+
 def train_pack(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of every PureCC run (one worker per pack): ``{"run": PackRun dict, "board"}``."""
     run = PackRun.from_dict(config["run"])
@@ -266,15 +293,19 @@ def train_pack(config: dict[str, Any]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="purecc-run-", dir=root))
     shell = RayShell(run, config["board"], scratch)
+    logger = _tensorboard(scratch / "tensorboard")
     recipe = PackRecipe(run.plan, cache_dir=root / "purecc-cache" / "latents", extractor=shell.fetch_stage1,
-                        on_metrics=shell.on_metrics, on_event=shell.on_event)
+                        on_metrics=shell.on_metrics, on_event=shell.on_event, logger=logger)
     try:
         for cid, error in recipe.setup().items():
             shell.outcome(cid, "failed", error=error)
         if not recipe.members:
             return
         shell.members = recipe.members
-        recipe.resume(shell.candidates())
+        resumed = recipe.resume(shell.candidates())
+        for cid, m in recipe.members.items():     # a row from the first step on, not from the first report
+            shell.push("progress", {"concept_id": cid, "stage": shell.stage, "step": resumed.get(cid, 0),
+                                    "total": m.recipe.steps})
         result = recipe.train(checkpoint_dir=shell.checkpoint_dir, on_checkpoint=shell.on_checkpoint,
                               should_stop=shell.should_stop)
         for cid, summary in result.items():
@@ -285,7 +316,12 @@ def train_pack(config: dict[str, Any]) -> None:
                 shell.outcome(cid, "stopped", step=summary["step"])
                 continue
             uri = shell.publish(recipe, cid)
+            if logger is not None:
+                logger.close()           # flushed before the copy (the next write reopens the writer)
+                shell.keep_tensorboard(cid, scratch / "tensorboard")
             shell.outcome(cid, "done", output=uri, step=summary["step"], final_loss=summary["final_loss"])
     finally:
+        if logger is not None:
+            logger.close()
         recipe.cleanup()
         shutil.rmtree(scratch, ignore_errors=True)

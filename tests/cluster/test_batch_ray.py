@@ -149,6 +149,9 @@ def test_published_adapters_load_and_generate(main_batch, tiny_model_dir):
         folder = _served(main_batch["storage"], cid)
         assert (folder / "validation" / "stage1" / "00.png").is_file()
         assert (folder / "validation" / "stage2" / "00.png").is_file()
+        for stage in (1, 2):     # the Ray Train run's TensorBoard event files, kept next to the checkpoints
+            logs = main_batch["storage"] / "work" / "tensorboard" / cid / f"stage{stage}"
+            assert list(logs.glob("events.out.tfevents.*")), logs
     pipe = load_pipeline(ModelConfig(path=str(tiny_model_dir)))
     loaded = load_concepts(pipe, [main_batch["storage"] / "adapters" / c for c in GOOD])
     samples = [Sample(f"a {loaded.triggers[c]} shape", seed=1, concepts=((c, 1.0),)) for c in GOOD]
