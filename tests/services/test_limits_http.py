@@ -20,10 +20,12 @@ import pytest
 import requests
 from fastapi import FastAPI, Request     # module level: this module's annotations are strings
 
+from service_helpers import bearer, make_token, roomy_auth
 from services.limits import ENV_SETTINGS, LimitSettings, proxy_environment
 
 pytestmark = pytest.mark.ray
 
+AUTH: dict[str, str] = {}     # the bearer header of the fixture's token, once it has one
 LIMITS = LimitSettings(body_timeout_s=4.0)
 SMALL = {"prompt": "a red square", "seed": 1, "steps": 2, "guidance": 2.0, "width": 64, "height": 64}
 
@@ -51,8 +53,10 @@ def service(tiny_model_dir, tmp_path_factory):
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    tokens = work / "tokens.json"          # auth on, as served: the limits act before it
+    AUTH.update(bearer(make_token(tokens, "limits", "generate", "submit")))
     common = dict(model=str(tiny_model_dir), registry=str(work / "registry"), cpus_per_replica=0.5, warmup=False,
-                  batch_wait_s=0.0, limits=LIMITS)
+                  batch_wait_s=0.0, limits=LIMITS, auth=roomy_auth(tokens))
     main = ServiceConfig(**common, max_ongoing_requests=1, max_queued_requests=1, request_timeout_s=60)
     quick = ServiceConfig(**common, request_timeout_s=2.0)
     try:
@@ -60,7 +64,7 @@ def service(tiny_model_dir, tmp_path_factory):
         serve.run(build_app(quick), name="quick", route_prefix="/quick")
         serve.run(build_app(main), name="main", route_prefix="/")
         for base in (url, url + "/quick"):      # the ingress caches the model's description
-            assert requests.post(base + "/v1/generate", json=SMALL, timeout=120).status_code == 200
+            assert requests.post(base + "/v1/generate", json=SMALL, timeout=120, headers=AUTH).status_code == 200
         capacity = main.replicas * main.max_ongoing_requests + main.max_queued_requests + INGRESS_HEADROOM
         yield url, capacity
     finally:
@@ -125,7 +129,7 @@ def test_stalled_bodies_leave_the_service_answering(service):
             took = time.perf_counter() - t
             assert resp.status_code == 200 and took < 1.0, (resp.status_code, took)
         t = time.perf_counter()
-        assert requests.post(url + "/v1/generate", json=SMALL, timeout=30).status_code == 200
+        assert requests.post(url + "/v1/generate", json=SMALL, timeout=30, headers=AUTH).status_code == 200
         print(f"{n} stalled connections (4 x capacity {capacity}); a generate answered in "
               f"{time.perf_counter() - t:.2f}s")
         fate = outcomes(socks, within_s=LIMITS.body_timeout_s + 20)
@@ -172,21 +176,21 @@ def test_chunked_bodies_are_counted_as_received(service):
     url, _ = service
     chunks = [b"x" * 8192] * (LIMITS.max_body_bytes // 8192 + 1)       # no Content-Length: chunked
     resp = requests.post(url + "/v1/generate", data=iter(chunks), timeout=30,
-                         headers={"content-type": "application/json"})
+                         headers={"content-type": "application/json", **AUTH})
     assert resp.status_code == 413, resp.text
     assert resp.json()["detail"] == f"the body exceeds {LIMITS.max_body_bytes} bytes"
     under = requests.post(url + "/v1/generate", data=iter([b'{"prompt": 1}']), timeout=30,
-                          headers={"content-type": "application/json"})
+                          headers={"content-type": "application/json", **AUTH})
     assert under.status_code == 422, under.text         # reached the app, which names the field
 
 
 def test_the_batch_route_has_its_own_larger_limit(service):
     url, _ = service
     body = b" " * (LIMITS.max_body_bytes + 1)           # too large for generate, fine for a batch
-    resp = requests.post(url + "/v1/batches", data=body, timeout=30, headers={"content-type": "application/json"})
+    resp = requests.post(url + "/v1/batches", data=body, timeout=30, headers={"content-type": "application/json", **AUTH})
     assert resp.status_code == 404 and "not enabled" in resp.json()["detail"], resp.text
     too_big = b" " * (LIMITS.max_batch_body_bytes + 1)
-    assert requests.post(url + "/v1/batches", data=too_big, timeout=30).status_code == 413
+    assert requests.post(url + "/v1/batches", data=too_big, timeout=30, headers=AUTH).status_code == 413
 
 
 def test_the_ingress_enforces_its_config_without_the_proxy_hook():
@@ -235,7 +239,7 @@ def test_render_cost_is_bounded(service):
     side, images = 512, 4
     steps = LIMITS.max_render_cost // (side * side * images) + 1
     resp = requests.post(url + "/v1/generate", timeout=30, json={**SMALL, "width": side, "height": side,
-                                                                 "steps": steps, "num_images": images})
+                                                                 "steps": steps, "num_images": images}, headers=AUTH)
     assert resp.status_code == 422, resp.text
     (problem,) = resp.json()["detail"]
     assert problem["loc"] == ["body", "steps"]
@@ -251,10 +255,10 @@ def test_a_timed_out_render_frees_the_replica(service):
     steps = LIMITS.max_render_cost // (side * side * images)     # the largest admitted: ~30 s on a CPU
     t = time.perf_counter()
     long = requests.post(quick, timeout=60, json={**SMALL, "width": side, "height": side, "steps": steps,
-                                                  "num_images": images})
+                                                  "num_images": images}, headers=AUTH)
     assert long.status_code == 503 and "no answer within 2s" in long.json()["detail"], long.text
     t = time.perf_counter()
-    resp = requests.post(quick, json=SMALL, timeout=60)
+    resp = requests.post(quick, json=SMALL, timeout=60, headers=AUTH)
     took = time.perf_counter() - t
     print(f"the next request after a timed-out {side}x{side}x{steps}x{images} render: {took:.2f}s")
     assert resp.status_code == 200, resp.text

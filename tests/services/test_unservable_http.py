@@ -21,8 +21,11 @@ from safetensors.torch import load, save
 from purecc.adapter_files import DIFFUSERS_WEIGHTS, MANIFEST
 from purecc.fileio import sha256_bytes
 from purecc.registry import AdapterRegistry
+from service_helpers import bearer, make_token, roomy_auth
 
 pytestmark = pytest.mark.ray
+
+AUTH: dict[str, str] = {}     # the bearer header of the fixture's token
 
 
 def free_port() -> int:
@@ -87,9 +90,11 @@ def service(tiny_model_dir, adapter_factory, tmp_path_factory):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        tokens = work / "tokens.json"
+        AUTH.update(bearer(make_token(tokens, "viewer", "generate")))
         serve.run(build_app(ServiceConfig(model=str(tiny_model_dir), registry=str(reg.root), slots=2,
                                           cpus_per_replica=0.5, warmup=False, batch_wait_s=0.0,
-                                          catalog_ttl_s=0.0)), name="bad", route_prefix="/")
+                                          catalog_ttl_s=0.0, auth=roomy_auth(tokens))), name="bad", route_prefix="/")
         yield f"http://127.0.0.1:{port}", cases, work
     finally:
         serve.shutdown()
@@ -100,13 +105,13 @@ def service(tiny_model_dir, adapter_factory, tmp_path_factory):
 def generate(url: str, concepts: list[str]) -> requests.Response:
     body = {"prompt": "a thing", "concepts": [{"id": c, "weight": 1.0} for c in concepts], "seed": 0,
             "steps": 2, "guidance": 5.0, "width": 64, "height": 64}
-    return requests.post(url + "/v1/generate", json=body, timeout=120)
+    return requests.post(url + "/v1/generate", json=body, timeout=120, headers=AUTH)
 
 
 def test_the_listing_holds_only_servable_concepts(service):
     url, _, _ = service
     for _ in range(2):
-        resp = requests.get(url + "/v1/concepts", timeout=60)
+        resp = requests.get(url + "/v1/concepts", timeout=60, headers=AUTH)
         assert resp.status_code == 200, resp.text
         assert [c["id"] for c in resp.json()["concepts"]] == ["good"]
 
