@@ -249,3 +249,38 @@ def test_storage_is_the_registry_and_serve_takes_it(tmp_path, monkeypatch):
     cfg = config_from_args(build_parser().parse_args(["serve", "--model", "/m", "--storage", "store",
                                                       "--gpus-per-replica", "0"]))
     assert cfg.storage == cfg.registry == str((tmp_path / "store").resolve())
+
+
+def test_a_service_started_on_unfinished_jobs_resumes_them(batch_service, tiny_model_dir, sample_manifests,
+                                                           tmp_path):
+    """Jobs recorded before a "restart" (nobody drives them) start training when a service starts on that
+    storage, without a new submission."""
+    from ray import serve
+
+    from cluster.ledger import JobLedger
+    from services.app import build_app
+    from services.batches import LEDGER_FILE, batch_from_request
+    from services.config import ServiceConfig
+
+    storage = tmp_path / "storage"
+    shutil.copytree(sample_manifests["zigzag-star"].parent, storage / "data" / "zigzag-star")
+    valid, _ = batch_from_request(batch("left-over", ids=["zigzag-star"]), base_model=str(tiny_model_dir),
+                                  storage=storage)
+    with JobLedger(storage / LEDGER_FILE) as led:
+        led.submit(valid.jobs(), owner=OWNER)
+        assert led.live_driver() is None and led.get("zigzag-star").state == "queued"
+    tokens = storage / "auth" / "tokens.json"
+    make_token(tokens, OWNER)
+    serve.run(build_app(ServiceConfig(model=str(tiny_model_dir), storage=str(storage), cpus_per_replica=0.5,
+                                      warmup=False, slots=2, auth=roomy_auth(tokens))),
+              name="restarted", route_prefix="/restarted")
+    try:
+        deadline = time.monotonic() + TRAIN_TIMEOUT_S
+        with JobLedger(storage / LEDGER_FILE) as led:
+            while led.get("zigzag-star").state == "queued":
+                assert time.monotonic() < deadline, "the queued job never started"
+                time.sleep(0.5)
+            assert led.events(kind="driver-start"), led.events()
+            led.request_cancel("zigzag-star")        # enough: it ran without a submission
+    finally:
+        serve.delete("restarted")
