@@ -51,6 +51,7 @@ from .schemas import (MAX_BATCH_CONCEPTS, BatchCancelled, BatchList, BatchReques
 
 DATA_DIR = "data"
 LEDGER_FILE = "ledger.sqlite"
+NAME_MAX = 255                 # bytes of one path component on Linux file systems
 FIXED = {"base_model": "its own model", "storage": "its storage root", "ledger": "<storage>/ledger.sqlite"}
 
 
@@ -104,8 +105,11 @@ def confine(value: str, root: Path, area: str = f"<storage>/{DATA_DIR}/") -> Pat
         raise ValueError(f"{value!r} must be relative to {area}, not an absolute path")
     if ".." in rel.parts:
         raise ValueError(f"{value!r} must not contain '..'")
+    if any(len(part.encode()) > NAME_MAX for part in rel.parts):
+        raise ValueError(f"a component of the path is longer than {NAME_MAX} bytes")
     try:
         path = (root / rel).resolve()
+        path.exists()            # stat once here: any error the file system has for this name is raised now
     except OSError as exc:       # a name too long for the file system, a symlink loop
         raise ValueError(f"{value!r} cannot be resolved ({exc.strerror or type(exc).__name__})") from None
     if not path.is_relative_to(root):

@@ -162,6 +162,7 @@ def test_a_bad_batch_gets_one_422_listing_every_problem(batch_service):
     concepts[3]["id"] = "Not An Id"                                                              # bad id
     concepts[4]["data"] = "nowhere/manifest.csv"                                                 # no manifest
     concepts[5]["data"] = "escape/manifest.csv"                                                  # symlink out
+    concepts[6]["data"] = "x" * 300 + "/manifest.csv"                              # a name the file system refuses
     body["storage"] = "/elsewhere"                                                               # service's own
     resp = batch_service.post(body)
     assert resp.status_code == 422, resp.text
@@ -170,7 +171,8 @@ def test_a_bad_batch_gets_one_422_listing_every_problem(batch_service):
     problems = {tuple(d["loc"]): d["msg"] for d in detail}
     assert set(problems) == {("body", "storage"), ("body", "concepts", 0, "data"), ("body", "concepts", 1, "data"),
                              ("body", "concepts", 2, "colour"), ("body", "concepts", 3, "id"),
-                             ("body", "concepts", 4, "data"), ("body", "concepts", 5, "data")}, detail
+                             ("body", "concepts", 4, "data"), ("body", "concepts", 5, "data"),
+                             ("body", "concepts", 6, "data")}, detail
     assert "absolute" in problems[("body", "concepts", 0, "data")]
     assert "'..'" in problems[("body", "concepts", 1, "data")]
     assert "does not exist" in problems[("body", "concepts", 4, "data")]
