@@ -249,6 +249,7 @@ def simulate(concepts: int, gpus: int, *, per_pack: int = 4, batch_size: int = 1
         finally:
             ledger.close()
     return {"concepts": concepts, "gpus": gpus, "concepts_per_pack": per_pack, "batch_size": batch_size,
+            "runtime": {"startup_s": sim.startup_s, "step_s": sim.step_s, "jitter": sim.jitter},
             "poll_s_simulated": poll_s, "runs_launched": summary.runs_launched, "submit_s": submit_s,
             "ticks": len(ticks), "tick_s": {"median": statistics.median(ticks) if ticks else 0.0,
                                            "p95": percentile(ticks, 0.95), "max": max(ticks, default=0.0),
@@ -280,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, default=64)
     ap.add_argument("--per-pack", type=int, default=4, help="concepts per pack")
     ap.add_argument("--poll-s", type=float, default=10.0, help="the loop's poll interval, simulated seconds")
+    ap.add_argument("--jitter", type=float, default=0.2, help="runs up to this fraction longer (0: packs "
+                    "launched together end together, fewer ticks)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
-    result = simulate(args.concepts, args.gpus, per_pack=args.per_pack, poll_s=args.poll_s)
+    result = simulate(args.concepts, args.gpus, per_pack=args.per_pack, poll_s=args.poll_s, jitter=args.jitter)
     print(report(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
