@@ -1,6 +1,14 @@
 """Scale by simulation: the real ledger and the driver's real scheduling loop at 10,000 concepts.
 
-    .venv/bin/python bench/scale_sim.py [--concepts 10000] [--gpus 64] [--json OUT]
+    .venv/bin/python bench/scale_sim.py [--concepts 1000] [--gpus 64] [--per-pack 4] [--poll-s 10]
+        [--jitter 0.2] [--json OUT]
+    # the recorded 10k run (bench/results/scale_sim_10k.json), about 4 minutes here:
+    .venv/bin/python bench/scale_sim.py --concepts 10000 --gpus 64 --per-pack 16 --jitter 0 --poll-s 300 \
+        --json bench/results/scale_sim_10k.json
+
+At 10,000 jobs one tick of the loop costs seconds (each ``ledger.jobs()`` parses every row's spec), so
+the 10k run uses packs of 16 launched in waves (no jitter) and a 300 s simulated poll to keep the tick
+count near 40; the time per tick does not depend on those knobs, the number of ticks does.
 
 What is real: ``cluster.ledger.JobLedger`` (SQLite, a fresh file), ``cluster.scheduler.Scheduler``
 (its whole ``run`` loop: heartbeat, cancellations, drain, reap, resource checks, schedule) and the
@@ -20,7 +28,7 @@ launched once per stage, each stage ended once (one ``stage2`` and one ``publish
 stage's run ended ``ok``, and every job is ``published``.
 
 Written here (not a library discrete-event simulator such as SimPy) because the only simulated part is
-a priority queue of timed messages behind six methods; the loop under test must stay the real one.
+a priority queue of timed messages behind eight methods; the loop under test must stay the real one.
 """
 
 from __future__ import annotations
