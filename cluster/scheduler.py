@@ -174,6 +174,50 @@ def run_pack(run: PackRun, board, resources: Resources) -> dict[str, Any]:
     return {"ok": True, "error": None, "wall_s": time.time() - t0}
 
 
+class RayRuntime:
+    """Everything the loop asks of Ray, in one place: the seam ``Scheduler(runtime=...)`` takes.
+
+    The real path always goes through it; ``bench/scale_sim.py`` gives the same loop a fake one
+    (a fake clock and fake runs over the real ledger and board) to measure it at 10,000 jobs. A run
+    is a handle from ``launch``; the board is whatever ``start_board`` returns (called ``.remote``).
+    Created in ``Scheduler.run`` so ``ray`` is imported only once ``cluster.local_ray`` set it up.
+    """
+
+    def __init__(self) -> None:
+        import ray
+
+        self.ray = ray
+        self._launcher = ray.remote(num_cpus=0, max_retries=0)(run_pack)
+
+    def start_board(self):
+        return start_board()
+
+    def launch(self, run: PackRun, board, resources: Resources):
+        return self._launcher.remote(run, board, resources)
+
+    def wait(self, refs: list, timeout: float) -> list:
+        """The runs among ``refs`` that ended, waiting up to ``timeout`` s for the first."""
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        if done:
+            done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+        return done
+
+    def get(self, ref) -> Any:
+        return self.ray.get(ref)
+
+    def cancel(self, ref) -> None:
+        self.ray.cancel(ref, force=True, recursive=True)
+
+    def kill(self, actor) -> None:
+        self.ray.kill(actor)
+
+    def nodes(self) -> list[dict[str, float]]:
+        return node_resources()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
 @dataclass
 class _Launch:
     """A run in flight: its ledger id, pack name, stage and members."""
@@ -202,7 +246,8 @@ class Scheduler:
     ``max_concurrent`` overrides the jobs' own limit; ``on_tick(jobs)`` is called every poll
     (progress displays); ``fault`` (tests) makes a worker ``os._exit`` once at a given step;
     ``reservation``: the ``JobLedger.reserve_driver`` token this driver was started for;
-    ``resource_wait_s``: how long a job waits for resources no node has before it fails.
+    ``resource_wait_s``: how long a job waits for resources no node has before it fails;
+    ``runtime``: what stands for Ray (default ``RayRuntime``; a simulation passes a fake one).
 
     Jobs whose resources no node has are held back (never launched, not counted against anyone's
     concurrency), so one such batch never holds other batches back.
@@ -211,11 +256,12 @@ class Scheduler:
     def __init__(self, ledger: JobLedger, *, poll_s: float = 0.5, max_concurrent: int | None = None,
                  on_tick: Callable[[list[JobRecord]], None] | None = None, fault: dict | None = None,
                  scratch: str | None = None, owner: str | None = None, reservation: str | None = None,
-                 resource_wait_s: float = RESOURCE_WAIT_S):
+                 resource_wait_s: float = RESOURCE_WAIT_S, runtime: RayRuntime | None = None):
         self.ledger, self.poll_s, self.max_concurrent = ledger, poll_s, max_concurrent
         self.on_tick, self.fault, self.scratch = on_tick, fault, scratch
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.reservation, self.resource_wait_s = reservation, resource_wait_s
+        self._runtime = runtime
         self.launches: dict[Any, _Launch] = {}    # ObjectRef of the launcher task -> launch
         self._short_since: dict[str, float] = {}  # concept id -> since when its resources are missing
         self._nodes: tuple[float, list[dict[str, float]]] = (0.0, [])
@@ -227,13 +273,10 @@ class Scheduler:
     def run(self) -> RunSummary:
         """Drive until no job is left (Ray must be initialised; the module never imports it at load,
         so ``cluster.local_ray`` can set the loopback environment first)."""
-        import ray
-
-        self._ray = ray
-        self._launcher = ray.remote(num_cpus=0, max_retries=0)(run_pack)
+        self._ray = self._runtime or RayRuntime()
         t0 = time.time()
         self.ledger.claim_driver(self.owner, reservation=self.reservation)
-        self.board = start_board()
+        self.board = self._ray.start_board()
         try:
             self._recover()
             while True:
@@ -253,7 +296,7 @@ class Scheduler:
 
     def _stop(self) -> None:
         for ref in self.launches:
-            self._ray.cancel(ref, force=True, recursive=True)
+            self._ray.cancel(ref)
         self.launches.clear()
         if self.board is not None:
             self._ray.kill(self.board)
@@ -281,7 +324,7 @@ class Scheduler:
     def _node_list(self) -> list[dict[str, float]]:
         at, nodes = self._nodes
         if time.time() - at > NODES_TTL_S:
-            self._nodes = (time.time(), node_resources())
+            self._nodes = (time.time(), self._ray.nodes())
         return self._nodes[1]
 
     def _lacking(self, rec: JobRecord) -> str | None:
@@ -315,7 +358,7 @@ class Scheduler:
         launch = self.launches.pop(ref, None)
         if launch is None:
             return
-        self._ray.cancel(ref, force=True, recursive=True)
+        self._ray.cancel(ref)
         self.ledger.end_run(launch.run_id, "aborted", why)
 
     # ----- cancellation ----------------------------------------------------------------------
@@ -392,13 +435,10 @@ class Scheduler:
     # ----- runs ------------------------------------------------------------------------------
     def _reap(self) -> None:
         if not self.launches:
-            time.sleep(self.poll_s)   # nothing to wait on (jobs held back for resources): poll gently
+            self._ray.sleep(self.poll_s)   # nothing to wait on (jobs held back for resources): poll gently
             return
         refs = list(self.launches)
-        done, _ = self._ray.wait(refs, num_returns=1, timeout=self.poll_s)
-        if done:
-            done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
-        for ref in done:
+        for ref in self._ray.wait(refs, self.poll_s):
             launch = self.launches.pop(ref)
             try:
                 result = self._ray.get(ref)
@@ -434,7 +474,7 @@ class Scheduler:
                       scratch=self.scratch, fault=self._fault_for(ids, spec.storage),
                       resume={r.concept_id: r.checkpoint for r in recs
                               if r.checkpoint and r.checkpoint_stage == stage})
-        ref = self._launcher.remote(run, self.board, spec.resources)
+        ref = self._ray.launch(run, self.board, spec.resources)
         self.launches[ref] = _Launch(run_id, name, stage, ids, spec.resources.max_attempts)
         for cid in ids:
             self._speed.pop(cid, None)
