@@ -239,3 +239,33 @@ def test_uploaded_images_train_into_a_concept_composed_with_another(upload_servi
                              height=64, concepts=[("my-star", 1.0), ("ringed-circle", 1.0)])
     assert result.metadata["prompt"] == "a zqx star beside a vlk circle" and len(result.images) == 1
     assert Image.open(io.BytesIO(result.images[0][1])).size == (64, 64)
+
+
+def test_a_chunked_upload_is_counted_on_received_bytes(upload_service):
+    chunks = [b"x" * (1024 * 1024)] * (UPLOAD_LIMIT // (1024 * 1024) + 1)     # no Content-Length: chunked
+    resp = requests.post(upload_service.url + "/v1/datasets", data=iter(chunks), timeout=60,
+                         headers={"content-type": "multipart/form-data; boundary=b",
+                                  **bearer(upload_service.tokens["alice"])})
+    assert resp.status_code == 413 and resp.json()["detail"] == f"the body exceeds {UPLOAD_LIMIT} bytes", resp.text
+
+
+def test_purecc_datasets_upload_list_delete(upload_service, tmp_path, capsys):
+    from purecc.cli import main as purecc_main
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(upload_service.samples["zigzag-star"] / "imgs", folder)
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"00.png": "a zqx star, hand drawn"}))
+    common = ["--url", upload_service.url, "--token", upload_service.tokens["bob"]]
+    assert purecc_main(["datasets", "upload", *common, "--trigger", "zqx", "--class-word", "star",
+                        "--captions", str(captions), str(folder)]) == 0
+    ds = json.loads(capsys.readouterr().out)
+    assert (ds["images"], ds["captions"]) == (5, "given"), ds
+    assert "imgs/000-00.png,\"a [v] star, hand drawn\"" in (upload_service.storage / "data" / "bob" / ds["data"]).read_text()
+    assert purecc_main(["datasets", "list", *common]) == 0
+    assert [d["id"] for d in json.loads(capsys.readouterr().out)] == [ds["id"]]
+    assert purecc_main(["datasets", "delete", *common, ds["id"]]) == 0
+    assert json.loads(capsys.readouterr().out) == {"id": ds["id"], "deleted": True}
+    assert purecc_main(["datasets", "delete", *common, ds["id"]]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+    assert purecc_main(["datasets", "upload", *common, str(tmp_path / "nowhere")]) == 1
