@@ -113,6 +113,7 @@ DATASET_ERRORS = {
                                              "the unpacked zip is larger than allowed."},
     503: {"model": ErrorBody, "description": "The storage cannot be written now; retry after Retry-After seconds."},
     **AUTH_ERRORS}
+DATASET_READ_ERRORS = {k: DATASET_ERRORS[k] for k in (404, 503, 401, 403, 429)}
 
 
 def _authority() -> Authority:
@@ -460,18 +461,19 @@ class GenerationAPI:
         return await self._on_datasets("create", principal, uploads, captions=captions, trigger=trigger,
                                        class_word=class_word)
 
-    @api.get("/v1/datasets", response_model=DatasetList, responses=DATASET_ERRORS, summary="The caller's datasets")
+    @api.get("/v1/datasets", response_model=DatasetList, responses=DATASET_READ_ERRORS,
+             summary="The caller's datasets")
     async def datasets_list(self, principal: Submitter) -> DatasetList:
         """The caller's own datasets, newest first."""
         return await self._on_datasets("list", principal)
 
-    @api.get("/v1/datasets/{dataset_id}", response_model=DatasetInfo, responses=DATASET_ERRORS,
+    @api.get("/v1/datasets/{dataset_id}", response_model=DatasetInfo, responses=DATASET_READ_ERRORS,
              summary="One of the caller's datasets")
     async def dataset(self, dataset_id: DatasetId, principal: Submitter) -> DatasetInfo:
         """One of the caller's datasets (another owner's: 404)."""
         return await self._on_datasets("get", principal, dataset_id)
 
-    @api.delete("/v1/datasets/{dataset_id}", response_model=DatasetDeleted, responses=DATASET_ERRORS,
+    @api.delete("/v1/datasets/{dataset_id}", response_model=DatasetDeleted, responses=DATASET_READ_ERRORS,
                 summary="Delete one of the caller's datasets")
     async def delete_dataset(self, dataset_id: DatasetId, principal: Submitter) -> DatasetDeleted:
         """Remove one of the caller's datasets (another owner's: 404)."""

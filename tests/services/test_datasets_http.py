@@ -261,7 +261,8 @@ def test_purecc_datasets_upload_list_delete(upload_service, tmp_path, capsys):
                         "--captions", str(captions), str(folder)]) == 0
     ds = json.loads(capsys.readouterr().out)
     assert (ds["images"], ds["captions"]) == (5, "given"), ds
-    assert "imgs/000-00.png,\"a [v] star, hand drawn\"" in (upload_service.storage / "data" / "bob" / ds["data"]).read_text()
+    stored = (upload_service.storage / "data" / "bob" / ds["data"]).read_text()
+    assert 'imgs/000-00.png,"a [v] star, hand drawn"' in stored, stored
     assert purecc_main(["datasets", "list", *common]) == 0
     assert [d["id"] for d in json.loads(capsys.readouterr().out)] == [ds["id"]]
     assert purecc_main(["datasets", "delete", *common, ds["id"]]) == 0
