@@ -6,6 +6,8 @@
     GET  /v1/batches/{name} its jobs: state, step/total, loss, ETA, error, adapter, timestamps
     GET  /v1/batches        the caller's batches
     POST /v1/batches/{name}/cancel   cancel a batch's unfinished jobs
+    POST /v1/datasets       upload images (or one zip) as a dataset a batch can train on (201)
+    GET  /v1/datasets       the caller's datasets; GET/DELETE /v1/datasets/{id} one of them
     GET  /healthz           200 once a generator replica has its model loaded, 503 before
     GET  /openapi.json      the schema (interactive docs at /docs)
 
@@ -38,9 +40,9 @@ import logging
 import sqlite3
 import threading
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, File, Form, Request, Response, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -60,6 +62,8 @@ from .adapter_cache import adapter_version
 from .auth import Authority, Principal, require
 from .batches import BaseModelUnreadable, BatchRejected, StorageBatches, UnknownBatch
 from .catalog import ConceptCatalog
+from .datasets import (DATASET_ID, DatasetDeleted, DatasetInfo, DatasetList, DatasetRejected, StorageDatasets,
+                       TooManyDatasets, UnknownDataset, Upload)
 from .config import ServiceConfig
 from .deployment import ConceptGenerator, ConceptUse, RenderResult, RenderTask, keep_replica_grpc_on_loopback
 from .errors import ConceptUnloadable, SlotsBusy, TooManyConcepts, UnknownConcept
@@ -100,6 +104,18 @@ BATCH_ERRORS = {
 INVALID = {422: {"description": "The batch is rejected: every problem, in FastAPI's shape (detail: [{loc, msg, "
                                 "type}]).",
                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}}
+NO_DATASETS = "dataset uploads are not enabled on this service (it was started without a storage root)"
+DATASET_ERRORS = {
+    400: ERRORS[400],
+    404: {"model": ErrorBody, "description": "Unknown dataset (or another owner's), or " + NO_DATASETS + "."},
+    409: {"model": ErrorBody, "description": "The owner holds the most datasets allowed; delete one first."},
+    413: {"model": ErrorBody, "description": "The body (LimitSettings.max_upload_bytes), an image, a zip entry or "
+                                             "the unpacked zip is larger than allowed."},
+    503: {"model": ErrorBody, "description": "The storage cannot be written now; retry after Retry-After seconds."},
+    **AUTH_ERRORS}
+DATASET_READ_ERRORS = {k: DATASET_ERRORS[k] for k in (404, 503, 401, 403, 429)}
+
+
 def _authority() -> Authority:
     """The serving replica's ``Authority`` (the dependency runs inside the ingress replica)."""
     return serve.get_replica_context().servable_object.authority
@@ -108,6 +124,7 @@ def _authority() -> Authority:
 Generator = Annotated[Principal, Depends(require("generate", _authority))]
 Submitter = Annotated[Principal, Depends(require("submit", _authority))]
 BatchName = Annotated[str, PathParam(pattern=CONCEPT_ID_PATTERN, description="Batch name, as submitted.")]
+DatasetId = Annotated[str, PathParam(pattern=DATASET_ID.pattern, description="Dataset id, as uploaded.")]
 
 
 class ApiError(Exception):
@@ -222,6 +239,7 @@ class GenerationAPI:
         self.authority = Authority(config.auth, config.tokens_file)
         quota = Quota(active_concepts=config.auth.max_queued_concepts, active_batches=config.auth.max_training_batches)
         self.batches = StorageBatches(config.storage, config.model, quota) if config.storage else None
+        self.datasets = StorageDatasets(config.storage) if config.storage else None
         if self.batches is not None:     # unfinished jobs of an earlier run go on without a new submission
             threading.Thread(target=self._resume_batches, name="purecc-resume", daemon=True).start()
         self._model: dict | None = None
@@ -404,6 +422,62 @@ class GenerationAPI:
     async def batches_list(self, principal: Submitter) -> BatchList:
         """The caller's batches (an admin's: every batch of this service's storage root)."""
         return await self._on_batches("list", principal)
+
+    async def _on_datasets(self, method: str, *args, **kwargs):
+        """``self.datasets.<method>(*args)`` in a thread, its errors mapped to HTTP answers."""
+        if self.datasets is None:
+            raise ApiError(404, NO_DATASETS)
+        try:
+            return await asyncio.to_thread(getattr(self.datasets, method), *args, **kwargs)
+        except DatasetRejected as exc:
+            raise ApiError(exc.status, exc.detail, loc=(exc.field,) if exc.status == 422 else ()) from None
+        except UnknownDataset as exc:
+            raise ApiError(404, str(exc)) from None
+        except TooManyDatasets as exc:
+            raise ApiError(409, str(exc)) from None
+        except OSError as exc:
+            raise ApiError(503, f"the dataset store cannot be used now ({exc.strerror or type(exc).__name__})",
+                           retry_after=30) from None
+
+    @api.post("/v1/datasets", status_code=201, response_model=DatasetInfo, responses=DATASET_ERRORS,
+              summary="Upload images (or one zip) as a dataset a batch can train on",
+              description="Multipart: several `files` (PNG, JPEG or WebP, told by their content), or one zip of "
+                          "images with an optional manifest.csv. Without a manifest, captions come from "
+                          "`captions` (JSON: file name -> caption with [v]) or the template 'a photo of [v] "
+                          "<class_word>'. A batch concept trains on it with `data` set to the answer's `data`.")
+    async def upload_dataset(
+            self, principal: Submitter,
+            files: Annotated[list[UploadFile], File(description="The images, or one zip.")],
+            captions: Annotated[Optional[str], Form(description="JSON object: file name -> caption.")] = None,
+            trigger: Annotated[Optional[str], Form(description="The trigger word; in captions it may stand "
+                                                               "for [v].")] = None,
+            class_word: Annotated[Optional[str], Form(description="The concept's class, e.g. 'dog' "
+                                                                  "(required without a manifest).")] = None,
+    ) -> DatasetInfo:
+        """Check and store an uploaded dataset in the caller's data area (201)."""
+        if self.datasets is None:
+            raise ApiError(404, NO_DATASETS)
+        uploads = [Upload(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
+        return await self._on_datasets("create", principal, uploads, captions=captions, trigger=trigger,
+                                       class_word=class_word)
+
+    @api.get("/v1/datasets", response_model=DatasetList, responses=DATASET_READ_ERRORS,
+             summary="The caller's datasets")
+    async def datasets_list(self, principal: Submitter) -> DatasetList:
+        """The caller's own datasets, newest first."""
+        return await self._on_datasets("list", principal)
+
+    @api.get("/v1/datasets/{dataset_id}", response_model=DatasetInfo, responses=DATASET_READ_ERRORS,
+             summary="One of the caller's datasets")
+    async def dataset(self, dataset_id: DatasetId, principal: Submitter) -> DatasetInfo:
+        """One of the caller's datasets (another owner's: 404)."""
+        return await self._on_datasets("get", principal, dataset_id)
+
+    @api.delete("/v1/datasets/{dataset_id}", response_model=DatasetDeleted, responses=DATASET_READ_ERRORS,
+                summary="Delete one of the caller's datasets")
+    async def delete_dataset(self, dataset_id: DatasetId, principal: Submitter) -> DatasetDeleted:
+        """Remove one of the caller's datasets (another owner's: 404)."""
+        return await self._on_datasets("delete", principal, dataset_id)
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}},
              summary="Readiness: 200 once a generator replica has its model loaded")

@@ -1,5 +1,7 @@
 """``purecc serve``: start Ray (or join a cluster) and Serve, print the URL, serve until Ctrl-C;
 ``purecc token create/list/revoke``: the service's API tokens.
+``purecc datasets upload/list/delete --url URL``: concept datasets on a running service (a folder of
+images, or a folder with its manifest.csv, sent as one zip).
 
 ``serve`` requires bearer tokens by default, read from ``<storage>/auth/tokens.json`` (or ``--tokens``);
 ``--no-auth`` is refused unless the service listens on 127.0.0.1 only, and says so at start.
@@ -60,6 +62,58 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="requests per minute per token")
     p.set_defaults(func=_serve)
     _register_token(sub)
+    _register_datasets(sub)
+
+
+def _register_datasets(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("datasets", help="upload, list or delete concept datasets on a running service",
+                       description="Concept datasets in your data area of a purecc service; a batch concept "
+                                   "trains on one with `data` set to the printed `data`.")
+    dsub = d.add_subparsers(dest="datasets_command", required=True)
+    for name, help_ in (("upload", "upload a folder of images (with its manifest.csv, if it has one)"),
+                        ("list", "list your datasets"), ("delete", "delete one of your datasets")):
+        c = dsub.add_parser(name, help=help_)
+        c.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
+        c.add_argument("--token", help="API token (default: $PURECC_TOKEN)")
+        c.set_defaults(func=globals()[f"_datasets_{name}"])
+    up = dsub.choices["upload"]
+    up.add_argument("folder", help="a folder of PNG/JPEG/WebP images, or one holding manifest.csv and its images")
+    up.add_argument("--trigger", help="the trigger word (in captions it may stand for [v])")
+    up.add_argument("--class-word", help="the concept's class, e.g. dog (captions: 'a photo of [v] <class>')")
+    up.add_argument("--captions", help="a JSON file: image file name -> caption containing [v]")
+    dsub.choices["delete"].add_argument("id", help="the dataset id")
+
+
+def _datasets_call(args: argparse.Namespace, method: str, *a, **kw) -> int:
+    import requests
+
+    from .client import ServiceClient, ServiceError
+
+    try:
+        result = getattr(ServiceClient(args.url, token=args.token), method)(*a, **kw)
+    except (ServiceError, requests.RequestException, OSError, ValueError) as exc:
+        print(f"error: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _datasets_upload(args: argparse.Namespace) -> int:
+    try:
+        captions = json.loads(Path(args.captions).read_text()) if args.captions else None
+    except (OSError, ValueError) as exc:
+        print(f"error: --captions {args.captions}: {exc}", file=sys.stderr)
+        return 2
+    return _datasets_call(args, "upload_dataset", Path(args.folder), trigger=args.trigger,
+                          class_word=args.class_word, captions=captions)
+
+
+def _datasets_list(args: argparse.Namespace) -> int:
+    return _datasets_call(args, "datasets")
+
+
+def _datasets_delete(args: argparse.Namespace) -> int:
+    return _datasets_call(args, "delete_dataset", args.id)
 
 
 def _register_token(sub: argparse._SubParsersAction) -> None:

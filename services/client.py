@@ -6,13 +6,18 @@
     client.submit_batch({"name": "shapes", "concepts": [{"id": "zigzag-star", "trigger": "zqx",
                                                          "data": "zigzag-star/manifest.csv"}]})
     client.batch_status("shapes")["done"]
+    ds = client.upload_dataset("my-dog/", trigger="zqx", class_word="dog")   # images, or a folder with manifest.csv
+    client.submit_batch({"name": "dogs", "concepts": [{"id": "my-dog", "trigger": "zqx", "data": ds["data"]}]})
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import io
+import json
 import os
+import zipfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +30,7 @@ import requests
 from purecc.fileio import atomic_write_bytes
 
 TOKEN_ENV = "PURECC_TOKEN"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
 
 class ServiceError(RuntimeError):
@@ -113,6 +119,47 @@ class ServiceClient:
     def cancel_batch(self, name: str) -> dict:
         """POST /v1/batches/{name}/cancel: cancel the batch's unfinished jobs (owner or admin only)."""
         return self._request("POST", f"/v1/batches/{quote(name, safe='')}/cancel")
+
+    def upload_dataset(self, folder_or_files: str | Path | Iterable[str | Path], *, trigger: str | None = None,
+                       class_word: str | None = None, captions: Mapping[str, str] | None = None) -> dict:
+        """POST /v1/datasets: a folder's images (PNG/JPEG/WebP by suffix; the service checks the content),
+        or, when the folder holds a ``manifest.csv``, the folder zipped with it; or the given files.
+        ``captions``: file name -> caption with ``[v]``; without them (and without a manifest) the service
+        captions from its template with ``class_word``. Returns the dataset, whose ``data`` a batch
+        concept names."""
+        files = self._upload_files(folder_or_files)
+        form = {k: v for k, v in (("trigger", trigger), ("class_word", class_word),
+                                  ("captions", json.dumps(dict(captions)) if captions else None)) if v is not None}
+        return self._request("POST", "/v1/datasets", files=[("files", f) for f in files], data=form)
+
+    @staticmethod
+    def _upload_files(source: str | Path | Iterable[str | Path]) -> list[tuple[str, bytes]]:
+        if isinstance(source, (str, Path)) and Path(source).is_dir():
+            folder = Path(source)
+            if (folder / "manifest.csv").is_file():
+                buf = io.BytesIO()
+                with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+                        zf.write(path, path.relative_to(folder).as_posix())
+                return [(f"{folder.name or 'dataset'}.zip", buf.getvalue())]
+            paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths = [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
+        if not paths:
+            raise ValueError(f"{source}: no image files to upload")
+        return [(p.name, p.read_bytes()) for p in paths]
+
+    def datasets(self) -> list[dict]:
+        """GET /v1/datasets: the caller's datasets, newest first."""
+        return self._request("GET", "/v1/datasets")["datasets"]
+
+    def dataset(self, dataset_id: str) -> dict:
+        """GET /v1/datasets/{id}: one of the caller's datasets."""
+        return self._request("GET", f"/v1/datasets/{quote(dataset_id, safe='')}")
+
+    def delete_dataset(self, dataset_id: str) -> dict:
+        """DELETE /v1/datasets/{id}: remove one of the caller's datasets."""
+        return self._request("DELETE", f"/v1/datasets/{quote(dataset_id, safe='')}")
 
     def generate(self, prompt: str, *, concepts: Iterable[tuple[str, float]] | Mapping[str, float] = (),
                  seed: int = 0, steps: int = 28, guidance: float = 7.0, width: int | None = None,

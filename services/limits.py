@@ -45,6 +45,7 @@ ASGIApp = Callable[[dict, Receive, Send], Awaitable[None]]
 ENV_SETTINGS = "PURECC_LIMITS"              # the proxy's LimitSettings, as JSON
 PROXY_CALLBACK = "services.limits:proxy_middlewares"
 BATCH_PATH = "/v1/batches"
+UPLOAD_PATH = "/v1/datasets"
 
 
 class LimitSettings(BaseModel):
@@ -63,9 +64,14 @@ class LimitSettings(BaseModel):
                                                                   "this many seconds after its headers, else "
                                                                   "408 and the connection is closed.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest body of any route but POST "
-                                                                "/v1/batches (a generate request is < 20 KiB); "
+                                                                "/v1/batches and /v1/datasets (a generate "
+                                                                "request is < 20 KiB); "
                                                                 "counted on received bytes, 413 past it.")
     max_batch_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest body of POST /v1/batches.")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest body of POST /v1/datasets "
+                                                                         "(a multipart upload of images or "
+                                                                         "one zip); buffered in memory by the "
+                                                                         "proxy before the app runs.")
     max_render_cost: int = Field(32 * 1024 * 1024, ge=1, description="Most width x height x steps x "
                                                                       "num_images one generate request may ask "
                                                                       "for (422 past it): bounds how long one "
@@ -73,7 +79,10 @@ class LimitSettings(BaseModel):
 
     def body_limit(self, path: str) -> int:
         """The body limit of a request path (route prefixes allowed)."""
-        return self.max_batch_body_bytes if path.rstrip("/").endswith(BATCH_PATH) else self.max_body_bytes
+        path = path.rstrip("/")
+        if path.endswith(BATCH_PATH):
+            return self.max_batch_body_bytes
+        return self.max_upload_bytes if path.endswith(UPLOAD_PATH) else self.max_body_bytes
 
 
 class BodyRefused(Exception):
