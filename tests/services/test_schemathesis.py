@@ -77,7 +77,8 @@ def test_every_operation_conforms_and_never_errors(fuzz_service):
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {op.label for op in operations}
     assert {"POST /v1/generate", "GET /v1/concepts", "POST /v1/batches", "GET /v1/batches",
-            "GET /v1/batches/{name}", "POST /v1/batches/{name}/cancel", "GET /healthz"} <= labels, labels
+            "GET /v1/batches/{name}", "POST /v1/batches/{name}/cancel", "GET /healthz", "POST /v1/datasets",
+            "GET /v1/datasets", "GET /v1/datasets/{dataset_id}", "DELETE /v1/datasets/{dataset_id}"} <= labels, labels
     session = requests.Session()
     session.headers.update(bearer(token))
     cases, codes, errors, violations, unsatisfiable = Counter(), Counter(), [], [], []
