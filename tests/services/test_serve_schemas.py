@@ -88,11 +88,12 @@ def test_an_http_submission_reads_each_manifest_once(tmp_path, tiny_model_dir, s
 
     started: list[str] = []
 
-    def record_start(ledger: str) -> None:
-        started.append(ledger)
+    def record_start(ledger) -> str:
+        started.append(str(ledger))
+        return "a driver"
 
     monkeypatch.setattr(spec_module, "read_concept_manifest", counting)
-    monkeypatch.setattr(batches_module, "start_driver", record_start)
+    monkeypatch.setattr(batches_module, "resume_unfinished", record_start)
     body = {"name": "shapes", "concepts": [{"id": cid, "data": f"{cid}/manifest.csv", "trigger": trig}
                                            for cid, trig in ids.items()]}
     admin = Principal("ops", frozenset({"admin"}))          # an admin's data area is all of <storage>/data/
