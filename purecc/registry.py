@@ -51,6 +51,8 @@ from .ids import CONCEPT_ID_PATTERN, validate_concept_id
 log = logging.getLogger(__name__)
 
 FLAT_PREFIX = "flat-"
+POINTER_READS = 3           # reads of a pointer before it counts as bad (see _pointer)
+POINTER_RETRY_S = 0.05
 MAX_VERSION_FILES = 1024
 MAX_VERSION_BYTES = 4 << 30
 MAX_FILE_BYTES = 2 << 30
@@ -213,8 +215,21 @@ class AdapterRegistry:
         if kind == pafs.FileType.NotFound:
             return None
         label = f"concept {concept_id}"
-        return parse_pointer(self._read(path, MAX_JSON_FILE_BYTES, label=label, name=POINTER), label=label,
-                             expected_id=concept_id)
+
+        def read() -> RegistryPointer:
+            return parse_pointer(self._read(path, MAX_JSON_FILE_BYTES, label=label, name=POINTER), label=label,
+                                 expected_id=concept_id)
+
+        for attempt in range(1, POINTER_READS):
+            try:
+                return read()
+            except (AdapterFileError, OSError):
+                # S3 replaces an object atomically, but some S3-compatible servers (moto's, seen in
+                # test_registry_s3 under load: it disposes of the old body before the new one is served)
+                # give a read racing a pointer flip a broken body once; a pointer still bad after a few
+                # reads is reported as bad.
+                time.sleep(POINTER_RETRY_S * attempt)
+        return read()
 
     def _resolve(self, concept_id: str) -> tuple[str, str, RegistryPointer | None]:
         """(version, folder of its files, pointer) of the current version; KeyError when not published."""

@@ -125,7 +125,8 @@ def test_a_concurrent_reader_never_sees_a_missing_concept(s3_root, adapter_facto
                 listed = [m.concept_id for m in reader.list()]
                 folder = reader.fetch("live", tmp_path / "reader-cache", version=version)
                 if "live" not in listed or not (folder / DIFFUSERS_WEIGHTS).is_file():
-                    problems.append(f"listed {listed}, fetched {sorted(p.name for p in folder.iterdir())}")
+                    why = [(e.concept_id, e.reason) for e in reader.scan()]
+                    problems.append(f"listed {listed} (scan: {why}), fetched {sorted(p.name for p in folder.iterdir())}")
                 seen.append(version)
             except Exception as exc:        # noqa: BLE001 - any failure is what the test looks for
                 problems.append(f"{type(exc).__name__}: {exc}")
