@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from cluster.local_ray import loopback_env
+from cluster.local_ray import loopback_env, start_local_ray
 from cluster_helpers import batch_dict, write_batch
 
 # Ray reads its node-IP settings when it is first imported: export the loopback ones now,
@@ -21,3 +23,15 @@ def batch_files(tmp_path, tiny_model_dir, sample_manifests):
         return write_batch(tmp_path / name, batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests,
                                                        ids, **extra))
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A 2-CPU local Ray cluster on 127.0.0.1 for one test module, stopped and removed after it."""
+    temp = tempfile.mkdtemp(prefix="pcray-", dir="/tmp")
+    ray = start_local_ray(2, temp_dir=temp)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

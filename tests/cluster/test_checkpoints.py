@@ -4,16 +4,12 @@ uninterrupted run's."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from cluster import api
 from cluster.ledger import JobLedger
-from cluster.local_ray import start_local_ray
 from cluster.spec import load_batch
 from cluster.worker import stage1_root
 from purecc.model import load_pipeline
@@ -23,16 +19,6 @@ from purecc.trainer import ConceptJob, PackTrainer
 pytestmark = pytest.mark.ray
 STEPS, EVERY, KILL = 12, 2, 9
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    temp = tempfile.mkdtemp(prefix="pcck-", dir="/tmp")
-    ray = start_local_ray(2, temp_dir=temp)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(ray_cluster, batch_files, tiny_model_dir, tmp_path):

@@ -3,9 +3,7 @@ its next heartbeat and stops scheduling, and concurrent submissions start exactl
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 
@@ -13,7 +11,6 @@ import pytest
 
 from cluster import api
 from cluster.ledger import BUSY_TIMEOUT_S, DRIVER_STALE_S, JobLedger, LeaseLost
-from cluster.local_ray import start_local_ray
 from cluster.scheduler import Scheduler
 from cluster.spec import load_batch
 
@@ -85,16 +82,6 @@ def test_concurrent_reservations_give_exactly_one_token(tmp_path):
         led.claim_driver("driver", reservation=won[0])
         assert led.live_driver()["owner"] == "driver"
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    temp = tempfile.mkdtemp(prefix="pcl-", dir="/tmp")
-    ray = start_local_ray(2, temp_dir=temp)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.ray

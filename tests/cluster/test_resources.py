@@ -3,8 +3,6 @@ works while a job waits; a stuck batch never holds others back; a restarted serv
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -13,7 +11,6 @@ import pytest
 
 from cluster import api
 from cluster.ledger import JobLedger
-from cluster.local_ray import start_local_ray
 from cluster.scheduler import Scheduler, unsatisfiable
 from cluster.spec import Resources, load_batch
 from cluster_helpers import batch_dict, write_batch
@@ -52,16 +49,6 @@ def test_resume_unfinished_starts_nothing_without_unfinished_jobs(tmp_path, batc
         led.request_cancel("zigzag-star")                                   # finished: cancelled
     assert api.resume_unfinished(spec.ledger_path) is None
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    temp = tempfile.mkdtemp(prefix="pcres-", dir="/tmp")
-    ray = start_local_ray(2, temp_dir=temp)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _record(tmp_path: Path, name: str, model: Path, manifests: dict, ids, resources: dict, ledger: Path):
