@@ -1,16 +1,19 @@
 """Scale by simulation: the real ledger and the driver's real scheduling loop at 10,000 concepts.
 
     .venv/bin/python bench/scale_sim.py [--concepts 1000] [--gpus 64] [--per-pack 4] [--poll-s 10]
-        [--jitter 0.2] [--json OUT]
+        [--jitter 0.2] [--ledger sqlite|postgres-temp|postgresql://...] [--json OUT]
     # the recorded 10k run (bench/results/scale_sim_10k.json), about 4 minutes here:
     .venv/bin/python bench/scale_sim.py --concepts 10000 --gpus 64 --per-pack 16 --jitter 0 --poll-s 300 \
         --json bench/results/scale_sim_10k.json
 
-At 10,000 jobs one tick of the loop costs seconds (each ``ledger.jobs()`` parses every row's spec), so
-the 10k run uses packs of 16 launched in waves (no jitter) and a 300 s simulated poll to keep the tick
+The 10k run uses packs of 16 launched in waves (no jitter) and a 300 s simulated poll to keep the tick
 count near 40; the time per tick does not depend on those knobs, the number of ticks does.
 
-What is real: ``cluster.ledger.JobLedger`` (SQLite, a fresh file), ``cluster.scheduler.Scheduler``
+``--ledger``: ``sqlite`` (default, a fresh file), ``postgres-temp`` (a throw-away PostgreSQL server on
+127.0.0.1 started from Debian's binaries by ``tests/pg_server.py``, fsync on, stopped at the end), or a
+``postgresql://`` URL of an empty database.
+
+What is real: ``cluster.ledger.JobLedger`` (SQLite or PostgreSQL, fresh), ``cluster.scheduler.Scheduler``
 (its whole ``run`` loop: heartbeat, cancellations, drain, reap, resource checks, schedule) and the
 progress board (``cluster.board.ProgressBoard``, called in-process). What is simulated is only what
 ``Scheduler`` asks of Ray, through its ``runtime`` seam: ``SimRuntime`` launches fake runs on a fake
@@ -237,11 +240,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def simulate(concepts: int, gpus: int, *, per_pack: int = 4, batch_size: int = 100, poll_s: float = 10.0,
-             workdir: str | Path | None = None, **runtime: float) -> dict[str, Any]:
-    """Run the real scheduling loop over a fresh ledger of ``concepts`` jobs; the figures as a dict."""
+             workdir: str | Path | None = None, ledger_url: str | None = None, **runtime: float) -> dict[str, Any]:
+    """Run the real scheduling loop over a fresh ledger of ``concepts`` jobs (a SQLite file, or the empty
+    PostgreSQL database ``ledger_url``); the figures as a dict."""
     with tempfile.TemporaryDirectory(prefix="purecc-scale-", dir=workdir) as tmp:
         storage = f"{tmp}/storage"
-        ledger = JobLedger(f"{tmp}/ledger.sqlite")
+        ledger = JobLedger(ledger_url or f"{tmp}/ledger.sqlite")
         try:
             t0 = time.perf_counter()
             ledger.submit(make_jobs(concepts, gpus, per_pack, batch_size, storage))
@@ -256,7 +260,7 @@ def simulate(concepts: int, gpus: int, *, per_pack: int = 4, batch_size: int = 1
             check = exactly_once(ledger)
         finally:
             ledger.close()
-    return {"concepts": concepts, "gpus": gpus, "concepts_per_pack": per_pack, "batch_size": batch_size,
+    return {"ledger": "postgresql" if ledger_url else "sqlite", "concepts": concepts, "gpus": gpus, "concepts_per_pack": per_pack, "batch_size": batch_size,
             "runtime": {"startup_s": sim.startup_s, "step_s": sim.step_s, "jitter": sim.jitter},
             "poll_s_simulated": poll_s, "runs_launched": summary.runs_launched, "submit_s": submit_s,
             "ticks": len(ticks), "tick_s": {"median": statistics.median(ticks) if ticks else 0.0,
@@ -271,7 +275,7 @@ def report(r: dict[str, Any]) -> str:
     t, q, d = r["tick_s"], r["status_queued"], r["status_done"]
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
     return "\n".join([
-        f"scale simulation: {r['concepts']} concepts, {r['gpus']} simulated GPUs, packs of {r['concepts_per_pack']}, "
+        f"scale simulation ({r.get('ledger', 'sqlite')} ledger): {r['concepts']} concepts, {r['gpus']} simulated GPUs, packs of {r['concepts_per_pack']}, "
         f"{r['runs_launched']} runs",
         f"submit: {r['submit_s']:.2f} s",
         f"scheduling tick ({r['ticks']} ticks): median {ms(t['median'])}, p95 {ms(t['p95'])}, max {ms(t['max'])}",
@@ -291,9 +295,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-s", type=float, default=10.0, help="the loop's poll interval, simulated seconds")
     ap.add_argument("--jitter", type=float, default=0.2, help="runs up to this fraction longer (0: packs "
                     "launched together end together, fewer ticks)")
+    ap.add_argument("--ledger", default="sqlite", help="sqlite (a fresh file), postgres-temp (a throw-away "
+                    "local PostgreSQL server) or a postgresql:// URL of an empty database")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
-    result = simulate(args.concepts, args.gpus, per_pack=args.per_pack, poll_s=args.poll_s, jitter=args.jitter)
+    if args.ledger not in ("sqlite", "postgres-temp") and not args.ledger.startswith(("postgresql://", "postgres://")):
+        ap.error(f"--ledger: {args.ledger!r} is not sqlite, postgres-temp or a postgresql:// URL")
+    run = lambda url: simulate(args.concepts, args.gpus, per_pack=args.per_pack, poll_s=args.poll_s,  # noqa: E731
+                               jitter=args.jitter, ledger_url=url)
+    if args.ledger == "postgres-temp":
+        from tests.pg_server import PgServer, find_pg_bin
+
+        bin_dir = find_pg_bin()
+        if bin_dir is None:
+            ap.error("--ledger postgres-temp: PostgreSQL is not installed (Debian's `postgresql` package)")
+        with PgServer(bin_dir, fsync=True) as server:
+            result = run(server.new_database())
+    else:
+        result = run(None if args.ledger == "sqlite" else args.ledger)
     print(report(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from typing import Callable, Literal, Sequence
 from purecc.adapter_files import AdapterManifest
 from purecc.registry import AdapterRegistry
 
+from .ledger_sql import is_postgres
 from .ledger import ACTIVE, DriverBusy, JobLedger, JobRecord, SubmitReport
 from .scheduler import RunSummary, Scheduler, node_resources, unsatisfiable
 from .spec import BatchSpec, Resources, ValidatedBatch
@@ -176,7 +177,7 @@ def resume_unfinished(ledger: str | Path, *, address: str | None = None,
     """Start a detached driver when ``ledger`` has unfinished jobs and no live driver (a service
     starting up calls this, so a restart resumes queued and interrupted jobs by itself). Returns
     what was started, or None (nothing unfinished, no such ledger, or a driver is live)."""
-    if not Path(ledger).is_file():
+    if not is_postgres(ledger) and not Path(ledger).is_file():
         return None
     with JobLedger(ledger) as led:
         token = led.reserve_driver() if led.has_unfinished() else None
@@ -264,8 +265,9 @@ def _start_actor(ledger: str, reservation: str | None = None) -> str:
 
 def _spawn_process(ledger: str | Path, *, address: str | None, num_cpus: int | None,
                    reservation: str | None = None) -> int:
-    """``purecc resume`` in its own session, its log next to the ledger; its pid."""
-    log_dir = Path(ledger).resolve().parent / "logs"
+    """``purecc resume`` in its own session, its log next to the ledger (a PostgreSQL ledger's in
+    ~/.purecc/logs); its pid."""
+    log_dir = Path.home() / ".purecc" / "logs" if is_postgres(ledger) else Path(ledger).resolve().parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "purecc.cli", "resume", "--ledger", str(ledger), "--quiet"]
     cmd += ["--address", address] if address else []

@@ -24,10 +24,13 @@ MAX_MESSAGES = 10_000   # undrained; a driver drains every second or so, so this
 
 
 def start_board():
-    """The board as a zero-CPU actor of the calling driver (it dies with the driver)."""
+    """The board as a zero-CPU actor of the calling driver (it dies with the driver), on the driver's own
+    node: placed anywhere else, losing that node would kill the driver's loop (seen on a 2-node cluster)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0, max_restarts=0)(ProgressBoard).remote()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_restarts=0)(ProgressBoard).options(scheduling_strategy=here).remote()
 
 
 class ProgressBoard:

@@ -51,6 +51,13 @@ def _print_summary(ledger: str) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from . import api
 
+    if args.url:                     # over HTTP (services.client), uploading --upload folders first
+        from services.client import submit_cli
+        return submit_cli(args)
+    if args.upload:
+        print("error: --upload needs --url (the service to upload to)", file=sys.stderr)
+        return 2
+
     def recorded(ledger: str, r) -> None:
         print(f"ledger {ledger}: {len(r.added)} new, {len(r.unchanged)} unchanged, "
               f"{len(r.replaced)} replaced, {len(r.requeued)} requeued", flush=True)
@@ -150,6 +157,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replace", action="store_true", help="retrain concepts whose content changed")
     p.add_argument("--requeue", action="store_true", help="retry failed/cancelled concepts (from checkpoints)")
     p.add_argument("--queue-only", action="store_true", help="only record the jobs; run them later with resume")
+    p.add_argument("--url", help="submit to this purecc service over HTTP instead (data relative to its storage)")
+    p.add_argument("--token", help="API token for --url (default: $PURECC_TOKEN)")
+    p.add_argument("--upload", action="append", metavar="ID=FOLDER",
+                   help="with --url: upload FOLDER's images as concept ID's dataset first (repeatable)")
+    p.add_argument("--class-word", help="with --upload: the class for template captions, e.g. dog")
     _ray_args(p)
     p.set_defaults(func=_submit)
 

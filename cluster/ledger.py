@@ -1,4 +1,4 @@
-"""The durable job ledger: one SQLite row per concept job (WAL, synchronous=FULL).
+"""The durable job ledger: one row per concept job, in SQLite (WAL, synchronous=FULL) or PostgreSQL.
 
 States: ``queued -> stage1 -> stage2 -> published``, or ``failed`` / ``cancelled`` from any active
 state; a finished job goes back to ``queued`` (or straight to ``stage2`` when its stage 1 is kept) only
@@ -6,6 +6,11 @@ when it is replaced or requeued. Every change is one ``BEGIN IMMEDIATE`` transac
 the driver acts on it (launching a run, marking a stage done), so a driver killed at any point finds
 the truth on restart. Only the driver and the CLI on the head node open the file; training workers
 never do (SQLite is not safe over NFS locking): they report through the driver's progress board.
+
+Where the ledger is: a SQLite file (the embedded default, one machine; refused on a network filesystem)
+or a PostgreSQL URL (``postgresql://...``, the cluster ledger: a driver on any node opens the same one).
+Both run the same SQL through ``ledger_sql.Conn``; on PostgreSQL each write transaction takes one
+advisory lock, which serialises writers like ``BEGIN IMMEDIATE`` (why: see ``ledger_sql``).
 
 Tables: ``jobs`` (the rows; ``owner``: who submitted the concept, None for jobs recorded without one),
 ``batches`` (a batch name and its owner) and ``batch_members`` (batch name -> concept ids: resubmitting
@@ -16,6 +21,7 @@ the one driver allowed to schedule), ``meta`` (``schema_version``: the schema th
 
 Opening a ledger checks its schema version: a newer one is refused (``LedgerError``), an older one is
 brought up to date by the ``MIGRATIONS`` steps, all in the one transaction that records the new version.
+(A PostgreSQL ledger starts at version 2; the version-2 step is SQLite's own SQL.)
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -33,6 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from purecc.ids import validate_concept_id
 
+from .ledger_sql import Conn, connect
 from .spec import JobSpec
 
 SCHEMA_VERSION = 2   # bump only with a step in MIGRATIONS that changes the schema to it
@@ -45,7 +51,7 @@ CREATE INDEX IF NOT EXISTS batch_members_by_concept ON batch_members (concept_id
 """
 
 
-def _add_owners(db: sqlite3.Connection) -> None:
+def _add_owners(db: Conn) -> None:
     """Version 2: an owner per job, batches and their members (each job a member of its batch)."""
     db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
     for stmt in filter(None, (s.strip() for s in _OWNER_TABLES.split(";"))):
@@ -58,7 +64,7 @@ def _add_owners(db: sqlite3.Connection) -> None:
 
 # (version, step): ``step(db)`` brings a ledger of the version before it to ``version``; run in version
 # order inside one transaction.
-MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], Any]]] = [(2, _add_owners)]
+MIGRATIONS: list[tuple[int, Callable[[Conn], Any]]] = [(2, _add_owners)]
 ACTIVE = ("queued", "stage1", "stage2")
 FINISHED = ("published", "failed", "cancelled")
 STATES = ACTIVE + FINISHED
@@ -231,24 +237,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 class JobLedger:
-    """The ledger file. Thread-safe (one connection behind a lock); open one per process."""
+    """The ledger (a SQLite file or a PostgreSQL database). Thread-safe (one connection behind a lock);
+    open one per process. ``path``: a SQLite file (``file://`` allowed) or a ``postgresql://`` URL."""
 
     def __init__(self, path: str | Path):
-        path = str(path)
-        if path.startswith("file://"):
-            path = path[len("file://"):]
-        if "://" in path:
-            raise LedgerError(f"ledger: {path!r} must be a local or NFS path, not a URI")
-        self.path = Path(path).expanduser().resolve()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db, name = connect(path if isinstance(path, str) else str(path), BUSY_TIMEOUT_S)
+        except ValueError as exc:
+            raise LedgerError(str(exc)) from None
+        # path: what reopens it (the file, or the URL as given); name: what messages show (no password)
+        self.path: Path | str = str(path) if self._db.kind == "postgresql" else Path(name)
+        self.name = name
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise LedgerError(f"ledger {self.path}: the file system refused WAL mode ({mode})")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        self._specs: dict[str, JobSpec] = {}   # spec JSON -> parsed JobSpec (frozen, so shared safely)
+        self.writes = 0   # transactions this object committed (a reader's cache key; others' writes not seen)
         try:
             self._open_schema()
         except BaseException:
@@ -260,17 +262,18 @@ class JobLedger:
         with self._tx() as db:
             found = self._stored_version(db)
             if found is not None and found > SCHEMA_VERSION:
-                raise LedgerError(f"ledger {self.path}: written with schema version {found}, this purecc "
+                raise LedgerError(f"ledger {self.name}: written with schema version {found}, this purecc "
                                   f"reads up to version {SCHEMA_VERSION}; open it with a newer purecc")
             if found is not None and found < SCHEMA_VERSION:
                 self._migrate(db, found)
-            for stmt in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+            for stmt in filter(None, (s.strip() for s in db.ddl(_SCHEMA).split(";"))):
                 db.execute(stmt)  # idempotent (IF NOT EXISTS)
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
 
     def _stored_version(self, db) -> int | None:
         """The file's schema version; None for a new file."""
-        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        if not db.has_table("meta"):
             return None
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
@@ -280,14 +283,14 @@ class JobLedger:
         except ValueError:
             version = 0
         if version < 1:
-            raise LedgerError(f"ledger {self.path}: meta schema_version {row[0]!r} is not a version (1 or more)")
+            raise LedgerError(f"ledger {self.name}: meta schema_version {row[0]!r} is not a version (1 or more)")
         return version
 
     def _migrate(self, db, found: int) -> None:
         steps = dict(MIGRATIONS)
         missing = [v for v in range(found + 1, SCHEMA_VERSION + 1) if v not in steps]
         if missing:
-            raise LedgerError(f"ledger {self.path}: schema version {found}, no migration to version(s) "
+            raise LedgerError(f"ledger {self.name}: schema version {found}, no migration to version(s) "
                               f"{', '.join(map(str, missing))} of {SCHEMA_VERSION}")
         for version in range(found + 1, SCHEMA_VERSION + 1):
             steps[version](db)
@@ -305,26 +308,34 @@ class JobLedger:
         self.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: BEGIN IMMEDIATE ... COMMIT (durable on return)."""
+    def _tx(self) -> Iterator[Conn]:
+        """One write transaction, writers serialised (BEGIN IMMEDIATE / the advisory lock) ... COMMIT
+        (durable on return)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin()
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.rollback()
                 raise
-            self._db.execute("COMMIT")
+            self._db.commit()
+            self.writes += 1
 
     def _event(self, db, concept_id: str | None, kind: str, detail: Any = None, at: float | None = None) -> None:
         db.execute("INSERT INTO events (at, concept_id, kind, detail) VALUES (?, ?, ?, ?)",
                    (at or time.time(), concept_id, kind, None if detail is None else json.dumps(detail)))
 
     # ----- reading ---------------------------------------------------------------------------
-    @staticmethod
-    def _record(row: sqlite3.Row) -> JobRecord:
+    def _record(self, row) -> JobRecord:
         d = dict(row)
-        d["spec"] = JobSpec.model_validate_json(d["spec"])
+        d.pop("rowid", None)
+        text = d["spec"]
+        spec = self._specs.get(text)
+        if spec is None:   # parsing is most of a read's cost; a row's spec text changes rarely
+            if len(self._specs) > 100_000:
+                self._specs.clear()
+            spec = self._specs[text] = JobSpec.model_validate_json(text)
+        d["spec"] = spec
         d["cancel_requested"] = bool(d["cancel_requested"])
         return JobRecord(**d)
 
@@ -333,15 +344,19 @@ class JobLedger:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE concept_id = ?", (concept_id,)).fetchone()
         if row is None:
-            raise KeyError(f"concept {concept_id!r} is not in the ledger {self.path}")
+            raise KeyError(f"concept {concept_id!r} is not in the ledger {self.name}")
         return self._record(row)
 
     def jobs(self, states: Sequence[str] | None = None) -> list[JobRecord]:
         """Jobs in submission order (optionally only those in ``states``)."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY rowid").fetchall()
-        recs = [self._record(r) for r in rows]
-        return [r for r in recs if states is None or r.state in states]
+            if states is None:
+                rows = self._db.execute("SELECT * FROM jobs ORDER BY rowid").fetchall()
+            else:
+                states = list(states)
+                rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(states))}) "
+                                        "ORDER BY rowid", states).fetchall() if states else []
+            return [self._record(r) for r in rows]
 
     def events(self, concept_id: str | None = None, kind: str | None = None) -> list[dict]:
         """Events in order, optionally only one concept's and/or one kind's (``detail`` decoded)."""
@@ -369,7 +384,7 @@ class JobLedger:
 
     def batches(self, owner: str | None = None) -> list[tuple[str, str | None]]:
         """(name, owner) of every batch with a member, oldest first; only ``owner``'s when given."""
-        q = ("SELECT name, owner FROM batches WHERE EXISTS (SELECT 1 FROM batch_members m WHERE m.batch = name)"
+        q = ("SELECT name, owner FROM batches WHERE EXISTS (SELECT 1 FROM batch_members m WHERE m.batch = batches.name)"
              + (" AND owner = ?" if owner is not None else "") + " ORDER BY created_at, name")
         with self._lock:
             rows = self._db.execute(q, () if owner is None else (owner,)).fetchall()
@@ -418,7 +433,8 @@ class JobLedger:
                 row = db.execute("SELECT * FROM jobs WHERE concept_id = ?", (job.concept_id,)).fetchone()
                 if row is not None and not admin and row["owner"] != owner:
                     raise NotOwner("concept", job.concept_id)
-                db.execute("INSERT OR IGNORE INTO batch_members (batch, concept_id, added_at) VALUES (?, ?, ?)",
+                db.execute("INSERT INTO batch_members (batch, concept_id, added_at) VALUES (?, ?, ?) "
+                           "ON CONFLICT DO NOTHING",
                            (job.batch, job.concept_id, now))
                 if row is None:
                     db.execute("INSERT INTO jobs (concept_id, batch, content_hash, spec, state, submitted_at, "
@@ -469,15 +485,15 @@ class JobLedger:
             raise NotOwner("batch", name)
 
     @staticmethod
-    def _check_quota(db, owner: str | None, quota: Quota) -> None:
+    def _check_quota(db: Conn, owner: str | None, quota: Quota) -> None:
         active = "('queued','stage1','stage2')"
         if quota.active_concepts is not None:
-            n = db.execute(f"SELECT COUNT(*) FROM jobs WHERE owner IS ? AND state IN {active}", (owner,)).fetchone()[0]
+            n = db.execute(f"SELECT COUNT(*) FROM jobs WHERE owner {db.is_} ? AND state IN {active}", (owner,)).fetchone()[0]
             if n > quota.active_concepts:
                 raise QuotaExceeded("queued or training concepts", n, quota.active_concepts)
         if quota.active_batches is not None:
             n = db.execute(f"SELECT COUNT(DISTINCT m.batch) FROM batch_members m JOIN jobs j ON j.concept_id = "
-                           f"m.concept_id JOIN batches b ON b.name = m.batch WHERE b.owner IS ? AND j.state IN "
+                           f"m.concept_id JOIN batches b ON b.name = m.batch WHERE b.owner {db.is_} ? AND j.state IN "
                            f"{active}", (owner,)).fetchone()[0]
             if n > quota.active_batches:
                 raise QuotaExceeded("batches training", n, quota.active_batches)
@@ -529,9 +545,8 @@ class JobLedger:
                 launched.append(cid)
             if not launched:
                 return None, []
-            cur = db.execute("INSERT INTO runs (pack, stage, members, launched_at) VALUES (?, ?, ?, ?)",
-                             (pack, stage, json.dumps(launched), now))
-            run_id = cur.lastrowid
+            run_id = db.execute("INSERT INTO runs (pack, stage, members, launched_at) VALUES (?, ?, ?, ?) "
+                                "RETURNING id", (pack, stage, json.dumps(launched), now)).fetchone()[0]
             for cid in launched:
                 self._event(db, cid, "launched", {"run": run_id, "pack": pack, "stage": stage}, now)
         return run_id, launched
@@ -577,7 +592,7 @@ class JobLedger:
                                      {"failures": n, "error": error, "pack": None})
                     failed.append(cid)
                 else:
-                    db.execute("UPDATE jobs SET failures = ?, error = ?, pack = CASE WHEN ? THEN NULL ELSE pack END, "
+                    db.execute("UPDATE jobs SET failures = ?, error = ?, pack = CASE WHEN ? = 1 THEN NULL ELSE pack END, "
                                "updated_at = ? WHERE concept_id = ?",
                                (n, error[:MAX_ERROR_CHARS], int(isolate), time.time(), cid))
                     self._event(db, cid, "run-failed", {"failures": n, "error": error[:500]})
@@ -618,7 +633,7 @@ class JobLedger:
             row = db.execute("SELECT state, cancel_requested FROM jobs WHERE concept_id = ?",
                              (concept_id,)).fetchone()
             if row is None:
-                raise KeyError(f"concept {concept_id!r} is not in the ledger {self.path}")
+                raise KeyError(f"concept {concept_id!r} is not in the ledger {self.name}")
             state = row["state"]
             if state in FINISHED:
                 return f"{concept_id}: already {state}; nothing to cancel"
@@ -662,9 +677,9 @@ class JobLedger:
             mine = live and ((live["owner"] == owner and live["pid"] == os.getpid())
                              or (reservation is not None and live["owner"] == RESERVED + reservation))
             if live and not mine:
-                raise DriverBusy(f"ledger {self.path}: a driver is already running (pid {live['pid']} on "
+                raise DriverBusy(f"ledger {self.name}: a driver is already running (pid {live['pid']} on "
                                  f"{live['host']}); it picks up newly submitted jobs by itself")
-            db.execute("INSERT OR REPLACE INTO driver VALUES (1, ?, ?, ?, ?)",
+            db.execute(_UPSERT_DRIVER,
                        (owner, socket.gethostname(), os.getpid(), time.time()))
             self._event(db, None, "driver-start", {"owner": owner, "pid": os.getpid()})
 
@@ -678,7 +693,7 @@ class JobLedger:
             row = db.execute("SELECT owner, pid, host FROM driver WHERE id = 1").fetchone()
             if row is None or row["owner"] != owner:
                 holder = f"{row['owner']} (pid {row['pid']} on {row['host']})" if row else "nobody"
-                raise LeaseLost(f"ledger {self.path}: driver {owner} lost the driver lease to {holder}; "
+                raise LeaseLost(f"ledger {self.name}: driver {owner} lost the driver lease to {holder}; "
                                 "it stops scheduling now")
             now = time.time()
             db.execute("UPDATE driver SET heartbeat = ? WHERE id = 1 AND owner = ?", (now, owner))
@@ -712,7 +727,7 @@ class JobLedger:
         with self._tx() as db:
             if self._live_driver(db) is not None:
                 return None
-            db.execute("INSERT OR REPLACE INTO driver VALUES (1, ?, ?, ?, ?)",
+            db.execute(_UPSERT_DRIVER,
                        (RESERVED + token, socket.gethostname(), os.getpid(), time.time()))
             self._event(db, None, "driver-reserved", {"token": token, "pid": os.getpid()})
         return token
@@ -735,6 +750,9 @@ class JobLedger:
                                     "LIMIT 1").fetchone() is not None
 
 
+_UPSERT_DRIVER = ("INSERT INTO driver (id, owner, host, pid, heartbeat) VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) "
+                  "DO UPDATE SET owner = excluded.owner, host = excluded.host, pid = excluded.pid, "
+                  "heartbeat = excluded.heartbeat")
 RESERVED = "reserved:"   # owner prefix of a driver lease reserved by ``reserve_driver``
 
 

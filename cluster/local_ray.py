@@ -78,3 +78,13 @@ def start_local_ray(num_cpus: int | None = None, *, temp_dir: str | Path | None 
         kwargs["_temp_dir"] = str(Path(temp_dir).resolve())
     ray.init(**kwargs)
     return ray
+
+
+def loopback_node_args(num_cpus: float, resources: Mapping[str, float] | None = None, **extra) -> dict:
+    """Arguments for one node of ``ray.cluster_utils.Cluster`` on 127.0.0.1 (tests: several nodes on one
+    machine). Every process of the node binds 127.0.0.1: the loopback environment is exported here (the
+    node's processes inherit it) and Ray's cluster switch is turned off, as for ``start_local_ray``."""
+    loopback_env()
+    _keep_local_node_ip()
+    return {"num_cpus": num_cpus, "resources": dict(resources or {}), "node_ip_address": "127.0.0.1",
+            "include_dashboard": False, **extra}

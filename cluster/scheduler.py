@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 from purecc.pack import ConceptPlan, PackPlan, ValidationSettings
 from purecc.trainer import PACK_KEYS
 
+from . import policy
 from .board import start_board
 from .ledger import ACTIVE, JobLedger, JobRecord, LedgerError
 from .spec import Resources
@@ -103,36 +104,77 @@ class PackProposal:
     jobs: tuple[JobRecord, ...]
 
 
-def concurrency_limit(jobs: Sequence[JobRecord], override: int | None = None) -> int:
-    """Runs allowed at once: ``override``, else the smallest ``max_concurrent`` of ``jobs`` (1 if none)."""
-    if override:
-        return override
-    return min((j.spec.resources.max_concurrent for j in jobs), default=1)
+def concurrency_limit(jobs: Sequence[JobRecord], override: int | None = None) -> dict[str, int]:
+    """Runs allowed at once per batch: each batch's own ``max_concurrent`` (one batch's limit never
+    throttles another); with ``override`` (the driver's ``max_concurrent``) none: it caps all runs instead."""
+    return {} if override else policy.batch_limits(jobs)
 
 
-def plan_packs(ready: Sequence[JobRecord], free: int) -> list[PackProposal]:
-    """Up to ``free`` packs from the ``ready`` jobs, in launch order.
+def plan_packs(ready: Sequence[JobRecord], free: int, *, running: Sequence[Sequence[JobRecord]] = (),
+               limits: Mapping[str, int] | None = None,
+               capacity: policy.Capacity | None = None) -> list[PackProposal]:
+    """Up to ``free`` packs from the ``ready`` jobs, in launch order (``cluster.policy``).
 
     Jobs that already belong to a pack (an interrupted run) keep it; the others are grouped by
-    ``pack_key`` into chunks of ``concepts_per_pack``, stage-2 groups first (closer to done).
+    ``pack_key`` into packs of ``policy.pack_size`` (the batch's ``concepts_per_pack`` or the memory
+    model). Which batch's pack comes next is fair share weighted by priority over the ``running`` runs'
+    members; a batch at its ``limits`` entry gets no more; a pack whose worker does not fit ``capacity``
+    (free node resources) is not proposed. Within a batch: stage-2 work first, then first in, first out.
+    A pack led by one batch is filled with same-key jobs of other batches (neediest first).
     """
     if free <= 0 or not ready:
         return []
+    limits = limits or {}
+    shares = policy.Shares.of(running)
     sticky: dict[str, list[JobRecord]] = {}
-    groups: dict[str, list[JobRecord]] = {}
+    loose: list[JobRecord] = []
     for rec in ready:
-        if rec.pack:
-            sticky.setdefault(rec.pack, []).append(rec)
+        (sticky.setdefault(rec.pack, []) if rec.pack else loose).append(rec)
+    order = {rec.concept_id: i for i, rec in enumerate(ready)}
+    heads: dict[str, list[JobRecord]] = {}   # batch -> its waiting jobs, sticky packs' leaders first
+    for recs in sticky.values():
+        heads.setdefault(recs[0].batch, []).append(recs[0])
+    for rec in sorted(loose, key=lambda r: (-r.next_stage, order[r.concept_id])):
+        heads.setdefault(rec.batch, []).append(rec)
+    keys = {r.concept_id: pack_key(r, r.next_stage) for r in loose}
+    first = {b: min(r.submitted_at for r in recs) for b, recs in heads.items()}
+    taken: set[str] = set()
+    packs: list[PackProposal] = []
+    full: set[str] = set()        # batches that cannot take another run now
+
+    def pending(batch: str) -> list[JobRecord]:
+        recs = heads[batch]
+        while recs and recs[0].concept_id in taken:
+            recs.pop(0)
+        return recs
+
+    def same_key(batch: str, key: str, n: int) -> list[JobRecord]:
+        return [r for r in pending(batch) if r.concept_id not in taken and keys.get(r.concept_id) == key][:n]
+
+    while len(packs) < free:
+        waiting = {b: pending(b)[0] for b in heads if b not in full and pending(b)
+                   and shares.runs[b] < limits.get(b, 1 << 30)}
+        batch = policy.pick_batch(waiting, shares, first)
+        if batch is None:
+            break
+        head = waiting[batch]
+        if capacity is not None and not capacity.take(head.spec.resources):
+            full.add(batch)
+            continue
+        if head.pack:
+            members = sticky[head.pack]
         else:
-            groups.setdefault(pack_key(rec, rec.next_stage), []).append(rec)
-    packs = [PackProposal(recs[0].next_stage, name, tuple(recs)) for name, recs in sticky.items()]
-    for key in sorted(groups, key=lambda k: -json.loads(k)[0]):
-        recs = groups[key]
-        size = recs[0].spec.resources.concepts_per_pack
-        for i in range(0, len(recs), size):
-            chunk = recs[i:i + size]
-            packs.append(PackProposal(chunk[0].next_stage, pack_name(chunk[0].next_stage, chunk), tuple(chunk)))
-    return packs[:free]
+            key, size = keys[head.concept_id], policy.pack_size(head.spec.resources, policy.stages_left(head))
+            members = same_key(batch, key, size)
+            for other in sorted((b for b in waiting if b != batch),
+                                key=lambda b: shares.batch[b] / waiting[b].spec.resources.priority):
+                if len(members) >= size:
+                    break
+                members += same_key(other, key, size - len(members))
+        packs.append(PackProposal(head.next_stage, head.pack or pack_name(head.next_stage, members), tuple(members)))
+        taken.update(r.concept_id for r in members)
+        shares.add(members)
+    return packs
 
 
 def pack_plan(name: str, stage: int, recs: Sequence[JobRecord]) -> PackPlan:
@@ -281,6 +323,7 @@ class Scheduler:
             self._recover()
             while True:
                 self.ledger.heartbeat(self.owner)     # LeaseLost: another driver took over; stop now
+                self._active_cache = (None, [])       # each tick reads the ledger afresh
                 self._cancellations()
                 self._drain()
                 self._reap()
@@ -313,12 +356,20 @@ class Scheduler:
             if rec.cancel_requested:
                 self.ledger.transition(rec.concept_id, "cancelled", pack=None, detail={"requested": True})
 
+    def _active(self) -> list[JobRecord]:
+        """The active jobs, read once per tick and again only after this driver wrote to the ledger
+        (a submission from elsewhere is seen at the next tick)."""
+        cache = getattr(self, "_active_cache", (None, []))
+        if cache[0] != self.ledger.writes:
+            cache = self._active_cache = (self.ledger.writes, self.ledger.jobs(ACTIVE))
+        return cache[1]
+
     def _running_ids(self) -> set[str]:
         return {cid for launch in self.launches.values() for cid in launch.members}
 
     def _ready(self) -> list[JobRecord]:
         busy = self._running_ids()
-        return [r for r in self.ledger.jobs(ACTIVE) if r.concept_id not in busy and not r.cancel_requested]
+        return [r for r in self._active() if r.concept_id not in busy and not r.cancel_requested]
 
     # ----- resources -------------------------------------------------------------------------
     def _node_list(self) -> list[dict[str, float]]:
@@ -336,7 +387,7 @@ class Scheduler:
         never had them); a run still waiting to be placed for such jobs is stopped first."""
         now, short = time.time(), {}
         waiting = {cid: ref for ref, launch in self.launches.items() if not launch.started for cid in launch.members}
-        for rec in self.ledger.jobs(ACTIVE):
+        for rec in self._active():
             if rec.concept_id in self._running_ids() and rec.concept_id not in waiting:
                 continue
             why = self._lacking(rec)
@@ -367,7 +418,7 @@ class Scheduler:
         worker stops at its next step); a run whose worker never started (it waits for resources)
         is stopped after ``CANCEL_GRACE_S`` and its cancelled members are cancelled."""
         running = {cid: (ref, launch) for ref, launch in self.launches.items() for cid in launch.members}
-        for rec in self.ledger.jobs(ACTIVE):
+        for rec in self._active():
             if not rec.cancel_requested:
                 continue
             ref, launch = running.get(rec.concept_id, (None, None))
@@ -457,9 +508,13 @@ class Scheduler:
 
     def _schedule(self) -> None:
         ready = [r for r in self._ready() if r.concept_id not in self._short_since]
-        running = [self.ledger.get(c) for c in self._running_ids()]
-        free = concurrency_limit(ready + running, self.max_concurrent) - len(self.launches)
-        for proposal in plan_packs(ready, free):
+        running = [[self.ledger.get(c) for c in launch.members] for launch in self.launches.values()]
+        limits = concurrency_limit(ready + [r for members in running for r in members], self.max_concurrent)
+        free = (self.max_concurrent - len(self.launches)) if self.max_concurrent else len(ready)
+        nodes = self._node_list()
+        capacity = policy.Capacity(nodes, [members[0].spec.resources for members in running if members]) \
+            if nodes else None
+        for proposal in plan_packs(ready, free, running=running, limits=limits, capacity=capacity):
             self._launch(proposal)
 
     def _launch(self, proposal: PackProposal) -> None:

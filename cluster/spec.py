@@ -14,7 +14,7 @@ jobs (``jobs()``, which hashes the data) reads none of them again.
     name: shapes-v1
     base_model: ./models/sd35m
     storage: ./runs/shapes            # or s3://bucket/prefix (then `ledger:` must be a local path)
-    resources: {gpus_per_worker: 1, concepts_per_pack: 4, max_concurrent: 2}
+    resources: {gpus_per_worker: 1, gpu_memory_gib: 80, max_concurrent: 2, priority: 1}  # pack size: cluster.policy
     defaults: {resolution: 512, stage1: {steps: 1000}, stage2: {steps: 800}}
     concepts:
       - id: zigzag-star
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from purecc.data import ConceptManifest, ManifestError, read_concept_manifest
 from purecc.ids import CONCEPT_ID_PATTERN, TRIGGER_PATTERN
@@ -92,12 +92,25 @@ class Resources(_Strict):
                                                                 "lets several packs share one GPU).")
     cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs per training worker "
                                    "(a fraction such as 0.5 on a laptop)")
-    concepts_per_pack: int = Field(4, ge=1, le=64, description="concepts trained together on one worker")
-    max_concurrent: int = Field(2, ge=1, le=1024, description="training runs at the same time")
+    gpu_memory_gib: float | None = Field(None, gt=0, le=1024, description="memory of one GPU (GiB); with "
+                                         "gpus_per_worker it sizes packs from the memory model (cluster.policy)")
+    concepts_per_pack: int | None = Field(None, ge=1, le=64, description="concepts trained together on one "
+                                          "worker; unset: from the memory model (cluster.policy.pack_size)")
+    max_concurrent: int = Field(2, ge=1, le=1024, description="this batch's training runs at the same time "
+                                "(other batches have their own limits)")
+    priority: int = Field(1, ge=1, le=100, description="fair-share weight against other batches and owners: "
+                          "a batch of priority 4 gets 4x the run slots of one of priority 1 while both wait")
     max_failures: int = Field(1, ge=1, le=100, description="worker restarts per run (Ray Train "
                               "FailureConfig); a restarted worker resumes from its last checkpoint")
     max_attempts: int = Field(2, ge=1, le=100, description="failed runs per job stage before the job "
                               "is marked failed (a failed pack is retried one concept per run)")
+
+    @model_validator(mode="after")
+    def _memory_needs_a_gpu(self) -> "Resources":
+        if self.gpu_memory_gib is not None and self.gpus_per_worker <= 0:
+            raise ValueError("gpu_memory_gib is set but gpus_per_worker is 0 (a CPU worker has no GPU memory); "
+                             "set gpus_per_worker or drop gpu_memory_gib")
+        return self
 
 
 class ValidationRender(_Strict):
@@ -123,7 +136,8 @@ class BatchSpec(_Strict):
     name: ConceptId = Field("batch", description="batch name (same rule as concept ids)")
     base_model: str = Field(min_length=1, description="local diffusers SD3/SD3.5 folder")
     storage: str = Field(min_length=1, description="storage root: folder or s3:// / gs:// URI")
-    ledger: str | None = Field(None, description="SQLite job ledger; default <storage>/ledger.sqlite")
+    ledger: str | None = Field(None, description="job ledger: a local SQLite file (default "
+                               "<storage>/ledger.sqlite) or postgresql://user@host/db for a cluster")
     resources: Resources = Resources()
     defaults: Overrides = Overrides()
     validation: ValidationRender = ValidationRender()
@@ -131,7 +145,7 @@ class BatchSpec(_Strict):
 
     @property
     def ledger_path(self) -> str:
-        """The SQLite job ledger: ``ledger``, else ``<storage>/ledger.sqlite``."""
+        """The job ledger: ``ledger`` (a path or a postgresql:// URL), else ``<storage>/ledger.sqlite``."""
         return self.ledger or f"{self.storage}/ledger.sqlite"
 
     def jobs(self, manifests: Mapping[str, ConceptManifest] | None = None) -> list["JobSpec"]:
@@ -374,13 +388,17 @@ def _head_problems(head: BatchSpec, source: str, base_dir: Path) -> list[Problem
     except ModelFolderError as exc:
         out.append(Problem(source, None, "base_model", str(exc)))
     for field, value in (("storage", head.storage), ("ledger", head.ledger)):
+        if field == "ledger" and value and value.startswith(("postgresql://", "postgres://")):
+            continue
         if value and "://" in value and not value.startswith(URI_SCHEMES):
             out.append(Problem(source, None, field, f"{value!r}: unsupported URI scheme (expected a folder or "
                                                     f"one of {', '.join(URI_SCHEMES)})"))
-    if head.ledger and "://" in head.ledger and not head.ledger.startswith("file://"):
-        out.append(Problem(source, None, "ledger", "the SQLite ledger must be a local (or NFS) path"))
+    if head.ledger and "://" in head.ledger and not head.ledger.startswith(("file://", "postgresql://",
+                                                                           "postgres://")):
+        out.append(Problem(source, None, "ledger", "a SQLite ledger must be a local path (or use postgresql://...)"))
     if "://" in head.storage and not head.ledger:
-        out.append(Problem(source, None, "ledger", "required when storage is a URI (SQLite needs a local path)"))
+        out.append(Problem(source, None, "ledger", "required when storage is a URI (a local SQLite path or a "
+                                                   "postgresql:// URL)"))
     return out
 
 

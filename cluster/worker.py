@@ -302,6 +302,9 @@ def train_pack(config: dict[str, Any]) -> None:
         if not recipe.members:
             return
         shell.members = recipe.members
+        node = shell._ray.get_runtime_context().get_node_id()     # where Ray placed this run (multi-node tests)
+        for cid in recipe.members:
+            shell.on_event(cid, "placed", {"node_id": node, "run": run.plan.name})
         resumed = recipe.resume(shell.candidates())
         for cid, m in recipe.members.items():     # a row from the first step on, not from the first report
             shell.push("progress", {"concept_id": cid, "stage": shell.stage, "step": resumed.get(cid, 0),

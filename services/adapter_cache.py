@@ -42,6 +42,7 @@ from purecc.adapter_files import DIFFUSERS_WEIGHTS, AdapterFileError, AdapterMan
 from purecc.bank import AdapterBank
 from purecc.registry import AdapterRegistry
 
+from . import metrics
 from .errors import ConceptUnloadable, ConceptUnreadable, SlotsBusy, TooManyConcepts, UnknownConcept
 
 
@@ -92,19 +93,24 @@ class HostAdapterCache:
 
     def get(self, concept_id: str, version: str | None = None) -> HostAdapter:
         """The concept's adapter (``version``: its weights' sha256; None = the registry's current one)."""
+        return self.lookup(concept_id, version)[0]
+
+    def lookup(self, concept_id: str, version: str | None = None) -> tuple[HostAdapter, bool]:
+        """``get``, and whether the adapter was in host memory already (a hit)."""
         if version is not None:
             item = self._hit((concept_id, version))
             if item is not None:
-                return item
+                return item, True
             self._refuse_if_marked((concept_id, version))
         registry_version, manifest = self._resolve(concept_id, version)
         key = (concept_id, adapter_version(manifest))
         item = self._hit(key) if version is None else None
         if item is not None:
-            return item
+            return item, True
         self._refuse_if_marked(key)
         with self._lock:
             self.misses += 1
+        metrics.host_cache_lookup(hit=False)
         try:
             item = self._read(concept_id, registry_version)
         except ConceptUnreadable:
@@ -117,7 +123,7 @@ class HostAdapterCache:
             self._items[(concept_id, adapter_version(item.manifest))] = item
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
-        return item
+        return item, False
 
     def _hit(self, key: tuple[str, str]) -> HostAdapter | None:
         with self._lock:
@@ -125,7 +131,9 @@ class HostAdapterCache:
             if item is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
-            return item
+        if item is not None:
+            metrics.host_cache_lookup(hit=True)
+        return item
 
     def _refuse_if_marked(self, key: tuple[str, str]) -> None:
         """Raise the recorded ``ConceptUnloadable`` while ``key`` is marked unloadable."""
@@ -272,6 +280,7 @@ class AdapterSlots:
             except asyncio.TimeoutError:
                 raise SlotsBusy(sum(cid not in self._by_id for cid, _ in wanted), timeout) from None
         entries, fresh = reserved
+        metrics.slot_lookups(hits=len(entries) - len(fresh), misses=len(fresh))
         waited = time.perf_counter()
         for entry in fresh:
             task = asyncio.ensure_future(self._load(entry))
@@ -353,8 +362,9 @@ class AdapterSlots:
 
     # ----- loading -------------------------------------------------------------------------
     async def _load(self, entry: SlotEntry) -> None:
+        started = time.perf_counter()
         try:
-            item = await asyncio.to_thread(self.host.get, entry.concept_id, entry.version)
+            item, in_host = await asyncio.to_thread(self.host.lookup, entry.concept_id, entry.version)
             await asyncio.to_thread(self._copy, entry.slot, item.flat)
         except BaseException as exc:
             if self._slots[entry.slot] is entry:
@@ -370,6 +380,7 @@ class AdapterSlots:
         entry.manifest, entry.version = item.manifest, adapter_version(item.manifest)
         self.loads += 1
         self.events.append(("load", entry.concept_id, entry.slot))
+        metrics.adapter_loaded("host_cache" if in_host else "storage", time.perf_counter() - started)
         entry.ready.set_result(None)
 
     def _copy(self, slot: int, flat: torch.Tensor) -> None:

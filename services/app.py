@@ -8,6 +8,7 @@
     POST /v1/batches/{name}/cancel   cancel a batch's unfinished jobs
     POST /v1/datasets       upload images (or one zip) as a dataset a batch can train on (201)
     GET  /v1/datasets       the caller's datasets; GET/DELETE /v1/datasets/{id} one of them
+    GET  /                  the web page (services/page/: concepts, batches with loss curves, composer)
     GET  /healthz           200 once a generator replica has its model loaded, 503 before
     GET  /openapi.json      the schema (interactive docs at /docs)
 
@@ -37,16 +38,16 @@ import asyncio
 import base64
 import json
 import logging
-import sqlite3
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 from fastapi import Depends, FastAPI, File, Form, Request, Response, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.exceptions import RayError
@@ -54,6 +55,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from cluster.ledger import ContentConflict, LedgerError, NotOwner, Quota, QuotaExceeded
+from cluster.ledger_sql import DATABASE_ERRORS
 from purecc.generate import RenderSettings, fill_placeholders, trained_sequence_length
 from purecc.ids import CONCEPT_ID_PATTERN
 from purecc.registry import AdapterRegistry
@@ -77,6 +79,10 @@ log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0
 INGRESS_HEADROOM = 32      # requests the ingress holds beyond the generators' capacity (404/422s, health)
 ROUTER = "services.routing:ConceptAffinityRouter"
+PAGE = Path(__file__).with_name("page")        # plain files, no build step; the page talks to /v1/* itself
+PAGE_ASSETS = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"}
 
 api = FastAPI(title="purecc", version="0.1.0",
               description="Multi-concept generation on one shared SD3/SD3.5 base with hot-loaded PureCC adapters.")
@@ -238,7 +244,7 @@ class GenerationAPI:
         self.catalog = ConceptCatalog(AdapterRegistry(config.registry), config.catalog_ttl_s)
         self.authority = Authority(config.auth, config.tokens_file)
         quota = Quota(active_concepts=config.auth.max_queued_concepts, active_batches=config.auth.max_training_batches)
-        self.batches = StorageBatches(config.storage, config.model, quota) if config.storage else None
+        self.batches = StorageBatches(config.storage, config.model, quota, ledger=config.ledger) if config.storage else None
         self.datasets = StorageDatasets(config.storage) if config.storage else None
         if self.batches is not None:     # unfinished jobs of an earlier run go on without a new submission
             threading.Thread(target=self._resume_batches, name="purecc-resume", daemon=True).start()
@@ -363,8 +369,8 @@ class GenerationAPI:
             return set()
         try:
             owners = await asyncio.to_thread(self.batches.owners, ids)
-        except sqlite3.Error as exc:
-            raise ApiError(503, f"concept owners cannot be read now: {exc}", retry_after=30) from None
+        except DATABASE_ERRORS as exc:
+            raise ApiError(503, f"concept owners cannot be read now ({type(exc).__name__})", retry_after=30) from None
         return {cid for cid, owner in owners.items() if owner is not None and owner != principal.owner}
 
     async def _on_batches(self, method: str, *args):
@@ -383,8 +389,11 @@ class GenerationAPI:
             raise ApiError(403, str(exc), concept=exc.name if exc.kind == "concept" else None) from None
         except QuotaExceeded as exc:
             raise ApiError(429, str(exc), retry_after=self.config.auth.quota_retry_after_s) from None
-        except (BaseModelUnreadable, sqlite3.Error) as exc:
+        except BaseModelUnreadable as exc:
             raise ApiError(503, f"batches are unavailable: {exc}", retry_after=30) from None
+        except DATABASE_ERRORS as exc:   # the message may name the database's host or file: not shown
+            raise ApiError(503, f"batches are unavailable: the ledger cannot be read now ({type(exc).__name__})",
+                           retry_after=30) from None
         except RayError as exc:        # the jobs are recorded; resubmitting starts a driver again
             raise ApiError(503, f"the training driver could not be started: {exc}", retry_after=30) from None
         except LedgerError as exc:     # e.g. replacing a concept that is training
@@ -478,6 +487,19 @@ class GenerationAPI:
     async def delete_dataset(self, dataset_id: DatasetId, principal: Submitter) -> DatasetDeleted:
         """Remove one of the caller's datasets (another owner's: 404)."""
         return await self._on_datasets("delete", principal, dataset_id)
+
+    # the page is not part of the API (no token: the page asks for one and sends it to /v1/*)
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> FileResponse:
+        """The web page (services/page/index.html)."""
+        return await self.page_asset("index.html")
+
+    @api.get("/page/{asset}", include_in_schema=False)
+    async def page_asset(self, asset: str) -> FileResponse:
+        """One of the page's own files (a fixed list; anything else is 404)."""
+        if asset not in PAGE_ASSETS:
+            raise ApiError(404, "the page has no such file")
+        return FileResponse(PAGE / asset, media_type=PAGE_ASSETS[asset], headers=PAGE_HEADERS)
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}},
              summary="Readiness: 200 once a generator replica has its model loaded")

@@ -42,6 +42,7 @@ from pydantic import ValidationError
 
 from cluster.api import UnsatisfiableResources, check_resources, resume_unfinished
 from cluster.ledger import ACTIVE, JobLedger, JobRecord, NotOwner, Quota
+from cluster.ledger_sql import is_postgres
 from cluster.spec import BatchSpecError, ValidatedBatch
 from purecc.data import ManifestError, manifest_image_paths
 
@@ -251,17 +252,20 @@ class StorageBatches:
     """The batches of one storage root as the ingress sees them, per principal. Methods block (SQLite,
     data files): call them from a thread. The ledger is created by the first submission, never by a read."""
 
-    def __init__(self, storage: str, base_model: str, quota: Quota | None = None):
+    def __init__(self, storage: str, base_model: str, quota: Quota | None = None, ledger: str | None = None):
         self.storage = Path(storage).expanduser().resolve()
         self.base_model = str(Path(base_model).expanduser().resolve())
-        self.ledger_path = self.storage / LEDGER_FILE
+        self.ledger_path: Path | str = ledger if is_postgres(ledger) else self.storage / LEDGER_FILE
         self.quota = quota
         self._ledger: JobLedger | None = None
         self._lock = threading.Lock()
 
+    def _exists(self) -> bool:
+        return is_postgres(self.ledger_path) or Path(self.ledger_path).is_file()
+
     def _open(self, create: bool) -> JobLedger | None:
         with self._lock:
-            if self._ledger is None and (create or self.ledger_path.is_file()):
+            if self._ledger is None and (create or self._exists()):
                 self._ledger = JobLedger(self.ledger_path)
             return self._ledger
 
@@ -295,7 +299,7 @@ class StorageBatches:
     def resume(self) -> bool:
         """At service start: start a driver when the ledger has unfinished jobs and none is alive (a
         restarted service resumes queued and interrupted training by itself). True when one was started."""
-        return self.ledger_path.is_file() and resume_unfinished(self.ledger_path) is not None
+        return self._exists() and resume_unfinished(self.ledger_path) is not None
 
     def _visible_jobs(self, name: str, principal: Principal) -> tuple[JobLedger, list[JobRecord]]:
         """The ledger and the member jobs of a batch the principal may see; ``UnknownBatch`` otherwise."""

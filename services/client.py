@@ -8,11 +8,17 @@
     client.batch_status("shapes")["done"]
     ds = client.upload_dataset("my-dog/", trigger="zqx", class_word="dog")   # images, or a folder with manifest.csv
     client.submit_batch({"name": "dogs", "concepts": [{"id": "my-dog", "trigger": "zqx", "data": ds["data"]}]})
+    client.submit_with_uploads({"name": "dogs", "concepts": [{"id": "my-dog", "trigger": "zqx"}]},
+                               {"my-dog": "my-dog/"}, class_word="dog")    # the same in one call
+
+``purecc submit BATCH.yaml --url URL --upload my-dog=my-dog/ --class-word dog [--wait]`` is
+``submit_cli`` below (the batch file then names no base model or storage: the service's own).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import base64
 import io
 import json
@@ -132,6 +138,23 @@ class ServiceClient:
                                   ("captions", json.dumps(dict(captions)) if captions else None)) if v is not None}
         return self._request("POST", "/v1/datasets", files=[("files", f) for f in files], data=form)
 
+    def submit_with_uploads(self, spec: Mapping, uploads: Mapping[str, str | Path], *,
+                            class_word: str | None = None) -> dict:
+        """Upload each ``uploads`` folder (concept id -> folder, see ``upload_dataset``) with its concept's
+        trigger, set that concept's ``data`` to the new dataset, then POST the batch. Returns the
+        submission's answer with ``datasets``: concept id -> the uploaded dataset."""
+        spec = copy.deepcopy(dict(spec))
+        concepts = {c.get("id"): c for c in spec.get("concepts", []) if isinstance(c, dict)}
+        unknown = sorted(set(uploads) - set(concepts))
+        if unknown:
+            raise ValueError(f"--upload names concepts the batch does not have: {', '.join(unknown)}")
+        datasets = {}
+        for cid, folder in uploads.items():
+            ds = self.upload_dataset(folder, trigger=concepts[cid].get("trigger"), class_word=class_word)
+            concepts[cid]["data"] = ds["data"]
+            datasets[cid] = ds
+        return {**self.submit_batch(spec), "datasets": datasets}
+
     @staticmethod
     def _upload_files(source: str | Path | Iterable[str | Path]) -> list[tuple[str, bytes]]:
         if isinstance(source, (str, Path)) and Path(source).is_dir():
@@ -190,3 +213,59 @@ def generate_cli(args: argparse.Namespace) -> int:
     for path in result.save(args.out):
         print(path)
     return 0
+
+
+def _uploads(pairs: Iterable[str]) -> dict[str, Path]:
+    uploads = {}
+    for pair in pairs:
+        cid, sep, folder = pair.partition("=")
+        if not sep or not cid or not folder:
+            raise ValueError(f"--upload {pair!r}: expected CONCEPT_ID=FOLDER")
+        if not Path(folder).is_dir():
+            raise ValueError(f"--upload {pair!r}: {folder} is not a folder")
+        uploads[cid] = Path(folder)
+    return uploads
+
+
+def _job_line(job: dict) -> str:
+    progress = f" stage {job['stage']} {job.get('step') or 0}/{job.get('total') or '?'}" if job.get("stage") else ""
+    loss = f" loss {job['loss']:.4g}" if job.get("loss") is not None else ""
+    return f"  {job['id']}: {job['state']}{progress}{loss}" + (f" error: {job['error']}" if job.get("error") else "")
+
+
+def submit_cli(args: argparse.Namespace) -> int:
+    """``purecc submit BATCH --url URL [--upload ID=FOLDER ...] [--wait]``: the batch (YAML/JSON) over
+    HTTP, each ``--upload`` folder uploaded first as that concept's dataset; ``--wait`` polls its
+    status until done (1 if a job failed)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(args.batch_file).read_text())
+        if not isinstance(spec, dict):
+            raise ValueError("the batch file must hold a mapping")
+        uploads = _uploads(args.upload or [])
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    client = ServiceClient(args.url, token=getattr(args, "token", None))
+    try:
+        result = client.submit_with_uploads(spec, uploads, class_word=getattr(args, "class_word", None))
+        for cid, ds in result["datasets"].items():
+            print(f"uploaded {cid}: dataset {ds['id']} ({ds['images']} images) -> data {ds['data']}")
+        print(f"batch {result['batch']}: {len(result['added'])} new, {len(result['unchanged'])} unchanged, "
+              f"{len(result['replaced'])} replaced, {len(result['requeued'])} requeued; driver {result['driver']}",
+              flush=True)
+        status, last = result, None
+        while args.wait and not status["done"]:
+            time.sleep(getattr(args, "interval", 2.0))
+            status = client.batch_status(result["batch"])
+            lines = "\n".join(_job_line(j) for j in status["jobs"])
+            if lines != last:
+                print(lines, flush=True)
+                last = lines
+    except (ServiceError, requests.RequestException, ValueError) as exc:
+        print(f"error: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if args.wait:
+        print("\n".join(_job_line(j) for j in status["jobs"]))
+    return 1 if any(j["state"] == "failed" for j in status["jobs"]) else 0

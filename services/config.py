@@ -28,8 +28,11 @@ class ServiceConfig(BaseModel):
     storage: Optional[str] = Field(None, description="Training storage root (a local or NFS folder on the ingress's "
                                                      "node): enables POST /v1/batches. Concept data is read from "
                                                      "<storage>/data/ only, jobs are recorded in "
-                                                     "<storage>/ledger.sqlite and adapters published to the "
+                                                     "`ledger` and adapters published to the "
                                                      "registry, which must then be this same folder.")
+    ledger: Optional[str] = Field(None, description="The training job ledger: default <storage>/ledger.sqlite "
+                                                    "(one machine); postgresql://user@host/db when drivers or "
+                                                    "ingresses run on several nodes.")
     slots: int = Field(8, ge=1, le=256, description="Adapter slots per replica: concepts resident on the device "
                                                     "at once. 9 MiB each on SD3.5-M; also the most concepts "
                                                     "one request can compose.")
@@ -78,6 +81,10 @@ class ServiceConfig(BaseModel):
             raise ValueError(f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
         if not self.registry:
             raise ValueError("registry: required (or set storage, whose adapters/ folder is then the registry)")
+        if self.ledger is not None and not self.ledger.startswith(("postgresql://", "postgres://")):
+            raise ValueError("ledger: must be a postgresql:// URL (leave it unset for <storage>/ledger.sqlite)")
+        if self.ledger is not None and self.storage is None:
+            raise ValueError("ledger: needs storage (the batches it records train into storage)")
         if self.storage is not None:
             if "://" in self.storage:
                 raise ValueError(f"storage: {self.storage!r} must be a local folder (its ledger is SQLite)")

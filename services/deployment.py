@@ -37,6 +37,7 @@ from purecc.generate import RenderSettings, Sample, generate, png_bytes
 from purecc.model import ModelConfig, base_fingerprint, load_pipeline
 from purecc.registry import AdapterRegistry
 
+from . import metrics
 from .adapter_cache import AdapterSlots, HostAdapterCache, SlotLease
 from .config import ServiceConfig
 from .schemas import MAX_SIDE
@@ -184,6 +185,7 @@ class ConceptGenerator:
         generate(self.pipe, [sample], self._slot_keys, RenderSettings(steps=2, guidance=2.0, width=side, height=side))
 
     # ----- requests ------------------------------------------------------------------------
+    @metrics.tracked_request(images=lambda self, task: len(task.seeds))
     async def render(self, task: RenderTask) -> RenderResult:
         """Render one request: hold a slot per concept (hot-loading them), then join a batched pass."""
         arrived = time.perf_counter()
@@ -223,6 +225,7 @@ class ConceptGenerator:
                     results.update({id(p): exc for p in group})
                     continue
                 took, n = time.perf_counter() - started, _images_in(group)
+                metrics.denoise_pass(took, n)
                 for p in group:
                     k = len(p.task.seeds)
                     results[id(p)] = _PassOutcome(pngs[:k], started, took, n)

@@ -193,7 +193,8 @@ class BatchResources(Resources):
     """How the batch's training runs are placed on the cluster."""
 
     cpus_per_worker: float = Field(1.0, gt=0, le=64, description="CPUs per training worker.")
-    concepts_per_pack: int = Field(4, ge=1, le=16, description="Concepts trained together on one worker.")
+    concepts_per_pack: Optional[int] = Field(None, ge=1, le=16, description="Concepts trained together on one "
+                                             "worker; unset: sized from the GPU memory model.")
     max_concurrent: int = Field(2, ge=1, le=64, description="Training runs at the same time.")
     max_failures: int = Field(1, ge=1, le=10, description="Worker restarts per run, each resuming from the "
                                                           "last checkpoint.")

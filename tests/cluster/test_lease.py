@@ -12,15 +12,14 @@ import pytest
 from cluster import api
 from cluster.ledger import BUSY_TIMEOUT_S, DRIVER_STALE_S, JobLedger, LeaseLost
 from cluster.scheduler import Scheduler
+from cluster.ledger_sql import PG_LOCK_KEY
 from cluster.spec import load_batch
 
 
-def _age_lease(path, seconds: float) -> None:
-    """The holder got stuck: its last heartbeat is ``seconds`` old."""
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
-    with db:
+def _age_lease(location, seconds: float) -> None:
+    """The holder got stuck: its last heartbeat is ``seconds`` old (a SQLite path or a PostgreSQL URL)."""
+    with JobLedger(location) as led, led._tx() as db:
         db.execute("UPDATE driver SET heartbeat = heartbeat - ?", (seconds,))
-    db.close()
 
 
 def test_a_lease_goes_stale_only_well_after_the_longest_busy_wait(tmp_path):
@@ -29,8 +28,8 @@ def test_a_lease_goes_stale_only_well_after_the_longest_busy_wait(tmp_path):
         assert led._db.execute("PRAGMA busy_timeout").fetchone()[0] == int(BUSY_TIMEOUT_S * 1000)
 
 
-def test_a_holder_that_lost_the_lease_is_told_at_its_next_heartbeat(tmp_path):
-    path = tmp_path / "l.sqlite"
+def test_a_holder_that_lost_the_lease_is_told_at_its_next_heartbeat(ledger_location):
+    path = ledger_location
     with JobLedger(path) as a, JobLedger(path) as b:
         a.claim_driver("a")
         assert a.heartbeat("a") > time.time()
@@ -45,23 +44,41 @@ def test_a_holder_that_lost_the_lease_is_told_at_its_next_heartbeat(tmp_path):
             b.heartbeat("b")
 
 
+def _heartbeat_waits_for_a_held_lock(ledger: JobLedger, release) -> None:
+    """The lease holder's heartbeat while another writer holds the lock for 1 s (``release`` ends it): it waits, then renews."""
+    t = threading.Timer(1.0, release)
+    t.start()
+    t0 = time.time()
+    ledger.heartbeat("a")
+    assert time.time() - t0 >= 0.9
+    t.join()
+
+
 def test_a_busy_wait_shorter_than_the_busy_timeout_keeps_the_lease(tmp_path):
     path = tmp_path / "l.sqlite"
     with JobLedger(path) as a:
         a.claim_driver("a")
         blocker = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         blocker.execute("BEGIN IMMEDIATE")        # another process holds the write lock for a while
-        t = threading.Timer(1.0, lambda: blocker.execute("COMMIT"))
-        t.start()
-        t0 = time.time()
-        a.heartbeat("a")                          # waits for the lock, then renews
-        assert time.time() - t0 >= 0.9
-        t.join()
+        _heartbeat_waits_for_a_held_lock(a, lambda: blocker.execute("COMMIT"))
         blocker.close()
 
 
-def test_concurrent_reservations_give_exactly_one_token(tmp_path):
-    path = tmp_path / "l.sqlite"
+def test_a_writer_waits_for_postgresqls_writer_lock_and_keeps_the_lease(pg_server):
+    import psycopg
+
+    url = pg_server.new_database()
+    with JobLedger(url) as a:
+        a.claim_driver("a")
+        blocker = psycopg.connect(url, autocommit=True)
+        blocker.execute("BEGIN")
+        blocker.execute("SELECT pg_advisory_xact_lock(%s)", (PG_LOCK_KEY,))   # another writer's transaction
+        _heartbeat_waits_for_a_held_lock(a, lambda: blocker.execute("COMMIT"))
+        blocker.close()
+
+
+def test_concurrent_reservations_give_exactly_one_token(ledger_location):
+    path = ledger_location
     JobLedger(path).close()
     tokens, barrier = [], threading.Barrier(10)
 

@@ -6,10 +6,11 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
-from cluster.ledger import ContentConflict, DriverBusy, JobLedger, LedgerError
+from cluster.ledger import _UPSERT_DRIVER, ContentConflict, DriverBusy, JobLedger, LedgerError
 from cluster.spec import load_batch
 
 
@@ -19,15 +20,18 @@ def jobs(batch_files):
 
 
 @pytest.fixture()
-def ledger(tmp_path):
-    with JobLedger(tmp_path / "ledger.sqlite") as led:
+def ledger(ledger_location):
+    """A fresh ledger: SQLite, then PostgreSQL (the same tests on both)."""
+    with JobLedger(ledger_location) as led:
         yield led
 
 
-def test_wal_and_full_sync(ledger):
+def test_wal_and_full_sync(tmp_path):
+    ledger = JobLedger(tmp_path / "ledger.sqlite")
     db = sqlite3.connect(ledger.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
+    ledger.close()
 
 
 def test_resubmission_is_idempotent(ledger, jobs):
@@ -129,8 +133,7 @@ def test_driver_lease(ledger, jobs):
     assert ledger.release_driver_if_idle("one") and ledger.live_driver() is None
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    ledger._db.execute("INSERT OR REPLACE INTO driver VALUES (1, 'ghost', ?, ?, strftime('%s','now'))",
-                       (os.uname().nodename, int(dead)))
+    ledger._db.execute(_UPSERT_DRIVER, ("ghost", os.uname().nodename, int(dead), time.time()))
     assert ledger.live_driver() is None                              # its process is gone
     ledger.claim_driver("three")
 
@@ -227,3 +230,13 @@ def test_a_missing_migration_step_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", ledger_mod.SCHEMA_VERSION + 1)
     with pytest.raises(LedgerError, match="no migration"):
         JobLedger(path)
+
+
+def test_a_batch_file_selects_a_postgresql_ledger_by_url(pg_server, batch_files):
+    url = pg_server.new_database()
+    spec = load_batch(batch_files(ledger=url))
+    assert spec.ledger_path == url
+    with JobLedger(spec.ledger_path) as led:
+        assert led.submit(spec.jobs()).added == [j.concept_id for j in spec.jobs()]
+    with JobLedger(url) as led:                          # another process (or node) sees the same rows
+        assert [j.state for j in led.jobs()] == ["queued"] * len(spec.jobs())

@@ -17,8 +17,9 @@ def jobs(batch_files):
 
 
 @pytest.fixture()
-def ledger(tmp_path):
-    with JobLedger(tmp_path / "ledger.sqlite") as led:
+def ledger(ledger_location):
+    """A fresh ledger: SQLite, then PostgreSQL (the same tests on both)."""
+    with JobLedger(ledger_location) as led:
         yield led
 
 

@@ -31,3 +31,10 @@ def test_the_check_sees_a_job_that_did_not_run(tmp_path):
 
 def test_nodes_hold_the_simulated_gpus():
     assert [n["GPU"] for n in SimRuntime(gpus=20).nodes()] == [8.0, 8.0, 4.0]
+
+
+def test_the_simulation_on_a_postgresql_ledger_runs_each_stage_exactly_once(tmp_path, pg_server):
+    r = simulate(48, 4, per_pack=4, poll_s=120.0, workdir=tmp_path, ledger_url=pg_server.new_database())
+    assert r["ledger"] == "postgresql"
+    assert r["exactly_once"]["ok"], r["exactly_once"]
+    assert r["runs_launched"] == r["exactly_once"]["runs"] == 2 * 48 // 4

@@ -68,12 +68,15 @@ def test_stage_two_packs_launch_first_and_interrupted_packs_keep_their_name(rows
     assert packs[0].name == "s1-old-run" and [r.concept_id for r in packs[0].jobs] == IDS[:2]
 
 
-def test_concurrency_limit_is_the_tightest_of_the_jobs_unless_overridden(rows):
-    loose, tight = rows(max_concurrent=5), rows(max_concurrent=2)
-    assert concurrency_limit(loose) == 5
-    assert concurrency_limit(loose + tight[:1]) == 2
-    assert concurrency_limit(loose + tight, override=7) == 7
-    assert concurrency_limit([]) == 1
+def test_each_batch_has_its_own_concurrency_limit_unless_overridden(rows):
+    loose = [replace(r, batch="loose") for r in rows(max_concurrent=5)]
+    tight = [replace(r, batch="tight", concept_id=f"{r.concept_id}-t") for r in rows(max_concurrent=2)]
+    assert concurrency_limit(loose + tight) == {"loose": 5, "tight": 2}   # the tight one does not throttle the other
+    assert concurrency_limit(loose + tight, override=7) == {}
+    assert concurrency_limit([]) == {}
+    # plan_packs honours the limits: the tight batch stops at 2 runs, the loose one goes on
+    packs = plan_packs(loose + tight, free=10, limits={"loose": 5, "tight": 1})
+    assert sorted(p.jobs[0].batch for p in packs) == ["loose", "loose", "tight"]
 
 
 def test_pack_plan_carries_each_jobs_stage_recipe_and_round_trips(rows):

@@ -153,3 +153,19 @@ def test_submitting_a_batch_reads_each_manifest_once(tmp_path, tiny_model_dir, s
     valid = ValidatedBatch.from_file(path)
     assert [j.data_hash for j in valid.jobs()] == [j.data_hash for j in valid.spec.jobs()]
     assert len(reads) == 3 + 3        # from_file once each; the bare spec's jobs() reads them again
+
+
+def test_scheduling_fields_are_bounded_and_named_when_wrong(tmp_path, tiny_model_dir, sample_manifests):
+    data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests)
+    data["resources"].update({"priority": 0, "gpu_memory_gib": -1})
+    by_field = {p.field: p.message for p in problems_of(write_batch(tmp_path / "bad.yaml", data))}
+    assert "greater than or equal to 1" in by_field["resources.priority"]
+    assert "greater than 0" in by_field["resources.gpu_memory_gib"]
+    data["resources"] = {"priority": 101}
+    assert "resources.priority" in {p.field for p in problems_of(write_batch(tmp_path / "bad2.yaml", data))}
+    data["resources"] = {"gpus_per_worker": 0, "gpu_memory_gib": 80}      # memory of a GPU the worker lacks
+    (prob,) = problems_of(write_batch(tmp_path / "bad3.yaml", data))
+    assert prob.field == "resources" and "gpu_memory_gib" in prob.message and "gpus_per_worker" in prob.message
+    data["resources"] = {"gpus_per_worker": 1, "gpu_memory_gib": 80, "priority": 100}
+    spec = load_batch(write_batch(tmp_path / "ok.yaml", data))
+    assert spec.resources.concepts_per_pack is None and spec.resources.priority == 100
