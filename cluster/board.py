@@ -23,6 +23,13 @@ DROP_ORDER = ("progress", "event", "checkpoint", "outcome")   # cheapest to lose
 MAX_MESSAGES = 10_000   # undrained; a driver drains every second or so, so this is only reached without one
 
 
+def carry_curve(older: dict[str, Any], newer: dict[str, Any]) -> None:
+    """A progress message that replaces an older one of the same stage keeps the older one's loss
+    curve when it has none of its own (curves ride on few messages; none is lost by a replacement)."""
+    if "curve" in older and "curve" not in newer and older.get("stage") == newer.get("stage"):
+        newer["curve"] = older["curve"]
+
+
 def start_board():
     """The board as a zero-CPU actor of the calling driver (it dies with the driver), on the driver's own
     node: placed anywhere else, losing that node would kill the driver's loop (seen on a 2-node cluster)."""
@@ -61,7 +68,9 @@ class ProgressBoard:
                     self._latest_ckpt[key] = {"step": m["step"], "uri": f"{payload['uri']}/{m['concept_id']}"}
         seq, queue = next(self._seq), self._pending[kind]
         key = payload.get("concept_id") if kind == "progress" else seq
-        queue.pop(key, None)   # the newest progress goes to the end: dicts keep insertion order
+        replaced = queue.pop(key, None)   # the newest progress goes to the end: dicts keep insertion order
+        if replaced is not None and kind == "progress":
+            carry_curve(replaced[1], msg)
         queue[key] = (seq, msg)
         if sum(map(len, self._pending.values())) > self.max_messages:
             self._drop_oldest()

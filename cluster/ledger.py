@@ -15,18 +15,21 @@ advisory lock, which serialises writers like ``BEGIN IMMEDIATE`` (why: see ``led
 Tables: ``jobs`` (the rows; ``owner``: who submitted the concept, None for jobs recorded without one),
 ``batches`` (a batch name and its owner) and ``batch_members`` (batch name -> concept ids: resubmitting
 identical content under another batch name adds the concept to that batch and leaves it in the first),
-``runs (one row per Ray Train run launched), ``events`` (an append-only
+``runs`` (one row per Ray Train run launched), ``curves`` (a job's downsampled loss curve per stage, the
+newest a worker pushed: at most a few hundred points, kept apart from ``jobs`` so status reads stay small),
+``events`` (an append-only
 history: submitted, launched, resumed, stage-done, published, failed, ...), ``driver`` (a lease held by
 the one driver allowed to schedule), ``meta`` (``schema_version``: the schema the file is in).
 
 Opening a ledger checks its schema version: a newer one is refused (``LedgerError``), an older one is
 brought up to date by the ``MIGRATIONS`` steps, all in the one transaction that records the new version.
-(A PostgreSQL ledger starts at version 2; the version-2 step is SQLite's own SQL.)
+(A PostgreSQL ledger starts at the current version; the version-2 step is SQLite's own SQL.)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -41,7 +44,7 @@ from purecc.ids import validate_concept_id
 from .ledger_sql import Conn, connect
 from .spec import JobSpec
 
-SCHEMA_VERSION = 2   # bump only with a step in MIGRATIONS that changes the schema to it
+SCHEMA_VERSION = 3   # bump only with a step in MIGRATIONS that changes the schema to it
 _OWNER_TABLES = """
 CREATE TABLE IF NOT EXISTS batches (name TEXT PRIMARY KEY, owner TEXT, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS batch_members (
@@ -62,9 +65,25 @@ def _add_owners(db: Conn) -> None:
                "SELECT batch, concept_id, submitted_at FROM jobs")
 
 
+_CURVE_TABLE = """
+CREATE TABLE IF NOT EXISTS curves (
+    concept_id TEXT NOT NULL, stage INTEGER NOT NULL, curve TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (concept_id, stage)
+);
+"""
+MAX_CURVE_POINTS = 256   # a stored curve's bound (the trainer's LossCurve keeps at most 128)
+
+
+def _add_curves(db: Conn) -> None:
+    """Version 3: each job's downsampled loss curve per stage, in a table of its own (so that status
+    reads, which select whole job rows, do not carry them)."""
+    for stmt in filter(None, (s.strip() for s in _CURVE_TABLE.split(";"))):
+        db.execute(stmt)
+
+
 # (version, step): ``step(db)`` brings a ledger of the version before it to ``version``; run in version
 # order inside one transaction.
-MIGRATIONS: list[tuple[int, Callable[[Conn], Any]]] = [(2, _add_owners)]
+MIGRATIONS: list[tuple[int, Callable[[Conn], Any]]] = [(2, _add_owners), (3, _add_curves)]
 ACTIVE = ("queued", "stage1", "stage2")
 FINISHED = ("published", "failed", "cancelled")
 STATES = ACTIVE + FINISHED
@@ -116,7 +135,7 @@ CREATE TABLE IF NOT EXISTS driver (
     owner TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, heartbeat REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_concept ON events (concept_id, kind);
-""" + _OWNER_TABLES
+""" + _OWNER_TABLES + _CURVE_TABLE
 
 # columns a replace or requeue resets
 _PROGRESS_COLS = ("stage", "step", "total", "loss", "eta_s", "progress_at")
@@ -234,6 +253,20 @@ def _pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _stored_curve(curve: Any) -> str | None:
+    """A progress update's loss curve as the JSON the ledger stores (None when absent or malformed;
+    the points bounded by ``MAX_CURVE_POINTS``, every value finite)."""
+    if not isinstance(curve, dict) or not isinstance(curve.get("points"), list):
+        return None
+    try:
+        points = [[int(p[0]), int(p[1]), float(p[2])] for p in curve["points"][-MAX_CURVE_POINTS:]
+                  if math.isfinite(float(p[2]))]
+        return json.dumps({"points": points, "bucket": int(curve.get("bucket", 1)),
+                           "steps": int(curve.get("steps", points[-1][1] if points else 0))})
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 class JobLedger:
@@ -468,6 +501,7 @@ class JobLedger:
                                "generation = generation + 1, attempts = 0, failures = 0, cancel_requested = 0, "
                                "updated_at = ? WHERE concept_id = ?",
                                (h, job.model_dump_json(), job.batch, now, job.concept_id))
+                    db.execute("DELETE FROM curves WHERE concept_id = ?", (job.concept_id,))
                     self._event(db, job.concept_id, "replaced", {"old": row["content_hash"], "new": h}, now)
                     report.replaced.append(job.concept_id)
             if conflicts:
@@ -599,17 +633,32 @@ class JobLedger:
         return failed
 
     def record_progress(self, updates: Sequence[dict]) -> None:
-        """Latest metrics per concept (ignored unless the job is still training that stage)."""
+        """Latest metrics per concept (ignored unless the job is still training that stage). An update
+        with a ``curve`` (a ``LossCurve.to_dict()``: ``points`` of [first step, last step, mean], ``bucket``,
+        ``steps``) replaces that stage's stored curve."""
         if not updates:
             return
         with self._tx() as db:
             for u in updates:
                 stage, cid = int(u["stage"]), u["concept_id"]
                 at = u.get("at") or time.time()
-                db.execute(f"UPDATE jobs SET stage = ?, step = ?, total = ?, loss = ?, eta_s = ?, progress_at = ?, "
-                           f"stage{stage}_started = COALESCE(stage{stage}_started, ?) "
-                           f"WHERE concept_id = ? AND state = ?",
-                           (stage, u["step"], u["total"], u.get("loss"), u.get("eta_s"), at, at, cid, f"stage{stage}"))
+                cur = db.execute(f"UPDATE jobs SET stage = ?, step = ?, total = ?, loss = ?, eta_s = ?, "
+                                 f"progress_at = ?, stage{stage}_started = COALESCE(stage{stage}_started, ?) "
+                                 f"WHERE concept_id = ? AND state = ?",
+                                 (stage, u["step"], u["total"], u.get("loss"), u.get("eta_s"), at, at, cid,
+                                  f"stage{stage}"))
+                curve = _stored_curve(u.get("curve"))
+                if curve is not None and cur.rowcount:
+                    db.execute("INSERT INTO curves (concept_id, stage, curve, at) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT (concept_id, stage) DO UPDATE SET curve = excluded.curve, at = excluded.at",
+                               (cid, stage, curve, at))
+
+    def curves(self, concept_id: str) -> dict[int, dict]:
+        """The job's stored loss curves: stage -> {points, bucket, steps} (stages without one left out)."""
+        with self._lock:
+            rows = self._db.execute("SELECT stage, curve FROM curves WHERE concept_id = ? ORDER BY stage",
+                                    (concept_id,)).fetchall()
+        return {int(r[0]): json.loads(r[1]) for r in rows}
 
     def record_checkpoint(self, concept_id: str, stage: int, step: int, uri: str) -> None:
         """Point the job at its newest checkpoint (never backwards within a stage)."""

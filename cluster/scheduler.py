@@ -34,7 +34,7 @@ from purecc.pack import ConceptPlan, PackPlan, ValidationSettings
 from purecc.trainer import PACK_KEYS
 
 from . import policy
-from .board import start_board
+from .board import carry_curve, start_board
 from .ledger import ACTIVE, JobLedger, JobRecord, LedgerError
 from .spec import Resources
 from .worker import PackRun
@@ -443,6 +443,8 @@ class Scheduler:
             if msg.get("run") in by_run:
                 by_run[msg["run"]].started = True
             if kind == "progress":
+                if cid in progress:
+                    carry_curve(progress[cid], msg)
                 progress[cid] = self._with_eta(msg)
             elif kind == "checkpoint":
                 for m in msg["members"]:

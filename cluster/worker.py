@@ -33,6 +33,9 @@ from purecc.registry import AdapterRegistry, resolve_fs
 
 STAGE1_AREA = "work/stage1"
 TENSORBOARD_AREA = "work/tensorboard"
+# a member's downsampled loss curve rides on its progress message at its first and last step and at
+# most this often in between (it is a few KB; every step's message stays a few scalars)
+CURVE_PUSH_S = 10.0
 
 
 def stage1_root(storage: str) -> str:
@@ -117,6 +120,7 @@ class RayShell:
         self.last_reported: str | None = None     # URI of the newest pack checkpoint reported
         self.members: Mapping[str, Any] = {}      # the recipe's members once it is set up
         self.stage1_dirs: dict[str, Path] = {}
+        self._curve_sent: dict[str, float] = {}   # member -> when its curve last went to the board
         self._ray = ray
 
     # ----- messages to the driver ----------------------------------------------------------------
@@ -144,7 +148,13 @@ class RayShell:
                 if fault.get("corrupt_newest") and self.last_reported:
                     _damage(f"{self.last_reported}/{m['concept_id']}/checkpoint.safetensors")
                 os._exit(1)  # a real worker death: Ray Train restarts the worker group
-        self.push("progress", {k: v for k, v in m.items() if isinstance(v, (int, float, str))})
+        msg = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+        curve, cid, now = m.get("loss_curve"), m["concept_id"], time.monotonic()
+        if curve is not None and (m["step"] >= m["total"] or cid not in self._curve_sent
+                                  or now - self._curve_sent[cid] >= CURVE_PUSH_S):
+            self._curve_sent[cid] = now
+            msg["curve"] = {k: v for k, v in curve.to_dict().items() if k != "recent"}
+        self.push("progress", msg)
 
     def should_stop(self) -> list[str]:
         """Members whose cancellation the driver posted."""

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from .data import ConceptManifest, load_image, read_concept_manifest
+from .fileio import atomic_write_json
 from .ids import validate_concept_id, validate_trigger
 from .recipe import StageRecipe
+from .registry import VALIDATION_PROMPTS
 from .trainer import CheckpointError, ConceptJob, PackTrainer, read_checkpoint_state
 
 EventFn = Callable[[str, str, dict], None]          # (concept_id, event, detail)
@@ -281,7 +283,8 @@ class PackRecipe:
         return self._trainer().export(concept_id, dest, metrics=dict(self.members[concept_id].provenance))
 
     def render_validation(self, concept_id: str, dest: str | Path) -> list[Path]:
-        """The member's validation prompts ([v] -> trigger) rendered with its slot, as PNGs in ``dest``."""
+        """The member's validation prompts ([v] -> trigger) rendered with its slot, as PNGs in ``dest``
+        (``00.png``, ``01.png``, ...) with ``prompts.json`` saying what each shows."""
         from .generate import RenderSettings, Sample, generate, save_png
 
         trainer, m = self._trainer(), self.members[concept_id]
@@ -294,6 +297,10 @@ class PackRecipe:
                                   width=res, height=res)
         images = generate(trainer.pipe, samples, {concept_id: trainer.slot_of(concept_id)}, settings)
         paths = [save_png(img, Path(dest) / f"{i:02d}.png") for i, img in enumerate(images)]
+        # what each image shows, for the readers of a published adapter (the service's page lists them)
+        atomic_write_json(Path(dest) / VALIDATION_PROMPTS,
+                          {"prompts": prompts, "seeds": [s.seed for s in samples], "steps": settings.steps,
+                           "guidance": settings.guidance, "step": trainer.summary(concept_id)["step"]})
         if self.logger is not None:
             self.logger.log_images(concept_id, self.stage, trainer.summary(concept_id)["step"], paths, prompts)
         return paths

@@ -28,6 +28,7 @@ layout beside it, and its pointer takes over.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -60,6 +61,13 @@ _VERSION = re.compile(VERSION_PATTERN)
 _FLAT = re.compile(r"^flat-[0-9a-f]{32}$")
 _NAME = re.compile(FILE_NAME_PATTERN)
 _CONCEPT = re.compile(CONCEPT_ID_PATTERN)
+# the validation images a stage rendered, published with the adapter: validation/stage<n>/<NN>.png
+VALIDATION_DIR = "validation"
+VALIDATION_PROMPTS = "prompts.json"
+_VALIDATION_PNG = re.compile(r"^[0-9]{2}\.png$")
+MAX_VALIDATION_IMAGES = 32        # per stage listed
+MAX_VALIDATION_PNG_BYTES = 16 << 20
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class NotOwner(PermissionError):
@@ -375,6 +383,58 @@ class AdapterRegistry:
         for name, data in files.items():
             if name.endswith(".safetensors"):
                 parse_weights(data, label=label, name=name)
+
+    # ----- validation images -----------------------------------------------------------------------
+    def _validation_folder(self, concept_id: str, stage: int) -> str | None:
+        """The current version's ``validation/stage<n>`` folder; None when it has none (or it is not a
+        plain folder: a symlink is never followed)."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        folder = self._resolve(concept_id)[1]
+        for sub in (f"{folder}/{VALIDATION_DIR}", f"{folder}/{VALIDATION_DIR}/stage{stage}"):
+            if self._type(sub) != pafs.FileType.Directory:
+                return None
+        return f"{folder}/{VALIDATION_DIR}/stage{stage}"
+
+    def validation_images(self, concept_id: str) -> dict[int, list[tuple[str, str | None]]]:
+        """The current version's validation images: stage -> [(file name, prompt or None)], sorted by name
+        (at most ``MAX_VALIDATION_IMAGES`` per stage). KeyError when the concept is not published."""
+        out: dict[int, list[tuple[str, str | None]]] = {}
+        label = f"concept {concept_id}"
+        for stage in (1, 2):
+            folder = self._validation_folder(concept_id, stage)
+            if folder is None:
+                continue
+            infos = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            names = sorted(i.base_name for i in infos if _VALIDATION_PNG.fullmatch(i.base_name)
+                           and self._type(i.path) == pafs.FileType.File)[:MAX_VALIDATION_IMAGES]
+            prompts: list = []
+            if self._type(f"{folder}/{VALIDATION_PROMPTS}") == pafs.FileType.File:
+                try:
+                    data = json.loads(self._read(f"{folder}/{VALIDATION_PROMPTS}", MAX_JSON_FILE_BYTES,
+                                                 label=label, name=VALIDATION_PROMPTS))
+                    prompts = data.get("prompts", []) if isinstance(data, dict) else []
+                except (AdapterFileError, OSError, ValueError):
+                    prompts = []             # the images are still worth showing without their prompts
+            if names:
+                out[stage] = [(n, prompts[int(n[:2])] if int(n[:2]) < len(prompts)
+                               and isinstance(prompts[int(n[:2])], str) else None) for n in names]
+        return out
+
+    def validation_image(self, concept_id: str, stage: int, name: str) -> bytes:
+        """The bytes of one validation PNG of the current version (``FileMissing`` when there is no such
+        image; ``UnsafeFile`` for a name that is not ``NN.png`` or bytes that are not a PNG)."""
+        label = f"concept {concept_id}"
+        if not _VALIDATION_PNG.fullmatch(name):
+            raise UnsafeFile(f"{label}: {name[:40]!r} is not a validation image name (NN.png)")
+        folder = self._validation_folder(concept_id, stage)
+        if folder is None:
+            raise FileMissing(f"{label}: no stage-{stage} validation images")
+        data = self._read(f"{folder}/{name}", MAX_VALIDATION_PNG_BYTES, label=label,
+                          name=f"{VALIDATION_DIR}/stage{stage}/{name}")
+        if not data.startswith(PNG_MAGIC):
+            raise UnsafeFile(f"{label}: {VALIDATION_DIR}/stage{stage}/{name} is not a PNG")
+        return data
 
     def list(self) -> list[AdapterManifest]:
         """Manifests of every servable concept, sorted by id; bad entries are logged and left out."""

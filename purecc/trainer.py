@@ -376,7 +376,8 @@ class PackTrainer:
             c.curve.add(metrics["loss"])
             if self.on_metrics:
                 self.on_metrics({"concept_id": c.job.concept_id, "stage": self.stage, "step": c.step,
-                                 "total": c.total, "grad_norm": row[-1], "lr": c.job.recipe.lr, **metrics})
+                                 "total": c.total, "grad_norm": row[-1], "lr": c.job.recipe.lr, **metrics,
+                                 "loss_curve": c.curve})
 
     def _fail(self, c: _Concept, what: str) -> None:
         """Take a diverged concept out of the pack: it stops training, its slot is zeroed and never

@@ -2,9 +2,11 @@
 
     POST /v1/generate       prompt + concepts [{id, weight}] -> PNGs (base64) with metadata
     GET  /v1/concepts       servable concepts
+    GET  /v1/concepts/{id}/validation   its validation images (GET .../validation/{stage}/{NN}.png: one PNG)
     POST /v1/batches        a concept batch to train (202, Location: /v1/batches/{name})
     GET  /v1/batches/{name} its jobs: state, step/total, loss, ETA, error, adapter, timestamps
     GET  /v1/batches        the caller's batches
+    GET  /v1/batches/{name}/concepts/{id}/loss   a job's loss curve per stage (downsampled)
     POST /v1/batches/{name}/cancel   cancel a batch's unfinished jobs
     POST /v1/datasets       upload images (or one zip) as a dataset a batch can train on (201)
     GET  /v1/datasets       the caller's datasets; GET/DELETE /v1/datasets/{id} one of them
@@ -29,7 +31,9 @@ answer 404 "batch submission is not enabled on this service". A published concep
 the next request, without a restart (unknown ids are always looked up in the registry).
 
 Two deployments: this ingress (cheap, validates, resolves trigger words, answers 404/422 without
-touching a GPU) and ``ConceptGenerator`` behind a handle, routed by ``services.routing``.
+touching a GPU) and ``ConceptGenerator`` behind a handle, routed by ``services.routing``. A generator
+call whose replica died (its node lost) is sent again to another replica, so a lost node costs its
+in-flight requests time, not an error.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the route signatures' real types
@@ -50,12 +54,13 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from cluster.ledger import ContentConflict, LedgerError, NotOwner, Quota, QuotaExceeded
 from cluster.ledger_sql import DATABASE_ERRORS
+from purecc.adapter_files import AdapterFileError, FileMissing, UnsafeFile
 from purecc.generate import RenderSettings, fill_placeholders, trained_sequence_length
 from purecc.ids import CONCEPT_ID_PATTERN
 from purecc.registry import AdapterRegistry
@@ -71,18 +76,21 @@ from .deployment import ConceptGenerator, ConceptUse, RenderResult, RenderTask, 
 from .errors import ConceptUnloadable, SlotsBusy, TooManyConcepts, UnknownConcept
 from .limits import check_render_cost, install as install_limits
 from .schemas import (MAX_BATCH_BYTES, BatchCancelled, BatchList, BatchRequest, BatchStatus, BatchSubmitted,
-                      ConceptInfo,
-                      ConceptList, ConceptUsed, ErrorBody, GeneratedImage, GenerateRequest, GenerateResponse,
-                      Health, Timings)
+                      ConceptInfo, ConceptList, ConceptUsed, ErrorBody, GeneratedImage, GenerateRequest,
+                      GenerateResponse, Health, JobLoss, Timings, ValidationImage, ValidationList)
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0
+REPLICA_RETRIES = 2          # a call whose generator replica died is sent again, to another replica
+REPLICA_RETRY_WAIT_S = 0.2
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError)
+HEAD_RESOURCE = "node:__internal_head__"     # Ray's resource of the head node (ingress_on_head)
 INGRESS_HEADROOM = 32      # requests the ingress holds beyond the generators' capacity (404/422s, health)
 ROUTER = "services.routing:ConceptAffinityRouter"
 PAGE = Path(__file__).with_name("page")        # plain files, no build step; the page talks to /v1/* itself
 PAGE_ASSETS = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
-                "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"}
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'"}
 
 api = FastAPI(title="purecc", version="0.1.0",
               description="Multi-concept generation on one shared SD3/SD3.5 base with hot-loaded PureCC adapters.")
@@ -130,6 +138,7 @@ def _authority() -> Authority:
 Generator = Annotated[Principal, Depends(require("generate", _authority))]
 Submitter = Annotated[Principal, Depends(require("submit", _authority))]
 BatchName = Annotated[str, PathParam(pattern=CONCEPT_ID_PATTERN, description="Batch name, as submitted.")]
+ConceptPath = Annotated[str, PathParam(pattern=CONCEPT_ID_PATTERN, description="Concept id.")]
 DatasetId = Annotated[str, PathParam(pattern=DATASET_ID.pattern, description="Dataset id, as uploaded.")]
 
 
@@ -258,24 +267,38 @@ class GenerationAPI:
             log.exception("could not resume the unfinished jobs of the ledger")
 
     async def _call(self, method: str, *args, timeout: float, concept_index: dict[str, int] | None = None):
-        """``generator.<method>(*args)`` with a deadline, its errors mapped to HTTP answers."""
-        response = None
+        """``generator.<method>(*args)`` with a deadline, its errors mapped to HTTP answers.
 
-        async def result():
-            return await response
-        try:
-            # inside the try: a full handle queue may raise BackPressureError from .remote() itself
-            response = getattr(self.generator, method).remote(*args)
-            return await asyncio.wait_for(result(), max(timeout, 0.001))
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise ApiError(503, f"no answer within {max(1, round(timeout))}s; the service is overloaded, "
-                                "still loading, or the request is too large", retry_after=5) from None
-        except Exception as exc:
-            mapped = _as_api_error(exc, concept_index or {})
-            if mapped is None:
-                raise
-            raise mapped from None
+        A replica that died under the call (its node lost, its process killed) is retried on another
+        one, up to ``REPLICA_RETRIES`` times within the deadline: every generator call is idempotent
+        (a render is fixed by its seeds), and Serve's router has by then dropped the dead replica."""
+        deadline = time.monotonic() + max(timeout, 0.001)
+        for attempt in range(REPLICA_RETRIES + 1):
+            response = None
+
+            async def result():
+                return await response
+            try:
+                # inside the try: a full handle queue may raise BackPressureError from .remote() itself
+                response = getattr(self.generator, method).remote(*args)
+                return await asyncio.wait_for(result(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise ApiError(503, f"no answer within {max(1, round(timeout))}s; the service is overloaded, "
+                                    "still loading, or the request is too large", retry_after=5) from None
+            except Exception as exc:
+                if isinstance(exc, REPLICA_LOST) or isinstance(_cause(exc), REPLICA_LOST):
+                    if attempt == REPLICA_RETRIES or time.monotonic() >= deadline:
+                        raise ApiError(503, "the generator replica serving this request was lost; retry",
+                                       retry_after=1) from None
+                    log.warning("generator replica lost during %s (%s); retrying on another (%d/%d)", method,
+                                type(exc).__name__, attempt + 1, REPLICA_RETRIES)
+                    await asyncio.sleep(REPLICA_RETRY_WAIT_S)
+                    continue
+                mapped = _as_api_error(exc, concept_index or {})
+                if mapped is None:
+                    raise
+                raise mapped from None
 
     async def _model_info(self, timeout: float) -> dict:
         if self._model is None:
@@ -362,6 +385,53 @@ class GenerationAPI:
                         version=adapter_version(m), created=m.created)
             for m in manifests if m.base_fingerprint == info["base_fingerprint"] and m.concept_id not in hidden])
 
+    async def _visible_concept(self, concept_id: str, principal: Principal) -> None:
+        """404 unless ``concept_id`` is published and the caller may use it (another owner's is unknown)."""
+        hidden = await self._others_concepts([concept_id], principal)
+        if concept_id in hidden or await self.catalog.lookup(concept_id) is None:
+            raise ApiError(404, f"concept {concept_id!r} is not in the adapter registry", concept=concept_id)
+
+    async def _on_registry(self, method: str, concept_id: str, *args):
+        """``registry.<method>(concept_id, *args)`` in a thread, its errors mapped to HTTP answers."""
+        try:
+            return await asyncio.to_thread(getattr(self.catalog.registry, method), concept_id, *args)
+        except KeyError:
+            raise ApiError(404, f"concept {concept_id!r} is not in the adapter registry", concept=concept_id) from None
+        except (FileMissing, UnsafeFile) as exc:     # messages name the concept and the file, never a path
+            raise ApiError(404, str(exc), concept=concept_id) from None
+        except (AdapterFileError, OSError) as exc:
+            raise ApiError(503, f"concept {concept_id!r}: its files cannot be read now ({type(exc).__name__})",
+                           concept=concept_id, retry_after=30) from None
+
+    @api.get("/v1/concepts/{concept_id}/validation", response_model=ValidationList,
+             responses={404: ERRORS[404], 503: ERRORS[503], **AUTH_ERRORS},
+             summary="A concept's validation images",
+             description="The images its training rendered from its validation prompts at the end of each stage "
+                         "(published with the adapter), with their prompts.")
+    async def validation_images(self, request: Request, concept_id: ConceptPath,
+                                principal: Generator) -> ValidationList:
+        """The current version's validation images of a concept the caller may use."""
+        await self._visible_concept(concept_id, principal)
+        stages = await self._on_registry("validation_images", concept_id)
+        root = request.scope.get("root_path", "")
+        return ValidationList(id=concept_id, images=[
+            ValidationImage(stage=stage, name=name, prompt=prompt,
+                            url=f"{root}/v1/concepts/{concept_id}/validation/{stage}/{name}")
+            for stage, items in stages.items() for name, prompt in items])
+
+    @api.get("/v1/concepts/{concept_id}/validation/{stage}/{name}", response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "The PNG."}, 404: ERRORS[404],
+                        503: ERRORS[503], **AUTH_ERRORS},
+             summary="One validation image (PNG)")
+    async def validation_image(self, concept_id: ConceptPath, stage: Annotated[int, PathParam(ge=1, le=2)],
+                               name: Annotated[str, PathParam(pattern=r"^[0-9]{2}\.png$")],
+                               principal: Generator) -> Response:
+        """The bytes of one validation image."""
+        await self._visible_concept(concept_id, principal)
+        png = await self._on_registry("validation_image", concept_id, stage, name)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60",
+                                                               "X-Content-Type-Options": "nosniff"})
+
     async def _others_concepts(self, ids: list[str], principal: Principal) -> set[str]:
         """Those of ``ids`` trained through this ledger for another owner (hidden from the principal);
         concepts without an owner (published by the operator's own tools) are everyone's to use."""
@@ -426,6 +496,15 @@ class GenerationAPI:
     async def cancel_batch(self, name: BatchName, principal: Submitter) -> BatchCancelled:
         """Cancel every unfinished job of one batch."""
         return await self._on_batches("cancel", name, principal)
+
+    @api.get("/v1/batches/{name}/concepts/{concept_id}/loss", response_model=JobLoss, responses=BATCH_ERRORS,
+             summary="A batch job's loss curves, per stage",
+             description="The downsampled training loss of each stage so far (bucket means; the newest the "
+                         "training worker sent, every ~10 s and at the stage's end). 404 for a batch that is "
+                         "not the caller's or a concept that is not in it.")
+    async def job_loss(self, name: BatchName, concept_id: ConceptPath, principal: Submitter) -> JobLoss:
+        """One job's loss curves."""
+        return await self._on_batches("loss", name, concept_id, principal)
 
     @api.get("/v1/batches", response_model=BatchList, responses=BATCH_ERRORS, summary="The caller's batches")
     async def batches_list(self, principal: Submitter) -> BatchList:
@@ -515,9 +594,10 @@ class GenerationAPI:
 def build_app(args: ServiceConfig | dict):
     """Serve application builder (``import_path: services.app:build_app`` in a ``serve deploy`` file)."""
     cfg = args if isinstance(args, ServiceConfig) else ServiceConfig.model_validate(args)
+    spread = {"max_replicas_per_node": cfg.max_replicas_per_node} if cfg.max_replicas_per_node else {}
     generator = serve.deployment(ConceptGenerator, name="ConceptGenerator").options(
         num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
+        max_queued_requests=cfg.max_queued_requests, **spread,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
         request_router_config=RequestRouterConfig(request_router_class=ROUTER,
                                                   request_routing_stats_period_s=cfg.routing_stats_period_s))
@@ -525,5 +605,6 @@ def build_app(args: ServiceConfig | dict):
     # overload surfaces as the generator queue's 503 with Retry-After; only far beyond that does
     # Serve's proxy answer 503 itself (it counts requests still being routed as queued)
     capacity = cfg.replicas * cfg.max_ongoing_requests + cfg.max_queued_requests + INGRESS_HEADROOM
-    return GenerationAPI.options(max_ongoing_requests=capacity, max_queued_requests=capacity).bind(
+    ingress = {"ray_actor_options": {"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}}} if cfg.ingress_on_head else {}
+    return GenerationAPI.options(max_ongoing_requests=capacity, max_queued_requests=capacity, **ingress).bind(
         generator.bind(cfg), cfg)

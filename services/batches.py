@@ -48,7 +48,7 @@ from purecc.data import ManifestError, manifest_image_paths
 
 from .auth import Principal
 from .schemas import (MAX_BATCH_CONCEPTS, BatchCancelled, BatchList, BatchRequest, BatchStatus, BatchSubmitted,
-                      BatchSummary, JobStatus)
+                      BatchSummary, JobLoss, JobStatus, StageCurve)
 
 DATA_DIR = "data"
 LEDGER_FILE = "ledger.sqlite"
@@ -86,6 +86,17 @@ class UnknownBatch(KeyError):
 
     def __str__(self) -> str:
         return f"batch {self.name!r} is not in the ledger"
+
+
+class UnknownJob(UnknownBatch):
+    """The concept is not a member of the batch (answered 404 like an unknown batch)."""
+
+    def __init__(self, name: str, concept_id: str):
+        super().__init__(name)
+        self.concept_id = concept_id
+
+    def __str__(self) -> str:
+        return f"concept {self.concept_id!r} is not in batch {self.name!r}"
 
 
 class BaseModelUnreadable(RuntimeError):
@@ -319,6 +330,16 @@ class StorageBatches:
         """The batch's jobs; ``UnknownBatch`` if it is not in the ledger or not the principal's."""
         _, jobs = self._visible_jobs(name, principal)
         return BatchStatus(**_summary(name, jobs), jobs=[job_status(j, self.storage) for j in jobs])
+
+    def loss(self, name: str, concept_id: str, principal: Principal) -> JobLoss:
+        """The loss curves of one job of a batch the principal may see (``UnknownBatch`` otherwise,
+        ``UnknownJob`` for a concept that is not in that batch)."""
+        ledger, jobs = self._visible_jobs(name, principal)
+        job = next((j for j in jobs if j.concept_id == concept_id), None)
+        if job is None:
+            raise UnknownJob(name, concept_id)
+        curves = ledger.curves(concept_id)
+        return JobLoss(id=concept_id, state=job.state, stages={str(k): StageCurve(**v) for k, v in curves.items()})
 
     def list(self, principal: Principal) -> BatchList:
         """The principal's batches (an admin's: every batch), in short."""

@@ -45,6 +45,12 @@ class ServiceConfig(BaseModel):
     replicas: int = Field(1, ge=1, description="Generator replicas; each loads the base once.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per generator replica (1 on a GPU cluster).")
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per generator replica.")
+    max_replicas_per_node: Optional[int] = Field(None, ge=1, description="At most this many generator replicas "
+                                                 "on one node (Serve's max_replicas_per_node): 1 spreads them, so "
+                                                 "a lost node takes one replica and its concepts, not all.")
+    ingress_on_head: bool = Field(False, description="Pin the HTTP ingress (0 CPUs) to the head node, where "
+                                                     "Serve's controller and proxy run, so losing a worker node "
+                                                     "never takes it (its requests go on on other replicas).")
     max_batch_images: int = Field(8, ge=1, le=64, description="Most images in one denoising pass; requests "
                                                               "that share size, steps and guidance are batched.")
     batch_wait_s: float = Field(0.02, ge=0, le=5, description="How long a pass waits for more requests to "

@@ -169,6 +169,9 @@ class ConceptGenerator:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:      # constructed outside Serve (benchmarks, tests)
             self.replica = "local"
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         if config.warmup:
             self._warmup()
 
@@ -259,4 +262,4 @@ class ConceptGenerator:
 
     async def stats(self) -> dict:
         """This replica's slot and cache counters (tests, benchmarks)."""
-        return {"replica": self.replica, **self.slots.snapshot()}
+        return {"replica": self.replica, "node_id": self.node_id, **self.slots.snapshot()}

@@ -313,3 +313,40 @@ class BatchList(BaseModel):
     """The batches in the ledger (GET /v1/batches)."""
 
     batches: list[BatchSummary] = Field(description="Batches in the ledger, oldest first.")
+
+
+class StageCurve(BaseModel):
+    """One stage's training loss, downsampled: each point is the mean loss of a run of steps."""
+
+    points: list[tuple[int, int, float]] = Field(description="[first step, last step, mean loss] per bucket, in "
+                                                             "step order (at most a few hundred).")
+    bucket: int = Field(description="Steps per bucket (the last one may hold fewer).")
+    steps: int = Field(description="Steps recorded so far.")
+
+
+class JobLoss(BaseModel):
+    """A batch job's loss curves (GET /v1/batches/{name}/concepts/{concept_id}/loss)."""
+
+    id: str = Field(description="Concept id.")
+    state: str = Field(description="The job's state (as in the batch status).")
+    stages: dict[str, StageCurve] = Field(description="Stage ('1', '2') -> its curve; a stage that reported "
+                                                      "none yet is absent. Updated while training (every "
+                                                      "~10 s and at a stage's end).")
+
+
+class ValidationImage(BaseModel):
+    """One validation image of a published concept (rendered at the end of a training stage)."""
+
+    stage: int = Field(description="The stage whose end rendered it (1 or 2).")
+    name: str = Field(description="File name (NN.png).")
+    prompt: Optional[str] = Field(None, description="The prompt it was rendered from (trigger filled in), when "
+                                                    "recorded.")
+    url: str = Field(description="Where to GET the PNG (relative to the service root).")
+
+
+class ValidationList(BaseModel):
+    """A concept's validation images (GET /v1/concepts/{concept_id}/validation)."""
+
+    id: str = Field(description="Concept id.")
+    images: list[ValidationImage] = Field(description="Stage 1's, then stage 2's, each in name order; empty when "
+                                                      "the concept was trained without validation prompts.")

@@ -1,12 +1,17 @@
-// The purecc page: one token (sessionStorage), the concepts it may compose, its batches with live
-// progress and loss curves, and a composer calling POST /v1/generate. Plain DOM, no libraries; every
+// The purecc page: one token (sessionStorage), the concepts it may compose with their validation images,
+// its batches with live progress and loss curves (the curves the training workers push, kept by the
+// service), and a composer calling POST /v1/generate. Plain DOM, no libraries; every
 // value from the API goes in through textContent or attributes, never as HTML.
 "use strict";
 
 const TOKEN_KEY = "purecc-token";
 const POLL_MS = 2000;
-const MAX_POINTS = 2000;              // loss points kept per job and stage (the page's own bound)
-const losses = new Map();             // "batch/job/stage" -> [[step, loss], ...] seen while polling
+const MAX_CURVE_FETCHES = 40;         // loss-curve requests per poll (active jobs first)
+const MAX_THUMBS = 4;                 // validation images shown per concept
+// "batch/job" -> {state, stages: {"1": {points: [[first, last, mean], ...], ...}}} from
+// GET /v1/batches/{batch}/concepts/{job}/loss; a finished job's curve is fetched once
+const curves = new Map();
+const thumbs = [];                    // object URLs of the validation images shown (revoked on reload)
 let pollTimer = null;
 
 const $ = (id) => document.getElementById(id);
@@ -18,6 +23,12 @@ function detail(body) {
     return body.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
   }
   return body && body.detail ? String(body.detail) : "unexpected answer";
+}
+
+async function apiBlob(path) {
+  const resp = await fetch(path.replace(/^\//, ""), { headers: { Authorization: `Bearer ${token()}` } });
+  if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+  return resp.blob();
 }
 
 async function api(method, path, body) {
@@ -46,6 +57,7 @@ function cell(row, text) {
 async function loadConcepts() {
   const tbody = $("concepts").querySelector("tbody");
   const { concepts } = await api("GET", "/v1/concepts");
+  thumbs.splice(0).forEach((url) => URL.revokeObjectURL(url));
   tbody.replaceChildren();
   for (const c of concepts) {
     const row = document.createElement("tr");
@@ -70,12 +82,41 @@ async function loadConcepts() {
     weight.value = "1";
     weight.setAttribute("aria-label", `weight of ${c.id}`);
     cell(row, "").appendChild(weight);
+    const gallery = cell(row, "");
+    gallery.className = "gallery";
     tbody.appendChild(row);
+    showValidation(c.id, gallery);
   }
   if (!concepts.length) {
     const row = document.createElement("tr");
-    cell(row, "no concepts are servable yet").colSpan = 7;
+    cell(row, "no concepts are servable yet").colSpan = 8;
     tbody.appendChild(row);
+  }
+}
+
+async function showValidation(id, gallery) {
+  // the images need the token, so they are fetched and shown from blob: URLs
+  try {
+    const { images } = await api("GET", `/v1/concepts/${encodeURIComponent(id)}/validation`);
+    const shown = images.slice(-MAX_THUMBS);
+    gallery.textContent = shown.length ? "" : "none";
+    for (const image of shown) {
+      const url = URL.createObjectURL(await apiBlob(image.url));
+      thumbs.push(url);
+      const fig = document.createElement("figure");
+      fig.className = "validation";
+      const el = document.createElement("img");
+      el.src = url;
+      el.alt = image.prompt || image.name;
+      el.title = image.prompt || image.name;
+      const cap = document.createElement("figcaption");
+      cap.textContent = `stage ${image.stage}: ${image.prompt || image.name}`;
+      fig.append(el, cap);
+      gallery.appendChild(fig);
+    }
+  } catch (err) {
+    gallery.textContent = `cannot be shown (${err.message})`;
+    gallery.classList.add("error");
   }
 }
 
@@ -117,16 +158,34 @@ async function compose(event) {
   }
 }
 
-function recordLoss(batch, job) {
-  if (job.loss === null || job.step === null || job.stage === null) return;
-  const key = `${batch}/${job.id}/${job.stage}`;
-  const points = losses.get(key) || [];
-  const last = points[points.length - 1];
-  if (!last || last[0] !== job.step) {
-    points.push([job.step, job.loss]);
-    if (points.length > MAX_POINTS) points.shift();
+const ACTIVE = new Set(["queued", "stage1", "stage2"]);
+
+async function fetchCurves(statuses) {
+  // active jobs every poll; a finished job once more after it finished (its final curve)
+  const wanted = [];
+  for (const status of statuses) {
+    for (const job of status.jobs) {
+      const key = `${status.batch}/${job.id}`, known = curves.get(key);
+      if (ACTIVE.has(job.state) ? job.stage !== null : !known || known.state !== job.state) {
+        wanted.push([ACTIVE.has(job.state) ? 0 : 1, key, status.batch, job.id]);
+      }
+    }
   }
-  losses.set(key, points);
+  wanted.sort((a, b) => a[0] - b[0]);
+  await Promise.all(wanted.slice(0, MAX_CURVE_FETCHES).map(async ([, key, batch, id]) => {
+    try {
+      curves.set(key, await api("GET", `/v1/batches/${encodeURIComponent(batch)}/concepts/` +
+                                       `${encodeURIComponent(id)}/loss`));
+    } catch (err) { /* shown as "no loss reported yet"; the next poll asks again */ }
+  }));
+}
+
+function curveSeries(batch, id) {
+  // each point of a stored curve is the mean loss of steps first..last: drawn at its last step
+  const known = curves.get(`${batch}/${id}`);
+  if (!known) return [];
+  return Object.entries(known.stages).map(([stage, c]) => ({ stage, points: c.points.map((p) => [p[1], p[2]]) }))
+    .filter((s) => s.points.length);
 }
 
 function drawLoss(canvas, series) {
@@ -167,7 +226,6 @@ function renderBatch(status) {
   title.textContent = `${status.batch}: ${status.done ? "done" : "running"} (${counts})`;
   box.appendChild(title);
   for (const job of status.jobs) {
-    recordLoss(status.batch, job);
     const line = document.createElement("div");
     line.className = "job";
     line.dataset.job = job.id;
@@ -185,9 +243,7 @@ function renderBatch(status) {
     canvas.width = 320;
     canvas.height = 120;
     canvas.className = "loss";
-    const series = [1, 2].map((stage) => ({ stage, points: losses.get(`${status.batch}/${job.id}/${stage}`) || [] }))
-      .filter((s) => s.points.length);
-    drawLoss(canvas, series);
+    drawLoss(canvas, curveSeries(status.batch, job.id));
     line.append(name, bar, text, canvas);
     box.appendChild(line);
   }
@@ -200,6 +256,7 @@ async function pollBatches() {
     const { batches } = await api("GET", "/v1/batches");
     const shown = await Promise.all(batches.slice(-20).reverse()
       .map((b) => api("GET", `/v1/batches/${encodeURIComponent(b.batch)}`)));
+    await fetchCurves(shown);
     $("batches").replaceChildren(...shown.map(renderBatch));
     note.className = "hint";
     note.textContent = batches.length ? `updated ${new Date().toLocaleTimeString()}` : "no batches yet";

@@ -90,6 +90,38 @@ def test_state_machine(ledger, jobs):
     assert ledger.launch("pack-c", 2, [cid]) == (None, [])           # published: nothing to launch
 
 
+def test_loss_curves_are_stored_per_stage_bounded_and_reset_on_replace(ledger, jobs, batch_files):
+    from cluster.ledger import MAX_CURVE_POINTS
+
+    ledger.submit(jobs)
+    cid, other = jobs[0].concept_id, jobs[1].concept_id
+    ledger.launch("p", 1, [cid, other])
+    curve = {"points": [[1, 1, 0.9], [2, 2, 0.7]], "bucket": 1, "steps": 2, "recent": [0.9, 0.7]}
+    ledger.record_progress([{"concept_id": cid, "stage": 1, "step": 2, "total": 6, "loss": 0.7, "curve": curve},
+                            {"concept_id": other, "stage": 1, "step": 1, "total": 6, "loss": 0.8}])
+    assert ledger.curves(cid) == {1: {"points": [[1, 1, 0.9], [2, 2, 0.7]], "bucket": 1, "steps": 2}}
+    assert ledger.curves(other) == {}                      # an update without a curve stores none
+    # a later update replaces the stage's curve; one for a stage the job is not in is ignored
+    longer = {"points": [[i, i, 1.0 / i] for i in range(1, MAX_CURVE_POINTS + 50)] + [[999, 999, float("nan")]],
+              "bucket": 1, "steps": 999}
+    ledger.record_progress([{"concept_id": cid, "stage": 1, "step": 4, "total": 6, "loss": 0.5, "curve": longer},
+                            {"concept_id": cid, "stage": 2, "step": 1, "total": 9, "loss": 0.1, "curve": curve}])
+    stored = ledger.curves(cid)
+    assert list(stored) == [1] and len(stored[1]["points"]) == MAX_CURVE_POINTS - 1   # bounded, NaN dropped
+    assert stored[1]["points"][-1] == [MAX_CURVE_POINTS + 49, MAX_CURVE_POINTS + 49, 1.0 / (MAX_CURVE_POINTS + 49)]
+    ledger.record_progress([{"concept_id": cid, "stage": 1, "step": 5, "total": 6, "curve": {"points": "x"}}])
+    assert ledger.curves(cid)[1] == stored[1]               # a malformed curve is not stored
+    ledger.stage_done(cid, 1, "/s/work/stage1/adapters/" + cid)
+    ledger.launch("p2", 2, [cid])
+    ledger.record_progress([{"concept_id": cid, "stage": 2, "step": 1, "total": 9, "loss": 0.2, "curve": curve}])
+    assert sorted(ledger.curves(cid)) == [1, 2]             # stage 1's curve outlives its stage
+    changed = load_batch(batch_files("b2.yaml", defaults={"resolution": 64, "stage1": {"steps": 7}})).jobs()
+    ledger.request_cancel(cid)                              # no live driver: cancelled at once
+    assert ledger.get(cid).state == "cancelled"
+    ledger.submit(changed, replace=True)
+    assert ledger.curves(cid) == {} and ledger.curves(other) == {}
+
+
 def test_failures_count_until_attempts_are_spent(ledger, jobs):
     ledger.submit(jobs)
     ids = [j.concept_id for j in jobs[:2]]

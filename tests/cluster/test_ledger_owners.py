@@ -71,8 +71,9 @@ def test_a_version_1_ledger_is_migrated_with_its_batches(tmp_path, jobs):
     db = sqlite3.connect(path)
     from cluster import ledger as ledger_module
 
-    v1 = ledger_module._SCHEMA.replace(ledger_module._OWNER_TABLES, "").replace(",\n    owner TEXT", "")
-    assert "owner TEXT\n" not in v1 and "batch_members" not in v1
+    v1 = (ledger_module._SCHEMA.replace(ledger_module._OWNER_TABLES, "").replace(ledger_module._CURVE_TABLE, "")
+          .replace(",\n    owner TEXT", ""))
+    assert "owner TEXT\n" not in v1 and "batch_members" not in v1 and "curves" not in v1
     db.executescript(v1)
     db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     for j in jobs:
@@ -84,6 +85,7 @@ def test_a_version_1_ledger_is_migrated_with_its_batches(tmp_path, jobs):
     with JobLedger(path) as led:
         assert [j.concept_id for j in led.batch_jobs("old")] == [j.concept_id for j in jobs]
         assert led.batches() == [("old", None)] and {j.owner for j in led.jobs()} == {None}
-        assert led.events(kind="schema-migrated")[0]["detail"] == {"from": 1, "to": 2}
+        assert led.events(kind="schema-migrated")[0]["detail"] == {"from": 1, "to": ledger_module.SCHEMA_VERSION}
+        assert led.curves(jobs[0].concept_id) == {}                        # the version-3 table exists
         with pytest.raises(NotOwner):           # rows without an owner are the admins' to change
             led.submit(renamed(jobs, "new"), owner="alice", admin=False)

@@ -20,7 +20,7 @@ loopback_env()   # before any test module imports ray
 sys.path.insert(0, str(Path(__file__).parent.parent / "cluster"))   # cluster_helpers (batch files)
 sys.path.insert(0, str(Path(__file__).parent.parent / "services"))  # service_helpers
 
-from service_helpers import free_port  # noqa: E402
+from service_helpers import AdapterFactory, free_port  # noqa: E402
 
 
 @dataclass
@@ -86,3 +86,8 @@ def nodes():
             else:
                 os.environ[key] = value
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def adapter_factory(tiny_model_dir, tmp_path_factory) -> AdapterFactory:
+    return AdapterFactory(tiny_model_dir, tmp_path_factory.mktemp("adapter-staging"))

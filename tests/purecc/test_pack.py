@@ -3,6 +3,7 @@ checkpoints of other content refused, export and validation images."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def test_a_member_with_broken_data_fails_alone(tiny_pipe, sample_manifests, tmp_
     dest = recipe.export("zigzag-star", tmp_path / "out")
     assert (dest / "pytorch_lora_weights.safetensors").is_file()
     assert [p.name for p in recipe.render_validation("zigzag-star", tmp_path / "val")] == ["00.png"]
+    said = json.loads((tmp_path / "val" / "prompts.json").read_text())      # what the image shows
+    assert said["prompts"] == [p.replace("[v]", "zqx") for p in plan.members[0].validation_prompts]
+    assert len(said["seeds"]) == 1 and said["step"] == result["zigzag-star"]["step"]
 
 
 def test_resume_takes_the_newest_intact_checkpoint(tiny_model_dir, sample_manifests, tmp_path):

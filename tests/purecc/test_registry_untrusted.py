@@ -321,3 +321,56 @@ def test_a_concept_folder_reads_as_its_current_version(reg, bank_fp, tmp_path):
     (Path(concept) / POINTER).write_text('{"version": "../../../etc"}')
     with pytest.raises(af.ManifestInvalid, match="current.json"):
         af.read_adapter_manifest(concept)
+
+
+# ----- validation images ----------------------------------------------------------------------
+def test_validation_images_are_listed_with_prompts_and_read_only_as_plain_pngs(bank_fp, tmp_path):
+    from PIL import Image
+
+    from purecc.registry import MAX_VALIDATION_IMAGES
+
+    bank, fp = bank_fp
+    reg = AdapterRegistry(tmp_path / "store")
+    staging = write_adapter(bank, fp, tmp_path / "staging" / "val", "val", seed=3)
+    for stage, n in ((1, 2), (2, MAX_VALIDATION_IMAGES + 3)):
+        folder = staging / "validation" / f"stage{stage}"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (4, 4), (i, stage, 0)).save(folder / f"{i:02d}.png")
+    (staging / "validation" / "stage1" / "prompts.json").write_text(json.dumps({"prompts": ["a sks", 7]}))
+    (staging / "validation" / "stage2" / "notes.txt").write_text("not an image")
+    reg.publish("val", staging)
+    listed = reg.validation_images("val")
+    assert listed[1] == [("00.png", "a sks"), ("01.png", None)]               # a non-string prompt: none
+    assert len(listed[2]) == MAX_VALIDATION_IMAGES and all(p is None for _, p in listed[2])
+    png = reg.validation_image("val", 1, "01.png")
+    assert png.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(png)).getpixel((0, 0)) == (1, 1, 0)
+    for stage, name, error in ((1, "../../purecc_adapter.json", af.UnsafeFile), (1, "prompts.json", af.UnsafeFile),
+                               (1, "02.png", af.FileMissing)):
+        with pytest.raises(error) as info:
+            reg.validation_image("val", stage, name)
+        assert str(tmp_path) not in str(info.value)
+    with pytest.raises(ValueError, match="stage"):
+        reg.validation_image("val", 3, "00.png")
+    with pytest.raises(KeyError):
+        reg.validation_images("nope")
+    # bytes that are not a PNG, a symlinked image and a symlinked folder are refused, never followed
+    folder = version_dir(reg, "val") / "validation"
+    (folder / "stage1" / "00.png").write_bytes(b"GIF89a" + b"\0" * 32)
+    with pytest.raises(af.UnsafeFile, match="not a PNG"):
+        reg.validation_image("val", 1, "00.png")
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (4, 4)).save(secret)
+    (folder / "stage1" / "01.png").unlink()
+    os.symlink(secret, folder / "stage1" / "01.png")
+    with pytest.raises(af.UnsafeFile):
+        reg.validation_image("val", 1, "01.png")
+    assert [n for n, _ in reg.validation_images("val")[1]] == ["00.png"]    # the link is not listed
+    os.rename(folder / "stage2", tmp_path / "moved")
+    os.symlink(tmp_path / "moved", folder / "stage2")
+    assert 2 not in reg.validation_images("val")
+    with pytest.raises(af.FileMissing):
+        reg.validation_image("val", 2, "00.png")
+    # a concept published without validation images has none
+    reg.publish("plain", write_adapter(bank, fp, tmp_path / "staging" / "plain", "plain", seed=4))
+    assert reg.validation_images("plain") == {}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 
 from purecc.cli import main as purecc_main
 from purecc.registry import AdapterRegistry
@@ -189,7 +190,10 @@ def test_a_second_token_cannot_read_replace_or_cancel_the_first_tokens_batches(a
     assert str(svc.storage) not in cancelled.text and str(svc.storage) not in mine.__repr__()
     # her published concept is hers: bob neither lists nor composes it; a concept without owner is everyone's
     registry = AdapterRegistry(svc.storage)
-    adapter_factory.publish(registry, "zigzag-star", seed=3, trigger="zqx")
+    folder = adapter_factory.write("zigzag-star", seed=3, trigger="zqx")
+    (folder / "validation" / "stage2").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(folder / "validation" / "stage2" / "00.png")
+    registry.publish("zigzag-star", folder)
     adapter_factory.publish(registry, "public-thing", seed=4, trigger="pbt")
     seen = {who: {c["id"] for c in svc.call(who, "GET", "/v1/concepts").json()["concepts"]} for who in ("alice", "bob")}
     assert seen == {"alice": {"zigzag-star", "public-thing"}, "bob": {"public-thing"}}, seen
@@ -197,6 +201,18 @@ def test_a_second_token_cannot_read_replace_or_cancel_the_first_tokens_batches(a
     resp = svc.call("bob", "POST", "/v1/generate", json=body)
     assert resp.status_code == 404 and resp.json()["concept"] == "zigzag-star", resp.text
     assert svc.call("alice", "POST", "/v1/generate", json=body).status_code == 200
+    # nor its validation images, nor the loss curves of her batch's jobs
+    images = svc.call("alice", "GET", "/v1/concepts/zigzag-star/validation")
+    assert images.status_code == 200 and [i["name"] for i in images.json()["images"]] == ["00.png"], images.text
+    assert images.json()["images"][0]["prompt"] is None                   # published without prompts.json
+    png = svc.call("alice", "GET", images.json()["images"][0]["url"])
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG"), png.text
+    for path in ("/v1/concepts/zigzag-star/validation", images.json()["images"][0]["url"],
+                 "/v1/batches/alice-shapes/concepts/zigzag-star/loss"):
+        resp = svc.call("bob", "GET", path)
+        assert resp.status_code == 404, (path, resp.text)            # as unknown as a concept never published
+    assert svc.call("alice", "GET", "/v1/batches/alice-shapes/concepts/zigzag-star/loss").status_code == 200
+    assert svc.call("root", "GET", "/v1/batches/alice-shapes/concepts/zigzag-star/loss").status_code == 200
 
 
 @pytest.mark.ray

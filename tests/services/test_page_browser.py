@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,8 @@ def test_uploaded_images_train_watched_on_the_page_and_compose(page_service, bro
     folder = tmp_path / "my-star"
     shutil.copytree(sample_manifests["zigzag-star"].parent / "imgs", folder)       # 5 images, no manifest
     batch = tmp_path / "batch.yaml"
-    batch.write_text(json.dumps({"name": "uploaded", "defaults": TRAIN, "validation": {"steps": 2},
+    batch.write_text(json.dumps({"name": "uploaded", "defaults": {**TRAIN, "validation_prompts": ["a [v] on grass"]},
+                                 "validation": {"steps": 2},
                                  "resources": {"cpus_per_worker": 0.5, "max_concurrent": 1, "max_attempts": 1},
                                  "concepts": [{"id": "my-star", "trigger": "zqx"}]}))
     assert purecc_main(["submit", str(batch), "--url", url, "--token", tokens["alice"],
@@ -188,14 +190,25 @@ def test_uploaded_images_train_watched_on_the_page_and_compose(page_service, bro
         lambda d: "uploaded: done (1 published)" in d.find_element(By.ID, "batches").text)
     job = browser.find_element(By.CSS_SELECTOR, ".batch[data-batch='uploaded'] .job[data-job='my-star']")
     assert "my-star: published" in job.text, job.text
-    points = browser.execute_script("return [...losses].filter(([k]) => k.startsWith('uploaded/my-star/'))"
-                                    ".flatMap(([, p]) => p)")
-    assert points and all(len(p) == 2 and p[1] > 0 for p in points), points     # [step, loss] as polled
+    # the curves the page draws are the service's (every step of both stages), not what polling happened to see
+    series = browser.execute_script("return curveSeries('uploaded', 'my-star')")
+    assert [(s["stage"], [p[0] for p in s["points"]]) for s in series] == [("1", [1, 2, 3, 4]), ("2", [1, 2, 3])]
+    assert all(p[1] > 0 for s in series for p in s["points"]), series
     browser.refresh()                                   # the new concept is listed once published
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input.use[value='my-star']"))
+    # with the validation images its stages rendered, fetched with the token and shown
+    shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-concept='my-star'] figure.validation img"))
+    assert len(shown) == 2
+    wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+                             for i in shown))
+    captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "tr[data-concept='my-star'] figcaption")]
+    assert captions == ["stage 1: a zqx on grass", "stage 2: a zqx on grass"], captions
+    assert browser.find_element(By.CSS_SELECTOR, "tr[data-concept='demo-star'] td.gallery").text == "none"
     status = _compose(browser, wait, {"my-star": "1", "demo-ring": "0.8"}, "a <my-star> star in a <demo-ring> ring")
     assert "a zqx star in a zqr ring" in status, status
     if (shot := os.environ.get("PURECC_PAGE_SCREENSHOT")):
+        browser.set_window_size(1200, 1500)            # the batches with their loss curves too
+        time.sleep(0.5)
         browser.save_screenshot(shot)
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.ray
 
 TRIGGERS = {"zigzag-star": "zqx", "ringed-circle": "vlk"}
 DEFAULTS = {"resolution": 64, "stage1": {"steps": 4, "checkpoint_every": 2, "grad_accum": 1, "lr": 2e-3},
-            "stage2": {"steps": 3, "checkpoint_every": 2, "lr": 1e-3}}
+            "stage2": {"steps": 3, "checkpoint_every": 2, "lr": 1e-3}, "validation_prompts": ["a [v] on a beach"]}
 TRAIN_TIMEOUT_S = 240
 
 
@@ -130,6 +130,35 @@ def test_a_batch_posted_over_http_trains_publishes_and_is_served(batch_service):
         assert (job["stage"], job["step"], job["total"]) == (2, 3, 3), job
         assert job["error"] is None and job["loss"] is not None
     assert any(state == "stage1" for _, state, _, _ in seen) or any(s == "stage2" for _, s, _, _ in seen), seen
+
+    # each job's loss curves (pushed by the workers, kept in the ledger) and its validation images
+    for cid, trigger in TRIGGERS.items():
+        loss = batch_service.get(f"/v1/batches/shapes/concepts/{cid}/loss")
+        assert loss.status_code == 200, loss.text
+        stages = loss.json()["stages"]
+        assert sorted(stages) == ["1", "2"] and loss.json()["state"] == "published", loss.json()
+        for stage, steps in (("1", 4), ("2", 3)):
+            curve = stages[stage]
+            assert curve["steps"] == steps and curve["bucket"] == 1, curve
+            assert [p[:2] for p in curve["points"]] == [[i, i] for i in range(1, steps + 1)], curve
+            assert all(p[2] > 0 for p in curve["points"]), curve
+        listed = batch_service.get(f"/v1/concepts/{cid}/validation")
+        assert listed.status_code == 200, listed.text
+        images = listed.json()["images"]
+        assert [(i["stage"], i["name"], i["prompt"]) for i in images] == [
+            (1, "00.png", f"a {trigger} on a beach"), (2, "00.png", f"a {trigger} on a beach")], images
+        pngs = [batch_service.get(i["url"]) for i in images]
+        assert all(r.status_code == 200 and r.headers["content-type"] == "image/png" for r in pngs)
+        assert pngs[0].content.startswith(b"\x89PNG") and pngs[0].content != pngs[1].content
+        assert str(batch_service.storage) not in listed.text
+    for path in ("/v1/batches/shapes/concepts/nowhere/loss", "/v1/batches/nope/concepts/zigzag-star/loss",
+                 "/v1/concepts/zigzag-star/validation/3/00.png", "/v1/concepts/zigzag-star/validation/1/01.png",
+                 "/v1/concepts/nowhere/validation"):
+        resp = batch_service.get(path)
+        assert resp.status_code in (404, 422) and "detail" in resp.json(), (path, resp.text)
+        assert str(batch_service.storage) not in resp.text
+    assert batch_service.get("/v1/concepts/zigzag-star/validation/1/01.png").status_code == 404
+    assert batch_service.get("/v1/concepts/zigzag-star/validation/1/..%2F..%2Fx.png").status_code in (404, 422)
 
     # servable at once, by the same service, without a restart
     served = {c["id"] for c in client.concepts()}
