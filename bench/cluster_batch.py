@@ -1,10 +1,20 @@
-"""Wall time of a batch of 4 tiny concepts (both stages) on a local Ray cluster, three ways:
+"""Wall time of batches of tiny concepts (both stages) on a local Ray cluster.
 
-    1x1   one training at a time, one concept per run       (8 runs, one after another)
-    2x1   two trainings at a time, one concept per run      (8 runs, two at once)
-    1x4   one training at a time, the 4 concepts in a pack  (2 runs)
+    1x1   one training at a time, one concept per pack      (4 concepts)
+    2x1   two trainings at a time, one concept per pack     (4 concepts)
+    1x4   one training at a time, the 4 concepts in a pack  (4 concepts)
+    demo  the demo's batch: 3 concepts, one per pack, two at a time, 60 + 40 steps (services/demo.py)
+    12x   12 concepts, packs of 4, two at a time
 
-    .venv/bin/python bench/cluster_batch.py [--steps 30] [--num-cpus 2]
+    .venv/bin/python bench/cluster_batch.py [--steps 30] [--num-cpus 2] [--mode both|whole|per-stage]
+
+``--mode``: ``per-stage`` runs every stage as its own Ray Train run (the old path,
+``PURECC_RUN_PER_STAGE=1``), ``whole`` runs a pack's whole life in one run, ``both`` runs each
+configuration both ways, side by side in this one run of the script. Training time is the sum over
+runs and stages of the time the worker spends inside ``PackRecipe.train`` minus the time in its
+checkpoint callbacks (each stage's ``stage-timing`` event), i.e. the training steps themselves;
+``wall/training`` divides the batch's wall time by it. The script prints ``wall/training = N.NNx``
+for the demo batch (in the whole-life mode) and where the worker's time went per phase.
 
 Each configuration gets a fresh storage root and ledger; the Ray cluster is shared (started once,
 then one warm-up run so the first configuration does not pay for cold worker processes). On the
@@ -16,13 +26,17 @@ how well concurrent runs and packs amortise it. On a GPU the pack also batches t
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = {"1x1": (1, 1), "2x1": (2, 1), "1x4": (1, 4)}   # name -> (max concurrent runs, concepts per pack)
+# name -> (max concurrent runs, concepts per pack, concepts)
+CONFIGS = {"1x1": (1, 1, 4), "2x1": (2, 1, 4), "1x4": (1, 4, 4), "demo": (2, 1, 3), "12x": (2, 4, 12)}
+# the demo's own knobs (services/demo.py, FULL): steps per stage, checkpoints, half a CPU per worker
+DEMO = {"steps1": 60, "steps2": 40, "checkpoint_every": 20, "cpus_per_worker": 0.5}
 
 
 def make_data(root: Path) -> tuple[Path, list[dict]]:
@@ -33,42 +47,68 @@ def make_data(root: Path) -> tuple[Path, list[dict]]:
     manifests = write_sample_concepts(root / "data")
     concepts = [{"id": c.concept_id, "data": str(manifests[c.concept_id]), "trigger": c.trigger_word}
                 for c in SAMPLE_CONCEPTS]
-    concepts.append({"id": "zigzag-star-2", "data": str(manifests["zigzag-star"]), "trigger": "zqy"})
+    for i in range(2, 11):
+        src = SAMPLE_CONCEPTS[i % len(SAMPLE_CONCEPTS)]
+        concepts.append({"id": f"{src.concept_id}-{i}", "data": str(manifests[src.concept_id]),
+                         "trigger": "zq" + "abcdefghijk"[i] + "x"})
     return model, concepts
 
 
-def batch(model: Path, storage: Path, concepts: list[dict], concurrent: int, pack: int, steps: int) -> dict:
+def batch(model: Path, storage: Path, concepts: list[dict], concurrent: int, pack: int, steps: int,
+          demo: bool = False) -> dict:
     every = max(1, steps // 3)
+    s1, s2, cpus = (DEMO["steps1"], DEMO["steps2"], DEMO["cpus_per_worker"]) if demo else (steps, steps, 1)
+    every = DEMO["checkpoint_every"] if demo else every
     return {"name": "bench", "base_model": str(model), "storage": str(storage),
-            "resources": {"cpus_per_worker": 1, "concepts_per_pack": pack, "max_concurrent": concurrent},
-            "defaults": {"resolution": 64, "stage1": {"steps": steps, "grad_accum": 1, "checkpoint_every": every},
-                         "stage2": {"steps": steps, "checkpoint_every": every}},
+            "resources": {"cpus_per_worker": cpus, "concepts_per_pack": pack, "max_concurrent": concurrent},
+            "defaults": {"resolution": 64, "stage1": {"steps": s1, "grad_accum": 1, "checkpoint_every": every},
+                         "stage2": {"steps": s2, "checkpoint_every": every}},
             "concepts": concepts}
 
 
-def run_config(name: str, root: Path, model: Path, concepts: list[dict], steps: int) -> tuple[float, int]:
+def run_config(name: str, root: Path, model: Path, concepts: list[dict], steps: int,
+               mode: str = "whole") -> dict:
     from cluster import api
+    from cluster.ledger import JobLedger
     from cluster.spec import validate_batch
 
-    concurrent, pack = CONFIGS[name]
-    spec = validate_batch(batch(model, root / f"store-{name}", concepts, concurrent, pack, steps))
+    concurrent, pack, n = CONFIGS[name]
+    os.environ["PURECC_RUN_PER_STAGE"] = "1" if mode == "per-stage" else "0"
+    spec = validate_batch(batch(model, root / f"store-{name}-{mode}", concepts[:n], concurrent, pack, steps,
+                                 demo=name == "demo"))
     t0 = time.perf_counter()
     result = api.submit(spec)
     wall = time.perf_counter() - t0
     bad = {k: v for k, v in result.summary.states.items() if v != "published"}
     if bad:
         raise RuntimeError(f"{name}: not published: {bad}")
-    return wall, result.summary.runs_launched
+    timings = {}
+    with JobLedger(result.ledger) as led:
+        for e in led.events(kind="stage-timing"):
+            d = e["detail"]
+            timings[(d["pack"], d["stage"])] = d      # one per pack and stage (each member says it)
+    train = sum(d["train_s"] for d in timings.values())
+    phases: dict[str, float] = {}
+    for d in timings.values():
+        for k, v in d["phases"].items():
+            if k.startswith(f"s{d['stage']}_") or (k == "load_base" and d["stage"] == 1):
+                phases[k] = phases.get(k, 0.0) + v
+    return {"wall": wall, "runs": result.summary.runs_launched, "train": train, "phases": phases}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="steps per stage")
     parser.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
-    parser.add_argument("--configs", default="1x1,2x1,1x4")
+    parser.add_argument("--configs", default="demo,12x,1x1,2x1,1x4")
+    parser.add_argument("--mode", choices=("both", "whole", "per-stage"), default="both")
     parser.add_argument("--no-warmup", action="store_true")
     args = parser.parse_args(argv)
     names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    modes = ("per-stage", "whole") if args.mode == "both" else (args.mode,)
 
     from cluster.local_ray import start_local_ray
 
@@ -81,15 +121,26 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             run_config("1x4", root / "warmup", model, concepts[:1], 2)
             print(f"warm-up (1 concept, 2 steps): {time.perf_counter() - t:.1f} s", flush=True)
-        walls = {}
+        got: dict[tuple[str, str], dict] = {}
         for name in names:
-            walls[name], runs = run_config(name, root, model, concepts, args.steps)
-            print(f"{name:>4}: {walls[name]:7.1f} s  ({runs} runs; {CONFIGS[name][0]} at a time, "
-                  f"{CONFIGS[name][1]} concept(s) per run)", flush=True)
-        if "1x1" in walls:
-            for name in names:
-                if name != "1x1":
-                    print(f"speed-up 1x1 / {name}: {walls['1x1'] / walls[name]:.2f}x")
+            for mode in modes:
+                r = got[(name, mode)] = run_config(name, root, model, concepts, args.steps, mode)
+                concurrent, pack, n = CONFIGS[name]
+                phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["phases"].items()))
+                print(f"{name:>4} {mode:>9}: wall {r['wall']:6.1f} s, training {r['train']:5.1f} s, "
+                      f"wall/training {r['wall'] / max(r['train'], 1e-9):5.2f}x  ({r['runs']} runs; {n} concepts, "
+                      f"{concurrent} at a time, {pack} per pack)", flush=True)
+                print(f"      worker phases (s, summed over runs): {phases}", flush=True)
+        for name in names:
+            if len(modes) == 2:
+                old, new = got[(name, "per-stage")], got[(name, "whole")]
+                print(f"{name}: per-stage / whole-life wall = {old['wall'] / new['wall']:.2f}x")
+        if "demo" in names:
+            for mode in modes:
+                r = got[("demo", mode)]
+                print(f"demo ({mode}): wall/training = {r['wall'] / max(r['train'], 1e-9):.2f}x")
+            r = got[("demo", modes[-1])]
+            print(f"wall/training = {r['wall'] / max(r['train'], 1e-9):.2f}x")
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)

@@ -60,8 +60,10 @@ from cluster.ledger import JobLedger  # noqa: E402
 from cluster.scheduler import Scheduler  # noqa: E402
 from cluster.spec import JobSpec, Overrides, Resources, recipe_for  # noqa: E402
 from cluster.worker import PackRun, adapter_uri, stage1_root  # noqa: E402
+from purecc.pack import PackPlan  # noqa: E402
 
 GPUS_PER_NODE = 8
+HANDOVER_POLL_S = 1.0   # a whole-life run asks the board for its handover this often (simulated s)
 
 
 class InProcess:
@@ -112,41 +114,64 @@ class SimRuntime:
         return InProcess(self.board)
 
     def launch(self, run: PackRun, board: InProcess, resources: Resources) -> SimRun:
+        """A run's messages on the clock: start-up, then its stage; a whole-life run (``run.then``)
+        then polls the board for the driver's handover and trains stage 2 of the members handed over,
+        with no second start-up, as ``cluster.worker.train_pack`` does."""
         plan = run.plan
-        members = tuple(m.concept_id for m in plan.members)
-        recipe = plan.members[0].recipe
         spread = int(hashlib.sha256(plan.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         step_s = self.step_s * (1 + self.jitter * spread)
         start = self.now + self.startup_s
-        sim = SimRun(plan.name, plan.stage, members, self.now, start + recipe.steps * step_s)
+        sim = SimRun(plan.name, plan.stage, tuple(m.concept_id for m in plan.members), self.now,
+                     start + plan.members[0].recipe.steps * step_s)
         self.runs.append(sim)
 
-        def push(kind: str, payload: dict, at: float) -> None:   # as RayShell.push: the run's name added
-            board.push.remote(kind, {"run": plan.name, "at": at, **payload})
+        def push(kind: str, payload: dict, at: float, stage_plan: PackPlan) -> None:   # as RayShell.push
+            board.push.remote(kind, {"run": stage_plan.name, "at": at, **payload})
 
-        def progress(step: int, at: float) -> None:
-            for cid in members:
-                push("progress", {"concept_id": cid, "stage": plan.stage, "step": step, "total": recipe.steps,
-                                  "loss": 0.1}, at)
+        def stage(p: PackPlan, begin: float, then: Callable[[float], None]) -> None:
+            recipe, members = p.members[0].recipe, tuple(m.concept_id for m in p.members)
 
-        def checkpoint(step: int, at: float) -> None:
-            progress(step, at)
-            uri = f"{run.runs_path}/{plan.name}/checkpoint_{step // recipe.checkpoint_every:06d}"
-            push("checkpoint", {"uri": uri, "stage": plan.stage, "members": [
-                {"concept_id": m.concept_id, "job_key": m.key, "step": step} for m in plan.members]}, at)
+            def progress(step: int, at: float) -> None:
+                for cid in members:
+                    push("progress", {"concept_id": cid, "stage": p.stage, "step": step, "total": recipe.steps,
+                                      "loss": 0.1}, at, p)
 
-        def finish(at: float) -> None:
-            root = stage1_root(run.storage) if plan.stage == 1 else run.storage
-            for cid in members:
-                push("outcome", {"concept_id": cid, "stage": plan.stage, "status": "done",
-                                 "output": adapter_uri(root, cid), "step": recipe.steps, "final_loss": 0.1}, at)
-            sim.result = {"ok": True, "error": None, "wall_s": at - sim.launched_at}
+            def checkpoint(step: int, at: float) -> None:
+                progress(step, at)
+                uri = f"{run.runs_path}/{plan.name}/checkpoint_s{p.stage}_{step // recipe.checkpoint_every:06d}"
+                push("checkpoint", {"uri": uri, "stage": p.stage, "members": [
+                    {"concept_id": m.concept_id, "job_key": m.key, "step": step} for m in p.members]}, at, p)
 
-        self._at(start, lambda: progress(0, start), sim)
-        for step in range(recipe.checkpoint_every, recipe.steps, recipe.checkpoint_every):
-            t = start + step * step_s
-            self._at(t, lambda s=step, t=t: checkpoint(s, t), sim)
-        self._at(sim.ends_at, lambda: finish(sim.ends_at), sim)
+            def finish(at: float) -> None:
+                root = stage1_root(run.storage) if p.stage == 1 else run.storage
+                for cid in members:
+                    push("outcome", {"concept_id": cid, "stage": p.stage, "status": "done",
+                                     "output": adapter_uri(root, cid), "step": recipe.steps, "final_loss": 0.1}, at, p)
+                then(at)
+
+            self._at(begin, lambda: progress(0, begin), sim)
+            for step in range(recipe.checkpoint_every, recipe.steps, recipe.checkpoint_every):
+                t = begin + step * step_s
+                self._at(t, lambda s=step, t=t: checkpoint(s, t), sim)
+            self._at(begin + recipe.steps * step_s, lambda: finish(begin + recipe.steps * step_s), sim)
+
+        def end(at: float) -> None:
+            sim.ends_at, sim.result = at, {"ok": True, "error": None, "wall_s": at - sim.launched_at}
+
+        def await_handover(at: float) -> None:
+            handed = board.handed_over.remote(plan.name)
+            if handed is None:          # the driver has not drained the outcomes yet: poll again
+                self._at(at + HANDOVER_POLL_S, lambda: await_handover(at + HANDOVER_POLL_S), sim)
+                return
+            members = tuple(m for m in run.then.members if m.concept_id in set(handed))
+            if not members:
+                end(at)
+                return
+            plan2 = PackPlan(name=run.then.name, stage=2, base_model=run.then.base_model, members=members,
+                             validation=run.then.validation)
+            stage(plan2, at, end)
+
+        stage(plan, start, await_handover if run.then is not None else end)
         return sim
 
     def wait(self, refs: list[SimRun], timeout: float) -> list[SimRun]:

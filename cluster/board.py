@@ -54,6 +54,7 @@ class ProgressBoard:
         self._unreported: Counter[str] = Counter()   # per kind, since the last drain
         self._cancel: set[str] = set()
         self._latest_ckpt: dict[str, dict[str, Any]] = {}
+        self._handover: dict[str, list[str]] = {}   # whole-life run name -> members the ledger moved to stage 2
 
     def push(self, kind: str, payload: dict[str, Any]) -> None:
         """``kind``: progress | checkpoint | outcome | event."""
@@ -119,3 +120,11 @@ class ProgressBoard:
         """Newest checkpoint of each job's ``stage`` seen by this board: job_key -> {step, uri}."""
         keys = {k: f"{k}/s{stage}" for k in job_keys}
         return {k: self._latest_ckpt[s] for k, s in keys.items() if s in self._latest_ckpt}
+
+    def hand_over(self, run: str, concept_ids: list[str]) -> None:
+        """The driver recorded stage 1 of run ``run`` as done: its worker trains ``concept_ids``' stage 2."""
+        self._handover[run] = list(concept_ids)
+
+    def handed_over(self, run: str) -> list[str] | None:
+        """The members run ``run`` may train in stage 2, or None while the driver has not said yet."""
+        return self._handover.get(run)

@@ -4,7 +4,12 @@ The scheduler is what "the driver" runs: the process (or detached actor, ``clust
 holding the ledger's driver lease. Which packs to launch is decided by pure functions over ledger rows
 (``plan_packs``, ``concurrency_limit``), testable without Ray; ``Scheduler`` adds the Ray side.
 
-Each pack is one ``TorchTrainer`` run (one worker) launched from a ``num_cpus=0`` task, so several
+A pack's whole life is one ``TorchTrainer`` run (one worker, one base load): stage 1, then, once the
+driver has recorded stage 1 in the ledger (published, ``stage1 -> stage2``) and launched stage 2 there,
+its handover on the board lets the same worker train stage 2 of the members it names (the members
+stay running for the scheduler throughout). Packs of stage 2 alone (a kept stage 1 requeued, a retry)
+are runs of their own; ``PURECC_RUN_PER_STAGE=1`` makes every stage its own run, as before.
+Runs are launched from a ``num_cpus=0`` task, so several
 runs proceed at once up to the concurrency limit (a run queued on resources would sit on its
 placement group; queueing happens here instead). A pack holds concepts of the same stage, base model,
 storage, resources and batch shape (``purecc.trainer.PACK_KEYS``); its run is named after its members
@@ -264,13 +269,16 @@ class RayRuntime:
 class _Launch:
     """A run in flight: its ledger id, pack name, stage and members."""
 
-    run_id: int
+    run_id: int | None
     pack: str
     stage: int
     members: list[str]
     max_attempts: int
     cancel_sent: dict[str, float] = field(default_factory=dict)   # concept id -> when the cancel went out
     started: bool = False      # its worker has reported (it is placed: not waiting for resources)
+    ray_name: str = ""         # the Ray Train run's name (the stage-1 pack's for a whole-life run)
+    then: str | None = None    # a whole-life run: the stage-2 pack name, until the handover
+    s1_left: set[str] = field(default_factory=set)   # whole-life: members whose stage-1 outcome is still due
 
 
 @dataclass
@@ -298,12 +306,14 @@ class Scheduler:
     def __init__(self, ledger: JobLedger, *, poll_s: float = 0.5, max_concurrent: int | None = None,
                  on_tick: Callable[[list[JobRecord]], None] | None = None, fault: dict | None = None,
                  scratch: str | None = None, owner: str | None = None, reservation: str | None = None,
-                 resource_wait_s: float = RESOURCE_WAIT_S, runtime: RayRuntime | None = None):
+                 resource_wait_s: float = RESOURCE_WAIT_S, runtime: RayRuntime | None = None,
+                 whole_life: bool | None = None):
         self.ledger, self.poll_s, self.max_concurrent = ledger, poll_s, max_concurrent
         self.on_tick, self.fault, self.scratch = on_tick, fault, scratch
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.reservation, self.resource_wait_s = reservation, resource_wait_s
         self._runtime = runtime
+        self.whole_life = os.environ.get("PURECC_RUN_PER_STAGE") != "1" if whole_life is None else whole_life
         self.launches: dict[Any, _Launch] = {}    # ObjectRef of the launcher task -> launch
         self._short_since: dict[str, float] = {}  # concept id -> since when its resources are missing
         self._nodes: tuple[float, list[dict[str, float]]] = (0.0, [])
@@ -437,7 +447,7 @@ class Scheduler:
     # ----- messages from workers -------------------------------------------------------------
     def _drain(self) -> None:
         progress: dict[str, dict] = {}
-        by_run = {launch.pack: launch for launch in self.launches.values()}
+        by_run = {name: launch for launch in self.launches.values() for name in (launch.pack, launch.ray_name)}
         for msg in self._ray.get(self.board.drain.remote()):
             kind, cid = msg["kind"], msg.get("concept_id")
             if msg.get("run") in by_run:
@@ -458,7 +468,24 @@ class Scheduler:
                 self.ledger.record_progress(list(progress.values()))
                 progress.clear()
                 self._outcome(msg)
+                launch = by_run.get(msg.get("run"))
+                if launch is not None and launch.then and msg["stage"] == 1:
+                    launch.s1_left.discard(cid)
+                    if not launch.s1_left:
+                        self._hand_over(launch)
         self.ledger.record_progress(list(progress.values()))
+
+    def _hand_over(self, launch: _Launch) -> None:
+        """Every stage-1 outcome of a whole-life run is in the ledger: launch stage 2 there for those
+        now in ``stage2`` and tell the worker which (it waits for this before training stage 2)."""
+        done = [c for c in launch.members if self.ledger.get(c).state == "stage2"]
+        self.ledger.end_run(launch.run_id, "ok")
+        self.ledger.heartbeat(self.owner)
+        run_id, ids = self.ledger.launch(launch.then, 2, done) if done else (None, [])
+        self.board.hand_over.remote(launch.ray_name, ids)
+        launch.run_id, launch.pack, launch.stage, launch.members, launch.then = run_id, launch.then, 2, ids, None
+        for cid in ids:
+            self._speed.pop(cid, None)
 
     def _with_eta(self, msg: dict) -> dict:
         """ETA of the current stage from the step rate seen since this launch's first report."""
@@ -497,10 +524,14 @@ class Scheduler:
                 result = self._ray.get(ref)
             except Exception as exc:  # noqa: BLE001 -- the launcher task itself died
                 result = {"ok": False, "error": _short_error(exc)}
-            self._drain()  # outcomes pushed just before the run ended
+            self.launches[ref] = launch
+            self._drain()  # outcomes pushed just before the run ended (a handover may still follow)
+            self.launches.pop(ref)
             self._settle(launch, result)
 
     def _settle(self, launch: _Launch, result: dict) -> None:
+        if launch.run_id is None:     # a whole-life run whose stage 2 had no member left
+            return
         left = [cid for cid in launch.members
                 if (rec := self.ledger.get(cid)).state == f"stage{launch.stage}" and rec.pack == launch.pack]
         if left:
@@ -509,7 +540,9 @@ class Scheduler:
         self.ledger.end_run(launch.run_id, "ok" if result["ok"] and not left else "failed", result["error"])
 
     def _schedule(self) -> None:
-        ready = [r for r in self._ready() if r.concept_id not in self._short_since]
+        # a whole-life run's members wait for its handover between their stage-1 outcomes: not another run's
+        held = {c for launch in self.launches.values() if launch.then for c in launch.members}
+        ready = [r for r in self._ready() if r.concept_id not in self._short_since and r.concept_id not in held]
         running = [[self.ledger.get(c) for c in launch.members] for launch in self.launches.values()]
         limits = concurrency_limit(ready + [r for members in running for r in members], self.max_concurrent)
         free = (self.max_concurrent - len(self.launches)) if self.max_concurrent else len(ready)
@@ -527,15 +560,27 @@ class Scheduler:
             return
         recs = [self.ledger.get(c) for c in ids]
         spec = recs[0].spec
+        then = self._whole_life(stage, recs)
         run = PackRun(plan=pack_plan(name, stage, recs), storage=spec.storage, runs_path=f"{spec.storage}/runs",
                       scratch=self.scratch, fault=self._fault_for(ids, spec.storage),
                       resume={r.concept_id: r.checkpoint for r in recs
-                              if r.checkpoint and r.checkpoint_stage == stage})
+                              if r.checkpoint and r.checkpoint_stage == stage},
+                      then=pack_plan(then, 2, recs) if then else None)
         ref = self._ray.launch(run, self.board, spec.resources)
-        self.launches[ref] = _Launch(run_id, name, stage, ids, spec.resources.max_attempts)
+        self.launches[ref] = _Launch(run_id, name, stage, ids, spec.resources.max_attempts, ray_name=name,
+                                     then=then, s1_left=set(ids) if then else set())
         for cid in ids:
             self._speed.pop(cid, None)
         self._runs += 1
+
+    def _whole_life(self, stage: int, recs: list[JobRecord]) -> str | None:
+        """The stage-2 pack name when a stage-1 pack runs its whole life in one run (its members
+        share a stage-2 pack key, rank included, so one bank serves both stages), else None."""
+        if not self.whole_life or stage != 1 or len({pack_key(r, 2) for r in recs}) != 1:
+            return None
+        if recs[0].spec.recipe(1).rank != recs[0].spec.recipe(2).rank:
+            return None
+        return pack_name(2, recs)
 
     def _fault_for(self, ids: list[str], storage: str) -> dict | None:
         f = self.fault

@@ -10,8 +10,15 @@ registry ``<storage>/adapters``. Where the ``tensorboard`` package is installed,
 lambda and validation images also go to TensorBoard event files, copied at the end of each stage to
 ``<storage>/work/tensorboard/<concept_id>/stage<n>/`` (next to the run checkpoints under ``work/``).
 
+A run is a pack's whole life when the driver gives it ``PackRun.then`` (the stage-2 plan of the same
+members): stage 1, then a wait on the board until the driver has recorded stage 1 in the ledger and
+launched stage 2 there (``hand_over``), then stage 2 on the base loaded once (its bank detached and a
+fresh one attached, as on a new load). A worker restarted by Ray Train after the handover goes
+straight to stage 2 and resumes it; the run's checkpoints say which stage they hold (``pack.json``), so
+a stage never resumes from the other's.
+
 A reported pack checkpoint is one folder with a sub-folder per concept (``checkpoint.safetensors`` +
-``state.json``, which records the job's content key). Nothing is pickled.
+``state.json``, which records the job's content key) and ``pack.json``. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from purecc.pack import PackPlan, PackRecipe
 from purecc.registry import AdapterRegistry, resolve_fs
 
 STAGE1_AREA = "work/stage1"
+PACK_STATE = "pack.json"          # in a reported pack checkpoint: {"stage": n}
+HANDOVER_WAIT_S = 600.0           # a whole-life run waits this long for the driver to record stage 1
 TENSORBOARD_AREA = "work/tensorboard"
 # a member's downsampled loss curve rides on its progress message at its first and last step and at
 # most this often in between (it is a few KB; every step's message stays a few scalars)
@@ -65,6 +74,23 @@ def download(uri: str, dest: Path) -> Path:
     return dest
 
 
+def _pack_stage(folder: Path) -> int | None:
+    """The stage a local pack checkpoint holds (None: written before pack.json existed)."""
+    try:
+        return int(json.loads((folder / PACK_STATE).read_text())["stage"])
+    except FileNotFoundError:
+        return None
+
+
+def _stored_stage(fs, path: str) -> int | None:
+    """``_pack_stage`` of a stored pack checkpoint (through its file system)."""
+    try:
+        with fs.open_input_stream(f"{path}/{PACK_STATE}") as f:
+            return int(json.loads(f.read())["stage"])
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def _label(uri: str) -> str:
     """A checkpoint's short name for events (its last two components: no server path in events)."""
     return "/".join(uri.rstrip("/").split("/")[-2:])
@@ -83,7 +109,9 @@ def _damage(uri: str) -> None:
 class PackRun:
     """Everything a worker needs besides the board: the pack plan and where the run keeps its files.
 
-    ``resume``: per concept, the checkpoint URI the ledger recorded for this stage; ``fault``
+    ``then``: the stage-2 plan of the same members when the run is a pack's whole life (stage 1, the
+    driver's handover, stage 2 on the same loaded base); ``resume``: per concept, the checkpoint URI
+    the ledger recorded for ``plan``'s stage; ``fault``
     (tests): ``{concept_id, stage, step, marker}`` makes the worker ``os._exit(1)`` once there
     (with ``corrupt_newest``: after damaging the newest checkpoint it reported, as a bad disk would).
     """
@@ -94,17 +122,21 @@ class PackRun:
     scratch: str | None = None
     resume: Mapping[str, str] = field(default_factory=dict)
     fault: Mapping[str, Any] | None = None
+    then: PackPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain fields for ``train_loop_config``."""
         return {"plan": self.plan.to_dict(), "storage": self.storage, "runs_path": self.runs_path,
                 "scratch": self.scratch, "resume": dict(self.resume),
-                "fault": dict(self.fault) if self.fault else None}
+                "fault": dict(self.fault) if self.fault else None,
+                "then": self.then.to_dict() if self.then else None}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PackRun":
         """Inverse of ``to_dict``."""
-        return cls(**{**data, "plan": PackPlan.from_dict(data["plan"])})
+        then = data.get("then")
+        return cls(**{**data, "plan": PackPlan.from_dict(data["plan"]),
+                      "then": PackPlan.from_dict(then) if then else None})
 
 
 class RayShell:
@@ -114,14 +146,24 @@ class RayShell:
         import ray
 
         self.run, self.board, self.scratch = run, board, scratch
-        self.plan, self.stage = run.plan, run.plan.stage
-        self.ckpt_root = scratch / "ckpt"
+        self.plan = run.plan
+        self.ckpt_root = scratch / f"ckpt-s{self.plan.stage}"
         self.report_seq = 0
         self.last_reported: str | None = None     # URI of the newest pack checkpoint reported
         self.members: Mapping[str, Any] = {}      # the recipe's members once it is set up
         self.stage1_dirs: dict[str, Path] = {}
-        self._curve_sent: dict[str, float] = {}   # member -> when its curve last went to the board
+        self._curve_sent: dict[tuple[str, int], float] = {}   # (member, stage) -> when its curve last went out
         self._ray = ray
+
+    @property
+    def stage(self) -> int:
+        """The stage being trained now."""
+        return self.plan.stage
+
+    def begin(self, plan: PackPlan) -> None:
+        """Start the next stage of a whole-life run with ``plan``."""
+        self.plan, self.members = plan, {}
+        self.ckpt_root = self.scratch / f"ckpt-s{plan.stage}"
 
     # ----- messages to the driver ----------------------------------------------------------------
     def push(self, kind: str, payload: dict, wait: bool = False) -> None:
@@ -149,10 +191,10 @@ class RayShell:
                     _damage(f"{self.last_reported}/{m['concept_id']}/checkpoint.safetensors")
                 os._exit(1)  # a real worker death: Ray Train restarts the worker group
         msg = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
-        curve, cid, now = m.get("loss_curve"), m["concept_id"], time.monotonic()
-        if curve is not None and (m["step"] >= m["total"] or cid not in self._curve_sent
-                                  or now - self._curve_sent[cid] >= CURVE_PUSH_S):
-            self._curve_sent[cid] = now
+        curve, key, now = m.get("loss_curve"), (m["concept_id"], m["stage"]), time.monotonic()
+        if curve is not None and (m["step"] >= m["total"] or key not in self._curve_sent
+                                  or now - self._curve_sent[key] >= CURVE_PUSH_S):
+            self._curve_sent[key] = now
             msg["curve"] = {k: v for k, v in curve.to_dict().items() if k != "recent"}
         self.push("progress", msg)
 
@@ -186,14 +228,16 @@ class RayShell:
         found: dict[str, list[Path]] = {cid: [] for cid in members}
         ckpt = self._ray.train.get_checkpoint()   # set after a worker restart or a same-name relaunch
         if ckpt is not None:
-            local = Path(ckpt.to_directory(str(self.scratch / "restore-run")))
-            for cid in found:
-                found[cid].append(local / cid)
+            local = Path(ckpt.to_directory(str(self.scratch / f"restore-run-s{self.stage}")))
+            if _pack_stage(local) in (None, self.stage):   # a whole-life run reports both stages
+                for cid in found:
+                    found[cid].append(local / cid)
         keys = {cid: m.key for cid, m in members.items()}
         pointers = self._ray.get(self.board.latest_checkpoints.remote(list(keys.values()), self.stage))
         kept = self._kept_checkpoints()
         for i, cid in enumerate(found):
-            recorded = [pointers.get(keys[cid], {}).get("uri"), self.run.resume.get(cid)]
+            ledger = self.run.resume.get(cid) if self.stage == self.run.plan.stage else None
+            recorded = [pointers.get(keys[cid], {}).get("uri"), ledger]
             uris = recorded + [f"{k}/{cid}" for k in kept]
             for uri in dict.fromkeys(u for u in uris if u):
                 if not _within(uri, self.run.runs_path):   # never read outside this batch's storage
@@ -215,7 +259,7 @@ class RayShell:
     def _kept_checkpoints(self) -> list[str]:
         """Every checkpoint Ray Train keeps for this run (newest first), so that a damaged newest one
         falls back to the one before it (the recipe ranks them by step and verifies their hashes)."""
-        run_dir = f"{self.run.runs_path}/{self.plan.name}"
+        run_dir = f"{self.run.runs_path}/{self.run.plan.name}"
         fs, path = resolve_fs(run_dir)
         try:
             infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -226,7 +270,7 @@ class RayShell:
             return []
         names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
                         and i.base_name.startswith("checkpoint_")), reverse=True)
-        return [f"{run_dir}/{n}" for n in names]
+        return [f"{run_dir}/{n}" for n in names if _stored_stage(fs, f"{path}/{n}") in (None, self.stage)]
 
     # ----- checkpoints ------------------------------------------------------------------------------
     def checkpoint_dir(self, cid: str) -> Path:
@@ -239,6 +283,8 @@ class RayShell:
 
         self.report_seq += 1
         pack_dir = self.scratch / f"report-{self.report_seq}"
+        pack_dir.mkdir(parents=True)
+        (pack_dir / PACK_STATE).write_text(json.dumps({"stage": self.stage}))
         saved = []
         for cid, m in self.members.items():
             src = self.ckpt_root / cid
@@ -250,7 +296,7 @@ class RayShell:
                                 "steps": json.dumps({s["concept_id"]: s["step"] for s in saved})},
                                checkpoint=Checkpoint.from_directory(str(pack_dir)))
         persisted = self._ray.train.get_checkpoint()
-        uri = f"{self.run.runs_path}/{self.plan.name}/{Path(persisted.path).name}"
+        uri = f"{self.run.runs_path}/{self.run.plan.name}/{Path(persisted.path).name}"
         self.last_reported = uri
         self.push("checkpoint", {"uri": uri, "stage": self.stage, "members": saved}, wait=True)
         shutil.rmtree(pack_dir, ignore_errors=True)
@@ -296,31 +342,61 @@ def _tensorboard(folder: Path):
         return None
 
 
-def train_pack(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of every PureCC run (one worker per pack): ``{"run": PackRun dict, "board"}``."""
-    run = PackRun.from_dict(config["run"])
-    root = Path(run.scratch or tempfile.gettempdir())
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="purecc-run-", dir=root))
-    shell = RayShell(run, config["board"], scratch)
-    logger = _tensorboard(scratch / "tensorboard")
-    recipe = PackRecipe(run.plan, cache_dir=root / "purecc-cache" / "latents", extractor=shell.fetch_stage1,
-                        on_metrics=shell.on_metrics, on_event=shell.on_event, logger=logger)
+class _Timer:
+    """Seconds spent per phase of a run (reported with each stage as a ``stage-timing`` event)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
+        return now
+
+
+def _train_stage(shell: RayShell, plan: PackPlan, root: Path, logger, pipe, timer: _Timer):
+    """One stage of the run's pack: setup, resume, train, publish, outcomes. Returns the loaded base
+    (None when nothing was loaded) so that the next stage reuses it."""
+    shell.begin(plan)
+    recipe = PackRecipe(plan, cache_dir=root / "purecc-cache" / "latents", extractor=shell.fetch_stage1,
+                        on_metrics=shell.on_metrics, on_event=shell.on_event, logger=logger, pipe=pipe)
+    t = time.perf_counter()
     try:
+        if pipe is None:
+            from purecc.model import ModelConfig, load_pipeline
+
+            recipe.pipe = load_pipeline(ModelConfig(path=plan.base_model))
+            t = timer.add("load_base", t)
+        else:     # the next stage on the loaded base: a bank of its own size, as on a fresh load
+            from purecc.bank import detach_bank
+
+            detach_bank(pipe.transformer)
         for cid, error in recipe.setup().items():
             shell.outcome(cid, "failed", error=error)
         if not recipe.members:
-            return
+            return recipe.pipe
+        t = timer.add(f"s{plan.stage}_setup", t)
         shell.members = recipe.members
         node = shell._ray.get_runtime_context().get_node_id()     # where Ray placed this run (multi-node tests)
         for cid in recipe.members:
-            shell.on_event(cid, "placed", {"node_id": node, "run": run.plan.name})
+            shell.on_event(cid, "placed", {"node_id": node, "run": plan.name})
         resumed = recipe.resume(shell.candidates())
         for cid, m in recipe.members.items():     # a row from the first step on, not from the first report
             shell.push("progress", {"concept_id": cid, "stage": shell.stage, "step": resumed.get(cid, 0),
                                     "total": m.recipe.steps})
-        result = recipe.train(checkpoint_dir=shell.checkpoint_dir, on_checkpoint=shell.on_checkpoint,
+        t = timer.add(f"s{plan.stage}_resume", t)
+        ckpt_s = [0.0]
+
+        def on_checkpoint(ids: list[str]) -> None:
+            c = time.perf_counter()
+            shell.on_checkpoint(ids)
+            ckpt_s[0] += time.perf_counter() - c
+
+        result = recipe.train(checkpoint_dir=shell.checkpoint_dir, on_checkpoint=on_checkpoint,
                               should_stop=shell.should_stop)
+        timer.phases[f"s{plan.stage}_checkpoints"] = ckpt_s[0]
+        t = timer.add(f"s{plan.stage}_train", t + ckpt_s[0])
+        train_s = timer.phases[f"s{plan.stage}_train"]
         for cid, summary in result.items():
             if summary["status"] == "failed":
                 shell.outcome(cid, "failed", error=f"training error: {summary['error']}")
@@ -331,10 +407,63 @@ def train_pack(config: dict[str, Any]) -> None:
             uri = shell.publish(recipe, cid)
             if logger is not None:
                 logger.close()           # flushed before the copy (the next write reopens the writer)
-                shell.keep_tensorboard(cid, scratch / "tensorboard")
+                shell.keep_tensorboard(cid, root_tb(shell))
             shell.outcome(cid, "done", output=uri, step=summary["step"], final_loss=summary["final_loss"])
+        timer.add(f"s{plan.stage}_publish", t)
+        for cid in recipe.members:
+            shell.push("event", {"concept_id": cid, "event": "stage-timing",
+                                 "detail": {"stage": plan.stage, "pack": plan.name, "pid": os.getpid(),
+                                            "train_s": round(train_s, 4),
+                                            "phases": {k: round(v, 4) for k, v in timer.phases.items()}}})
+        return recipe.pipe
+    finally:
+        recipe.trainer = None     # the base stays loaded (with its bank) for the next stage
+
+
+def root_tb(shell: RayShell) -> Path:
+    """The run's local TensorBoard folder."""
+    return shell.scratch / "tensorboard"
+
+
+def _await_handover(shell: RayShell) -> list[str]:
+    """The members the driver moved to stage 2 (it records stage 1 first); waits for its word."""
+    deadline = time.monotonic() + HANDOVER_WAIT_S
+    while True:
+        ids = shell._ray.get(shell.board.handed_over.remote(shell.run.plan.name))
+        if ids is not None:
+            return ids
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{shell.run.plan.name}: the driver did not record stage 1 within {HANDOVER_WAIT_S:.0f} s")
+        time.sleep(0.05)
+
+
+def train_pack(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of every PureCC run (one worker per pack): ``{"run": PackRun dict, "board"}``.
+
+    A whole-life run (``PackRun.then``) trains stage 1, waits until the driver has recorded it in the
+    ledger (its handover on the board), then trains stage 2 of the members it handed over on the
+    same loaded base. Restarted after a failure, it starts at stage 2 when the handover was made.
+    """
+    run = PackRun.from_dict(config["run"])
+    root = Path(run.scratch or tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="purecc-run-", dir=root))
+    shell = RayShell(run, config["board"], scratch)
+    logger = _tensorboard(root_tb(shell))
+    timer, pipe = _Timer(), None
+    try:
+        handed = shell._ray.get(shell.board.handed_over.remote(run.plan.name)) if run.then else None
+        if handed is None:
+            pipe = _train_stage(shell, run.plan, root, logger, pipe, timer)
+            if run.then is None:
+                return
+            handed = _await_handover(shell)
+        members = tuple(m for m in run.then.members if m.concept_id in set(handed))
+        if members:
+            plan2 = PackPlan(name=run.then.name, stage=2, base_model=run.then.base_model, members=members,
+                             validation=run.then.validation)
+            _train_stage(shell, plan2, root, logger, pipe, timer)
     finally:
         if logger is not None:
             logger.close()
-        recipe.cleanup()
         shutil.rmtree(scratch, ignore_errors=True)

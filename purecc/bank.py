@@ -265,8 +265,28 @@ def attach_bank(transformer: nn.Module, num_slots: int, *, rank: int = 4, alpha:
         else:
             setattr(parent, child, banked)
     object.__setattr__(transformer, "adapter_bank", bank)
-    transformer.register_forward_pre_hook(lambda module, args: bank.begin_forward())
+    hook = transformer.register_forward_pre_hook(lambda module, args: bank.begin_forward())
+    object.__setattr__(bank, "_hook", hook)
     return bank
+
+
+def detach_bank(transformer: nn.Module) -> None:
+    """Undo ``attach_bank``: every ``BankedLinear`` gives back its frozen Linear and the bank goes, so
+    that a loaded base can take another bank (a pack's next stage) as a freshly loaded one would."""
+    bank = getattr(transformer, "adapter_bank", None)
+    if bank is None:
+        return
+    modules = dict(transformer.named_modules())
+    for name, mod in modules.items():
+        if isinstance(mod, BankedLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name]
+            if isinstance(parent, nn.ModuleList):
+                parent[int(child)] = mod.base
+            else:
+                setattr(parent, child, mod.base)
+    bank._hook.remove()
+    object.__delattr__(transformer, "adapter_bank")
 
 
 def one_hot_routing(slots: Sequence[int | None], num_slots: int, weight: float = 1.0) -> torch.Tensor:

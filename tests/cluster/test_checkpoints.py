@@ -1,6 +1,7 @@
 """A damaged newest checkpoint: the restarted worker resumes from the newest intact one (verified by the
 hashes written with it), a ``checkpoint-rejected`` event says which and why, and the adapter ends as an
-uninterrupted run's."""
+uninterrupted run's. A pack's whole life is one run: stage 1 recorded in the ledger before stage 2 starts
+in the same worker; a worker killed in stage 2 resumes stage 2 (not stage 1) from its checkpoint."""
 
 from __future__ import annotations
 
@@ -47,3 +48,67 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(ray_cluster, ba
     worst = max((want[k] - have[k]).abs().max().item() for k in want)
     assert worst <= 1e-6, worst        # as the kill test in test_batch_ray: equal up to float rounding
     assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)     # it did train
+
+
+def _timings(led: JobLedger, cid: str) -> list[dict]:
+    return [e["detail"] for e in led.events(cid, "stage-timing")]
+
+
+def test_a_packs_whole_life_is_one_run_and_stage1_is_recorded_before_stage2(ray_cluster, batch_files):
+    path = batch_files(ids=["zigzag-star", "ringed-circle"], resources={"cpus_per_worker": 1, "concepts_per_pack": 2,
+                                                                         "max_concurrent": 1},
+                       defaults={"resolution": 64, "stage1": {"steps": 4, "grad_accum": 1, "checkpoint_every": 2},
+                                 "stage2": {"steps": 4, "checkpoint_every": 2}})
+    result = api.submit(path)
+    assert result.summary.states == {"zigzag-star": "published", "ringed-circle": "published"}
+    assert result.summary.runs_launched == 1                      # one Ray Train run for both stages
+    with JobLedger(result.ledger) as led:
+        runs = led.runs()
+        for cid in ("zigzag-star", "ringed-circle"):
+            timings = _timings(led, cid)
+            assert [t["stage"] for t in timings] == [1, 2], timings
+            assert timings[0]["pid"] == timings[1]["pid"]           # the same worker process
+            # the base was loaded once, before stage 1 (the phases add up over the run)
+            assert timings[1]["phases"]["load_base"] == timings[0]["phases"]["load_base"] > 0
+            rec = led.get(cid)
+            assert rec.stage1_adapter and rec.stage1_adapter.endswith(f"work/stage1/adapters/{cid}")
+            kinds = [e["kind"] for e in led.events(cid)]
+            # the ledger saw stage 1 done (stage1 -> stage2) and the stage-2 launch before any stage-2 step
+            assert kinds.index("stage2") < [i for i, k in enumerate(kinds) if k == "launched"][1], kinds
+            assert rec.stage2_started >= rec.stage1_ended
+    assert [(r["stage"], r["outcome"]) for r in runs] == [(1, "ok"), (2, "ok")], runs
+    assert runs[0]["ended_at"] <= runs[1]["launched_at"]
+
+
+def test_a_whole_life_run_killed_in_stage2_resumes_stage2_from_its_checkpoint(ray_cluster, batch_files,
+                                                                              tiny_model_dir, tmp_path):
+    steps2, every2, kill2 = 10, 2, 7
+    path = batch_files(ids=["zigzag-star"], defaults={"resolution": 64, "stage1": {
+        "steps": 4, "grad_accum": 1, "checkpoint_every": 2}, "stage2": {"steps": steps2, "checkpoint_every": every2}})
+    result = api.submit(path, fault={"concept_id": "zigzag-star", "stage": 2, "step": kill2})
+    assert result.summary.states == {"zigzag-star": "published"}
+    assert result.summary.runs_launched == 1          # Ray Train restarted the worker inside the run
+    with JobLedger(result.ledger) as led:
+        resumed = [e["detail"] for e in led.events("zigzag-star", "resumed")]
+        rejected = led.events("zigzag-star", "checkpoint-rejected")
+        timings = _timings(led, "zigzag-star")
+        stage1_done = [e for e in led.events("zigzag-star") if e["kind"] == "stage2"]
+    assert resumed == [{"stage": 2, "step": kill2 - kill2 % every2}], resumed   # stage 1 was not trained again
+    assert rejected == []                              # stage-1 checkpoints of the same run are not candidates
+    assert [t["stage"] for t in timings] == [1, 2], timings
+    assert timings[0]["pid"] != timings[1]["pid"]       # stage 2 finished in the restarted worker
+    assert len(stage1_done) == 1
+
+    spec = load_batch(path).jobs()[0]
+    s1 = AdapterRegistry(stage1_root(spec.storage)).fetch("zigzag-star", tmp_path / "s1")
+    ref = PackTrainer(load_pipeline(str(tiny_model_dir)),
+                      [ConceptJob("zigzag-star", spec.trigger, spec.manifest, spec.recipe(2), seed=spec.seed,
+                                  extractor_adapter=s1)])
+    ref.setup()
+    ref.train()
+    want = load_file(ref.export("zigzag-star", tmp_path / "ref") / "adapter_model.safetensors")
+    got_dir = AdapterRegistry(spec.storage).fetch("zigzag-star", tmp_path / "cache")
+    have = load_file(got_dir / "adapter_model.safetensors")
+    assert want.keys() == have.keys()
+    worst = max((want[k] - have[k]).abs().max().item() for k in want)
+    assert worst <= 1e-6, worst
