@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -77,6 +78,7 @@ def metrics_node():
             serve.shutdown()
             ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(f"/tmp/pcmet-{os.getpid()}", ignore_errors=True)
 
 
 def test_replica_metrics_are_scraped_from_the_node(metrics_node, tiny_model_dir, adapter_factory, tmp_path):

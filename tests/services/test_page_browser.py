@@ -51,7 +51,8 @@ def page_service(tiny_model_dir, adapter_factory, tmp_path_factory):
         adapter_factory.publish(registry, cid, seed=40 + seed, trigger=trigger)
     tokens_file = storage / "auth" / "tokens.json"
     tokens = {owner: make_token(tokens_file, owner) for owner in ("alice", "bob")}
-    start_local_ray(2, temp_dir=Path(f"/tmp/pcpage-{os.getpid()}"))
+    temp_dir = Path(f"/tmp/pcpage-{os.getpid()}")
+    start_local_ray(2, temp_dir=temp_dir)
     from ray import serve
 
     port = free_port()
@@ -65,6 +66,7 @@ def page_service(tiny_model_dir, adapter_factory, tmp_path_factory):
         serve.shutdown()
         import ray
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
