@@ -23,7 +23,7 @@ DROP_ORDER = ("progress", "event", "checkpoint", "outcome")   # cheapest to lose
 MAX_MESSAGES = 10_000   # undrained; a driver drains every second or so, so this is only reached without one
 
 
-def carry_curve(older: dict[str, Any], newer: dict[str, Any]) -> None:
+def _carry_curve(older: dict[str, Any], newer: dict[str, Any]) -> None:
     """A progress message that replaces an older one of the same stage keeps the older one's loss
     curve when it has none of its own (curves ride on few messages; none is lost by a replacement)."""
     if "curve" in older and "curve" not in newer and older.get("stage") == newer.get("stage"):
@@ -71,7 +71,7 @@ class ProgressBoard:
         key = payload.get("concept_id") if kind == "progress" else seq
         replaced = queue.pop(key, None)   # the newest progress goes to the end: dicts keep insertion order
         if replaced is not None and kind == "progress":
-            carry_curve(replaced[1], msg)
+            _carry_curve(replaced[1], msg)
         queue[key] = (seq, msg)
         if sum(map(len, self._pending.values())) > self.max_messages:
             self._drop_oldest()

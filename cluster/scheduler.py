@@ -39,7 +39,7 @@ from purecc.pack import ConceptPlan, PackPlan, ValidationSettings
 from purecc.trainer import PACK_KEYS
 
 from . import policy
-from .board import carry_curve, start_board
+from .board import start_board
 from .ledger import ACTIVE, JobLedger, JobRecord, LedgerError
 from .spec import Resources
 from .worker import PackRun
@@ -452,9 +452,7 @@ class Scheduler:
             kind, cid = msg["kind"], msg.get("concept_id")
             if msg.get("run") in by_run:
                 by_run[msg["run"]].started = True
-            if kind == "progress":
-                if cid in progress:
-                    carry_curve(progress[cid], msg)
+            if kind == "progress":      # one per concept: the board keeps its newest (and its curve)
                 progress[cid] = self._with_eta(msg)
             elif kind == "checkpoint":
                 for m in msg["members"]:

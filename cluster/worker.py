@@ -74,20 +74,13 @@ def download(uri: str, dest: Path) -> Path:
     return dest
 
 
-def _pack_stage(folder: Path) -> int | None:
-    """The stage a local pack checkpoint holds (None: written before pack.json existed)."""
-    try:
-        return int(json.loads((folder / PACK_STATE).read_text())["stage"])
-    except FileNotFoundError:
-        return None
-
-
 def _stored_stage(fs, path: str) -> int | None:
-    """``_pack_stage`` of a stored pack checkpoint (through its file system)."""
+    """The stage a pack checkpoint holds, read through its file system (None: written before pack.json
+    existed, or unreadable: the recipe's own checks then decide)."""
     try:
         with fs.open_input_stream(f"{path}/{PACK_STATE}") as f:
             return int(json.loads(f.read())["stage"])
-    except (FileNotFoundError, OSError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -160,6 +153,11 @@ class RayShell:
         """The stage being trained now."""
         return self.plan.stage
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        """The run's local TensorBoard folder (copied to the storage at each stage's end)."""
+        return self.scratch / "tensorboard"
+
     def begin(self, plan: PackPlan) -> None:
         """Start the next stage of a whole-life run with ``plan``."""
         self.plan, self.members = plan, {}
@@ -229,7 +227,7 @@ class RayShell:
         ckpt = self._ray.train.get_checkpoint()   # set after a worker restart or a same-name relaunch
         if ckpt is not None:
             local = Path(ckpt.to_directory(str(self.scratch / f"restore-run-s{self.stage}")))
-            if _pack_stage(local) in (None, self.stage):   # a whole-life run reports both stages
+            if _stored_stage(pafs.LocalFileSystem(), str(local)) in (None, self.stage):   # both stages report
                 for cid in found:
                     found[cid].append(local / cid)
         keys = {cid: m.key for cid, m in members.items()}
@@ -407,7 +405,7 @@ def _train_stage(shell: RayShell, plan: PackPlan, root: Path, logger, pipe, time
             uri = shell.publish(recipe, cid)
             if logger is not None:
                 logger.close()           # flushed before the copy (the next write reopens the writer)
-                shell.keep_tensorboard(cid, root_tb(shell))
+                shell.keep_tensorboard(cid, shell.tensorboard_dir)
             shell.outcome(cid, "done", output=uri, step=summary["step"], final_loss=summary["final_loss"])
         timer.add(f"s{plan.stage}_publish", t)
         for cid in recipe.members:
@@ -418,11 +416,6 @@ def _train_stage(shell: RayShell, plan: PackPlan, root: Path, logger, pipe, time
         return recipe.pipe
     finally:
         recipe.trainer = None     # the base stays loaded (with its bank) for the next stage
-
-
-def root_tb(shell: RayShell) -> Path:
-    """The run's local TensorBoard folder."""
-    return shell.scratch / "tensorboard"
 
 
 def _await_handover(shell: RayShell) -> list[str]:
@@ -449,7 +442,7 @@ def train_pack(config: dict[str, Any]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="purecc-run-", dir=root))
     shell = RayShell(run, config["board"], scratch)
-    logger = _tensorboard(root_tb(shell))
+    logger = _tensorboard(shell.tensorboard_dir)
     timer, pipe = _Timer(), None
     try:
         handed = shell._ray.get(shell.board.handed_over.remote(run.plan.name)) if run.then else None

@@ -389,14 +389,14 @@ class GenerationAPI:
         """404 unless ``concept_id`` is published and the caller may use it (another owner's is unknown)."""
         hidden = await self._others_concepts([concept_id], principal)
         if concept_id in hidden or await self.catalog.lookup(concept_id) is None:
-            raise ApiError(404, f"concept {concept_id!r} is not in the adapter registry", concept=concept_id)
+            raise UnknownConcept(concept_id)
 
     async def _on_registry(self, method: str, concept_id: str, *args):
         """``registry.<method>(concept_id, *args)`` in a thread, its errors mapped to HTTP answers."""
         try:
             return await asyncio.to_thread(getattr(self.catalog.registry, method), concept_id, *args)
         except KeyError:
-            raise ApiError(404, f"concept {concept_id!r} is not in the adapter registry", concept=concept_id) from None
+            raise UnknownConcept(concept_id) from None
         except (FileMissing, UnsafeFile) as exc:     # messages name the concept and the file, never a path
             raise ApiError(404, str(exc), concept=concept_id) from None
         except (AdapterFileError, OSError) as exc:

@@ -1,9 +1,11 @@
-"""Helpers for cluster tests: batch files over the tiny model and the sample concepts."""
+"""Helpers for cluster tests: batch files over the tiny model and the sample concepts, and waiting on
+a condition with a deadline."""
 
 from __future__ import annotations
 
 import copy
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -42,3 +44,14 @@ def truncate_image(manifest: Path, row: int = 0) -> Path:
     data = img.read_bytes()
     img.write_bytes(data[: len(data) // 3])
     return img
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 0.3):
+    """``pred()``'s first truthy value, polled every ``poll`` s; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -35,7 +35,7 @@ from cluster import api
 from cluster.ledger import JobLedger
 from cluster.local_ray import start_local_ray
 from purecc.registry import AdapterRegistry
-from cluster_helpers import batch_dict, copy_concept, truncate_image, write_batch
+from cluster_helpers import batch_dict, copy_concept, truncate_image, wait_for, write_batch
 
 pytestmark = pytest.mark.ray
 
@@ -54,16 +54,6 @@ def ray_address():
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _wait_for(pred, timeout: float, what: str, poll: float = 0.3):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +85,9 @@ def main_batch(ray_address, tmp_path_factory, tiny_model_dir, sample_manifests):
     thread = threading.Thread(target=drive, daemon=True)
     thread.start()
     ledger_path = root / "store" / "ledger.sqlite"
-    _wait_for(ledger_path.exists, 60, "the ledger")
+    wait_for(ledger_path.exists, 60, "the ledger")
     with JobLedger(ledger_path) as led:
-        _wait_for(lambda: (led.get("cancel-me").step or 0) >= 3 or "error" in result, 300, "cancel-me to train")
+        wait_for(lambda: (led.get("cancel-me").step or 0) >= 3 or "error" in result, 300, "cancel-me to train")
         result["cancel"] = [api.cancel(ledger_path, "cancel-me") for _ in range(2)]
     thread.join(timeout=400)
     assert not thread.is_alive(), "the batch did not finish"
@@ -269,9 +259,9 @@ def test_killed_driver_resumes_every_job_exactly_once(ray_address, tmp_path, tin
     driver_a = subprocess.Popen([PURECC, "submit", str(batch), "--wait", "--quiet", "--address", ray_address],
                                 stdout=log_a, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_for(ledger_path.exists, 60, "the ledger")
+        wait_for(ledger_path.exists, 60, "the ledger")
         with JobLedger(ledger_path) as led:
-            _wait_for(lambda: any((j.checkpoint_step or 0) >= 8 for j in led.jobs()) or driver_a.poll() is not None,
+            wait_for(lambda: any((j.checkpoint_step or 0) >= 8 for j in led.jobs()) or driver_a.poll() is not None,
                       240, "a checkpoint at step 8")
             assert driver_a.poll() is None, (tmp_path / "driver-a.log").read_text()[-3000:]
             os.killpg(driver_a.pid, signal.SIGKILL)

@@ -5,7 +5,6 @@ also on failure."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -50,11 +49,12 @@ def nodes():
     temp = tempfile.mkdtemp(prefix="pcmn-", dir="/tmp")
     (Path(temp) / "ray").mkdir()
     port = free_port()
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS", "RAY_ENABLE_AUTO_CONNECT")}
+    env = pytest.MonkeyPatch()      # undone at the end, whatever happened
     # Ray's address file and every node's session under temp, never the shared /tmp/ray; a process of
     # the cluster that looks for "auto" finds this cluster, not another Ray on the machine (Ray Train's
     # placement-group cleaner does); a call after ray.shutdown() never starts or joins a cluster
-    os.environ.update(RAY_TMPDIR=temp, RAY_ADDRESS=f"127.0.0.1:{port}", RAY_ENABLE_AUTO_CONNECT="0")
+    for key, value in (("RAY_TMPDIR", temp), ("RAY_ADDRESS", f"127.0.0.1:{port}"), ("RAY_ENABLE_AUTO_CONNECT", "0")):
+        env.setenv(key, value)
     import ray
 
     cluster = None
@@ -80,11 +80,7 @@ def nodes():
                 cluster.shutdown()
             except ValueError:   # a driver thread of a failed test still held the head: Ray disconnected it now
                 cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        env.undo()
         shutil.rmtree(temp, ignore_errors=True)
 
 

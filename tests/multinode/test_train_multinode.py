@@ -8,7 +8,6 @@ Where a run was placed comes from Ray itself: each run's worker records its node
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from cluster import api
 from cluster.ledger import JobLedger
 from cluster.spec import load_batch
 from cluster.worker import stage1_root
-from cluster_helpers import batch_dict, write_batch
+from cluster_helpers import batch_dict, wait_for, write_batch
 from purecc.model import load_pipeline
 from purecc.registry import AdapterRegistry
 from purecc.trainer import ConceptJob, PackTrainer
@@ -26,16 +25,6 @@ from purecc.trainer import ConceptJob, PackTrainer
 pytestmark = pytest.mark.multinode
 IDS = ("zigzag-star", "ringed-circle")
 STEPS, EVERY, VICTIM = 24, 2, "zigzag-star"
-
-
-def _wait(cond, timeout: float, what: str, poll: float = 0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_a_batch_spreads_and_survives_a_lost_node(nodes, tmp_path, tiny_model_dir, sample_manifests):
@@ -47,14 +36,14 @@ def test_a_batch_spreads_and_survives_a_lost_node(nodes, tmp_path, tiny_model_di
     result: dict = {}
     driver = threading.Thread(target=lambda: result.update(r=api.submit(path)), daemon=True)
     driver.start()
-    _wait(ledger_path.exists, 60, "the ledger")
+    wait_for(ledger_path.exists, 60, "the ledger")
     with JobLedger(ledger_path) as led:
         def victim_checkpointed():
             job = led.get(VICTIM)
             placed = led.events(VICTIM, "placed")
             return placed and job.state == "stage1" and (job.checkpoint_step or 0) >= 2 * EVERY and (job, placed)
         try:
-            job, placed = _wait(victim_checkpointed, 240, f"a stage-1 checkpoint of {VICTIM}", poll=0.1)
+            job, placed = wait_for(victim_checkpointed, 240, f"a stage-1 checkpoint of {VICTIM}", poll=0.1)
         except AssertionError as exc:   # say where the batch stood (the ledger is all there is afterwards)
             states = {j.concept_id: (j.state, j.checkpoint_step) for j in led.jobs()}
             raise AssertionError(f"{exc}: jobs {states}, runs {led.runs()}, last events "
