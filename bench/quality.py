@@ -1,14 +1,17 @@
 """PureCC vs a plain DreamBooth LoRA on the pretrained world base, scored by the world reader.
 
-For every training seed the three sample concepts are trained as one pack: stage 1 alone (the
-DreamBooth LoRA baseline), then stage 2 (PureCC) three times: with the stage-1 extractor and
+For every training seed the five sample concepts are trained as one pack: stage 1 alone (the
+DreamBooth LoRA baseline), then stage 2 (PureCC) five times: with the stage-1 extractor and
 with the bare base as extractor (lambda fixed at 1, the public code's default), and with the
-stage-1 extractor and the adaptive lambda. Every method is then scored on held-out prompts (never a reference
+stage-1 extractor and each adaptive lambda* candidate (A, B, C of purecc/losses.py). Every method is then scored on held-out prompts (never a reference
 view) with fixed noise seeds, so that base and customised images of one prompt share their
 starting noise:
 
 - fidelity: the concept's object embedding vs its reference objects' (purecc.testbed.metrics);
-- alignment: the share of the prompt's facts (shape, position, background) the reader sees;
+- identity: the share of prompts where the reader sees the concept's look (shape, colour and
+  pattern together) where it should stand;
+- alignment: the share of the prompt's facts (shape, position, background, a second object) the
+  reader sees;
 - preservation (a): base on ``base_prompt`` vs customised on ``prompt``, same seed: the
   reader's facts outside the concept, and the PSNR of the pixels away from it;
 - preservation (b): prompts without the trigger, base vs customised model (one concept
@@ -16,10 +19,16 @@ starting noise:
   random world captions ("unrelated") and once on captions with the concept's class shape;
 - composition: two concepts loaded at weight 1 each, both in one prompt.
 
-The table (mean +/- standard deviation over training seeds) goes to bench/RESULTS.md under
-"## Quality (bench/quality.py)" (other sections are kept), the grid to bench/quality_grid.png.
+Held-out prompts (``samples.held_out_prompts``) put each concept on a view no reference shows,
+beside a second ordinary object, or in a relation to one. The tables (mean +/- standard deviation
+over training seeds, each method's paired per-seed difference to DreamBooth with its 95% t
+interval, and DreamBooth per concept against the references' own leave-one-out fidelity) go to
+bench/RESULTS.md under "## Quality (bench/quality.py)" (other sections are kept), the grid to
+bench/quality_grid.png.
 
     nice -n 19 python bench/quality.py                 # 3 seeds, the recipe below
+    python bench/quality.py --methods dreambooth       # the baseline only
+    python bench/quality.py --seeds 1 --train-only &   # train seeds in parallel processes first
     python bench/quality.py --quick                    # 1 seed, few steps: a smoke run
 """
 
@@ -45,13 +54,12 @@ from purecc.local_train import train_concepts
 from purecc.model import ModelConfig, load_pipeline
 from purecc.testbed import verify_world_base, world_base_path
 from purecc.testbed.facts import caption_facts
-from purecc.testbed.metrics import (concept_fidelity, concept_references, drift_unrelated,
-                                    preservation_same_seed, text_alignment)
+from purecc.testbed.metrics import (concept_fidelity, concept_identity, concept_references, drift_unrelated,
+                                    paired_interval, preservation_same_seed, text_alignment)
 from purecc.testbed.reader import load_reader, object_embeddings, read_facts, world_metric_path
 from purecc.testbed.samples import (CONCEPT_OBJECTS, PACKAGED_SAMPLES_DIR, SAMPLE_CONCEPTS, SampleConcept,
-                                    concept_views)
-from purecc.testbed.world import (BACKGROUNDS, POSITION_PHRASES, POSITIONS, concept_caption, sample_scene,
-                                  world_batch)
+                                    held_out_prompts)
+from purecc.testbed.world import BACKGROUNDS, POSITION_PHRASES, sample_scene, world_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS, GRID = ROOT / "bench" / "RESULTS.md", ROOT / "bench" / "quality_grid.png"
@@ -74,7 +82,9 @@ class Method:
 METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
            Method("PureCC, extractor=stage1", "purecc-stage1", 2, "stage1"),
            Method("PureCC, extractor=base", "purecc-base", 2, "base"),
-           Method("PureCC, extractor=stage1, adaptive λ", "purecc-stage1-adaptive", 2, "stage1", "adaptive"))
+           Method("PureCC, extractor=stage1, adaptive λ", "purecc-stage1-adaptive", 2, "stage1", "adaptive"),
+           Method("PureCC, extractor=stage1, λ (B) increment", "purecc-stage1-increment", 2, "stage1", "increment"),
+           Method("PureCC, extractor=stage1, λ (C) extractor", "purecc-stage1-extractor", 2, "stage1", "extractor"))
 
 
 @dataclass(frozen=True)
@@ -88,25 +98,20 @@ class BenchConfig:
     stage2_lr: float = 1e-4
     render_steps: int = 20
     guidance: float = 5.0
-    concept_prompts: int = 8      # per concept
+    concept_prompts: int = 12     # per concept: views, pairs and relations in turn
     drift_prompts: int = 16       # per set (unrelated, class word)
     composition_prompts: int = 4  # per pair of concepts
 
 
 QUICK = BenchConfig(seeds=(0,), stage1_steps=30, stage2_steps=30, render_steps=8,
-                    concept_prompts=2, drift_prompts=3, composition_prompts=1)
+                    concept_prompts=3, drift_prompts=3, composition_prompts=1)
 
 
 # ---------------------------------------------------------------- prompts
 
 def concept_prompts(c: SampleConcept, n: int) -> list[tuple[str, str, str]]:
-    """(prompt, base_prompt, position) at views the references never show."""
-    seen = set(concept_views(c))
-    views = [(bg, pos) for bg in BACKGROUNDS for pos in POSITIONS if (bg, pos) not in seen]
-    random.Random(f"bench/{c.concept_id}").shuffle(views)
-    obj = CONCEPT_OBJECTS[c.concept_id]
-    return [(concept_caption(obj, bg, pos, c.trigger_word), concept_caption(obj, bg, pos, ""), pos)
-            for bg, pos in views[:n]]
+    """(prompt, base_prompt, position) in contexts the references never show."""
+    return [(p.prompt, p.base_prompt, p.position) for p in held_out_prompts(c, n)]
 
 
 def unrelated_prompts(n: int) -> list[str]:
@@ -139,7 +144,8 @@ def composition_prompts(a: SampleConcept, b: SampleConcept, n: int) -> list[tupl
 
 # ---------------------------------------------------------------- training
 
-def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig) -> dict[str, list[Path]]:
+def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig,
+                  methods: Sequence[Method] = METHODS) -> dict[str, list[Path]]:
     """Train every method for one seed (finished runs are reused); method name -> adapter folders.
 
     Stage 1 is trained once; each PureCC variant gets its own folder holding a copy of the
@@ -153,7 +159,7 @@ def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig) -> dict[s
     train_concepts(out=stage1, stages=(1,), steps={1: cfg.stage1_steps},
                    overrides={**keep, "lr": cfg.stage1_lr}, **common)
     out = {METHODS[0].name: [stage1 / i / "stage1" for i in ids]}
-    for m in METHODS[1:]:
+    for m in (m for m in methods if m.stage == 2):
         run = work / f"seed{seed}" / m.folder
         for i in ids:
             if not (run / i / "stage1").is_dir():
@@ -230,15 +236,15 @@ class Scorer:
                 hits.setdefault(k.split(".")[-1], []).append(s.get(k) == v)
         return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
 
-    def reference_ceiling(self) -> float:
-        """Mean leave-one-out fidelity of the reference images among themselves."""
-        vals = []
-        for refs, pos in self.refs.values():
+    def reference_ceiling(self) -> dict[str, float]:
+        """Per concept, the leave-one-out fidelity of its reference images among themselves."""
+        vals = {}
+        for cid, (refs, pos) in self.refs.items():
             emb = object_embeddings(self.reader, refs, pos)
             sim = emb @ emb.t()
             n = len(refs)
-            vals.append(float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1))))
-        return float(np.mean(vals))
+            vals[cid] = float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+        return vals
 
     def score_method(self, folders: Sequence[Path]) -> tuple[dict[str, float], dict]:
         """All metrics of one method (one adapter per concept); also returns its images."""
@@ -251,7 +257,12 @@ class Scorer:
             one = ((cid, 1.0),)
             prompts, positions = [p for p, _, _ in sets["concept"]], [pos for *_, pos in sets["concept"]]
             imgs[cid, "prompt"] = self.render(prompts, [one] * len(prompts), slot_of)
-            add("fidelity", self.fidelity(cid, imgs[cid, "prompt"], positions).mean())
+            fid = self.fidelity(cid, imgs[cid, "prompt"], positions).mean()
+            ident = concept_identity(self.reader, imgs[cid, "prompt"], positions, CONCEPT_OBJECTS[cid].look).mean()
+            add("fidelity", fid)
+            add("identity", ident)
+            add(f"fidelity/{cid}", fid)
+            add(f"identity/{cid}", ident)
             add("alignment", text_alignment(self.reader, imgs[cid, "prompt"], prompts).mean())
             pres = preservation_same_seed(self.reader, self.base_images[cid, "base_prompt"], imgs[cid, "prompt"],
                                           [[p] for p in positions])
@@ -278,7 +289,8 @@ class Scorer:
 
 COLUMNS_A = (("fidelity", "fidelity ↑"), ("alignment", "alignment ↑"),
              ("pres_agreement", "(a) context facts kept ↑"), ("pres_psnr", "(a) context PSNR dB ↑"),
-             ("composition_fidelity", "2-concept fidelity ↑"), ("composition_alignment", "2-concept alignment ↑"))
+             ("composition_fidelity", "2-concept fidelity ↑"), ("composition_alignment", "2-concept alignment ↑"),
+             ("identity", "identity ↑"))
 COLUMNS_B = (("unrelated_dalign", "unrelated: Δ alignment"),
              ("unrelated_agreement", "unrelated: same-seed facts kept ↑"), ("unrelated_tv", "unrelated: attribute TV ↓"),
              ("class_dalign", "class word: Δ alignment"),
@@ -302,13 +314,55 @@ def table(columns, rows: dict[str, list[dict[str, float]]], extra: dict[str, dic
     return "\n".join(lines)
 
 
+PAIRED = (("fidelity", "fidelity"), ("alignment", "alignment"), ("pres_agreement", "(a) facts kept"),
+          ("pres_psnr", "(a) PSNR dB"), ("unrelated_agreement", "(b) unrelated kept"),
+          ("class_agreement", "(b) class word kept"), ("composition_alignment", "2-concept alignment"))
+
+
+def paired_table(rows: dict[str, list[dict[str, float]]], reference: str) -> str:
+    """Each method minus ``reference``, per training seed: mean [95% interval]; * where it excludes 0."""
+    head = f"| method − {reference} | " + " | ".join(t for _, t in PAIRED) + " |"
+    lines = [head, "|" + "---|" * (len(PAIRED) + 1)]
+    for name, per_seed in rows.items():
+        if name == reference:
+            continue
+        cells = []
+        for k, _ in PAIRED:
+            mean, lo, hi = paired_interval([r[k] for r in per_seed], [r[k] for r in rows[reference]])
+            digits = 1 if k.endswith("psnr") else 3
+            star = "*" if lo > 0 or hi < 0 else ""
+            cells.append(f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{star}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def concept_table(rows: dict[str, list[dict[str, float]]], ceiling: dict[str, float], target: float = 0.85) -> str:
+    """Per sample concept: the references' leave-one-out fidelity and each method's fidelity (its
+    share of that ceiling) and identity, means over seeds; ✓ where fidelity >= ``target`` x ceiling
+    and identity >= 0.7."""
+    lines = ["| method | " + " | ".join(ceiling) + " |", "|" + "---|" * (len(ceiling) + 1),
+             "| references (leave-one-out) | " + " | ".join(f"{v:.3f}" for v in ceiling.values()) + " |"]
+    for name, per_seed in rows.items():
+        cells = []
+        for cid, ref in ceiling.items():
+            fid = float(np.mean([r[f"fidelity/{cid}"] for r in per_seed]))
+            ident = float(np.mean([r[f"identity/{cid}"] for r in per_seed]))
+            ok = " ✓" if fid >= target * ref and ident >= 0.7 else ""
+            cells.append(f"{fid:.3f} ({fid / ref:.2f}x), identity {ident:.2f}{ok}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+GRID_PAIRS = 4  # composition columns in the grid (the tables score every pair)
+
+
 def grid_image(scorer: Scorer, method_imgs: dict[str, dict], path: Path, scale: int = 2) -> Path:
     """Rows: references, base, each method. Columns per concept: two concept prompts and one
-    class-word prompt; then one composition per pair."""
+    class-word prompt; then one composition for each of the first ``GRID_PAIRS`` pairs."""
     cols: list[tuple] = []
     for c in SAMPLE_CONCEPTS:
         cols += [(c.concept_id, "prompt", 0), (c.concept_id, "prompt", 1), (c.concept_id, "class", 0)]
-    cols += [(a.concept_id, b.concept_id, 0) for a, b, _ in scorer.pairs]
+    cols += [(a.concept_id, b.concept_id, 0) for a, b, _ in scorer.pairs[:GRID_PAIRS]]
     rows = [("references", {(cid, "prompt"): scorer.refs[cid][0] for cid in scorer.refs}),
             ("base", scorer.base_images), *method_imgs.items()]
     tile, label_w = 64 * scale, 240
@@ -339,7 +393,8 @@ def write_section(path: Path, body: str) -> None:
 
 # ---------------------------------------------------------------- main
 
-def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, reader_dir: Path | None = None) -> str:
+def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, reader_dir: Path | None = None,
+        methods: Sequence[Method] = METHODS) -> str:
     t0 = time.monotonic()
     torch.set_num_threads(1)
     base = base or world_base_path()
@@ -349,29 +404,30 @@ def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, rea
     folders = {}
     for seed in cfg.seeds:
         t = time.monotonic()
-        folders[seed] = train_methods(base, work, seed, cfg)
+        folders[seed] = train_methods(base, work, seed, cfg, methods)
         timings[f"train seed {seed}"] = time.monotonic() - t
         print(f"trained seed {seed} in {timings[f'train seed {seed}']:.0f} s", file=sys.stderr)
     t = time.monotonic()
     scorer = Scorer(base, reader, cfg)
-    rows: dict[str, list[dict[str, float]]] = {m.name: [] for m in METHODS}
+    rows: dict[str, list[dict[str, float]]] = {m.name: [] for m in methods}
     grid_imgs = {}
     for seed in cfg.seeds:
-        for method in (m.name for m in METHODS):
+        for method in (m.name for m in methods):
             scores, imgs = scorer.score_method(folders[seed][method])
             rows[method].append(scores)
             if seed == cfg.seeds[0]:
                 grid_imgs[method] = imgs
-            print(f"seed {seed} {method}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()), file=sys.stderr)
+            print(f"seed {seed} {method}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if "/" not in k),
+                  file=sys.stderr)
     timings["score"] = time.monotonic() - t
     base_row = scorer.base_row()
     ceiling = scorer.reference_ceiling()
     setup = setup_lines(base, reader_dir, scorer.base_fact_recall())
-    extra_a = {"reference images (leave-one-out)": {"fidelity": f"{ceiling:.3f}"},
+    extra_a = {"reference images (leave-one-out)": {"fidelity": f"{np.mean(list(ceiling.values())):.3f}"},
                "base model, trigger prompts": {k: f"{v:.3f}" for k, v in base_row.items()}}
     extra_b = {"base model (by definition)": {k: ("0" if not k.endswith("agreement") else "1")
                                               for k, _ in COLUMNS_B}}
-    body = report(cfg, setup, rows, extra_a, extra_b, timings, time.monotonic() - t0)
+    body = report(cfg, setup, rows, extra_a, extra_b, ceiling, timings, time.monotonic() - t0)
     if write:
         grid_image(scorer, grid_imgs, GRID)
         write_section(RESULTS, body)
@@ -393,21 +449,32 @@ def setup_lines(base: Path, reader_dir: Path | None, recall: dict[str, float]) -
             f"{k} {v:.3f}" for k, v in sorted(acc.items()) if k != "all_facts") + ".", ""]
 
 
-def report(cfg: BenchConfig, setup: list[str], rows, extra_a, extra_b, timings: dict[str, float],
-           total: float) -> str:
+def report(cfg: BenchConfig, setup: list[str], rows, extra_a, extra_b, ceiling: dict[str, float],
+           timings: dict[str, float], total: float) -> str:
     times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    reference = METHODS[0].name
+    paired = (["### Paired per-seed differences to DreamBooth", "",
+               f"Mean over training seeds of (method − DreamBooth) on the same seed, with its 95% t interval; "
+               f"`*` where the interval excludes 0 ({len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}).", "",
+               paired_table(rows, reference), ""] if len(rows) > 1 else [])
     return "\n".join([
         SECTION, "", *setup,
         f"`nice -n 19 python bench/quality.py` on the committed world base (`purecc/testbed/assets/world-base`), "
         f"scored by the committed world reader (`purecc/testbed/assets/world-metric`). "
         f"Config: `{asdict(cfg)}`. Wall time {total / 60:.1f} min on this machine ({times}), "
         f"1 CPU thread, torch {torch.__version__}. Mean ± standard deviation over the "
-        f"{len(cfg.seeds)} training seeds (each cell first averaged over the 3 sample concepts "
-        f"and their prompts; 2-concept columns over the 3 pairs).", "",
+        f"{len(cfg.seeds)} training seeds (each cell first averaged over the {len(SAMPLE_CONCEPTS)} sample "
+        f"concepts and their {cfg.concept_prompts} held-out prompts each; 2-concept columns over the "
+        f"{len(SAMPLE_CONCEPTS) * (len(SAMPLE_CONCEPTS) - 1) // 2} pairs).", "",
         "### Concept, alignment, preservation (a), composition", "",
         table(COLUMNS_A, rows, extra_a), "",
         "### Preservation (b): prompts without the trigger, one concept loaded", "",
         table(COLUMNS_B, rows, extra_b), "",
+        *paired,
+        "### Per concept (means over seeds)", "",
+        "Fidelity with its share of the references' own leave-one-out fidelity, and identity; ✓ where "
+        "fidelity >= 0.85x the references' and identity >= 0.70.", "",
+        concept_table(rows, ceiling), "",
         "![grid](quality_grid.png)", "",
         "Grid (training seed %d): rows are the reference images, the base model and each method; "
         "columns per concept are two held-out concept prompts and one class-word prompt without the "
@@ -428,13 +495,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, default=None, help="model folder (default: the world base)")
     parser.add_argument("--reader", type=Path, default=None, help="reader folder (default: the packaged one)")
     parser.add_argument("--no-write", action="store_true", help="print the section; leave RESULTS.md alone")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the seeds' adapters into --work and stop (several such runs can share "
+                             "the cores; a later run reuses what they trained)")
+    parser.add_argument("--methods", nargs="+", choices=[m.folder for m in METHODS], default=None,
+                        help="train and score only these (DreamBooth, the reference, is always included)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else BenchConfig()
     over = {k: v for k, v in (("seeds", tuple(args.seeds) if args.seeds else None),
                               ("stage1_steps", args.stage1_steps), ("stage2_steps", args.stage2_steps),
                               ("stage1_lr", args.stage1_lr), ("stage2_lr", args.stage2_lr)) if v}
     cfg = replace(cfg, **over)
-    print(run(cfg, args.work, write=not (args.no_write or args.quick), base=args.base, reader_dir=args.reader))
+    methods = [m for m in METHODS if m is METHODS[0] or args.methods is None or m.folder in args.methods]
+    if args.train_only:
+        torch.set_num_threads(1)
+        for seed in cfg.seeds:
+            train_methods(args.base or world_base_path(), args.work, seed, cfg, methods)
+        return 0
+    print(run(cfg, args.work, write=not (args.no_write or args.quick), base=args.base, reader_dir=args.reader,
+              methods=methods))
     return 0
 
 

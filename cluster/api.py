@@ -3,7 +3,7 @@
     from cluster import api
     result = api.submit("batch.yaml")                 # record the jobs and run them here until done
     api.status(result.ledger)                         # JobRecords
-    api.cancel(result.ledger, "zigzag-star")          # idempotent
+    api.cancel(result.ledger, "checkered-star")          # idempotent
     api.resume(result.ledger)                         # after a crash: finish every unfinished job
     api.concepts("/data/purecc")                      # published adapters (manifests)
 

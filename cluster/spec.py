@@ -17,8 +17,8 @@ jobs (``jobs()``, which hashes the data) reads none of them again.
     resources: {gpus_per_worker: 1, gpu_memory_gib: 80, max_concurrent: 2, priority: 1}  # pack size: cluster.policy
     defaults: {resolution: 512, stage1: {steps: 1000}, stage2: {steps: 800}}
     concepts:
-      - id: zigzag-star
-        data: data/zigzag-star/manifest.csv
+      - id: checkered-star
+        data: data/checkered-star/manifest.csv
         trigger: zqx
         overrides: {lambda_mode: adaptive, validation_prompts: ["a [v] star on a beach"]}
 """
@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from purecc.data import ConceptManifest, ManifestError, read_concept_manifest
 from purecc.ids import CONCEPT_ID_PATTERN, TRIGGER_PATTERN
 from purecc.model import ModelFolderError, read_model_index
-from purecc.recipe import StageRecipe, stage_recipe
+from purecc.recipe import LambdaMode, StageRecipe, stage_recipe
 
 ConceptId = Annotated[str, StringConstraints(pattern=CONCEPT_ID_PATTERN)]
 Trigger = Annotated[str, StringConstraints(pattern=TRIGGER_PATTERN)]
@@ -67,8 +67,8 @@ class Overrides(_Strict):
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seed of data order, noise and init.")
     eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
-    lambda_mode: Literal["fixed", "adaptive"] | None = Field(None, description="Stage 2: fixed or adaptive "
-                                                             "lambda.")
+    lambda_mode: LambdaMode | None = Field(None, description="Stage 2: how lambda* is chosen (fixed, "
+                                                            "adaptive, increment or extractor).")
     extractor: Literal["stage1", "base"] | None = Field(None, description="Stage 2: the frozen extractor "
                                                         "(base + the stage-1 LoRA, or the base alone).")
     validation_prompts: list[Prompt] | None = Field(

@@ -12,6 +12,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from .recipe import LAMBDA_MODES
+
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from .tiny import TinyConfig, write_tiny_model
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--extractor", choices=("stage1", "base"), default=None)
-    p.add_argument("--lambda-mode", choices=("fixed", "adaptive"), default=None)
+    p.add_argument("--lambda-mode", choices=LAMBDA_MODES, default=None,
+                   help="stage 2: how lambda* is chosen (purecc/losses.py: LAMBDA_MODES)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--validation-prompt", action="append", metavar="PROMPT",
                    help="rendered at the end of each stage ([v] becomes the trigger; repeatable)")

@@ -10,6 +10,8 @@ import hashlib
 
 import torch
 
+from .recipe import LAMBDA_MODES
+
 
 def rng_for(seed: int, *tags: object) -> torch.Generator:
     """A CPU generator keyed by (seed, tags): every concept, step and micro-step has its own stream,
@@ -55,29 +57,62 @@ def stage1_loss(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, sigma: tor
     return per_sample_mse(v, eps - x0)
 
 
-def adaptive_lambda(target: torch.Tensor, v_base: torch.Tensor, r: torch.Tensor,
-                    lambda_max: float) -> torch.Tensor:
-    """Per-sample least squares ``<target - v_base, R> / (||R||^2 + 1e-6)`` clamped to [0, lambda_max],
-    with no gradient."""
+def _projection(delta: torch.Tensor, r: torch.Tensor, lambda_max: float) -> torch.Tensor:
+    """Per sample ``<delta, R> / (||R||^2 + 1e-6)`` clamped to [0, lambda_max], with no gradient."""
     with torch.no_grad():
-        num = ((target.float() - v_base.float()) * r.float()).flatten(1).sum(1)
+        num = (delta.float() * r.float()).flatten(1).sum(1)
         den = r.float().pow(2).flatten(1).sum(1) + 1e-6
         return (num / den).clamp(0.0, lambda_max)
 
 
+def adaptive_lambda(target: torch.Tensor, v_base: torch.Tensor, r: torch.Tensor,
+                    lambda_max: float) -> torch.Tensor:
+    """Candidate (A): least squares of the noisy target, ``<target - v_base, R> / (||R||^2 + 1e-6)``
+    clamped to [0, lambda_max], with no gradient."""
+    return _projection(target - v_base, r, lambda_max)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine of two (B, ...) tensors (0 where either is zero), with no gradient."""
+    with torch.no_grad():
+        a, b = a.float().flatten(1), b.float().flatten(1)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+# How lambda* is chosen per sample (METHOD.md; the paper says "derived from projection error" only):
+# fixed: the recipe's lambda_value (the public code: 1); adaptive: (A) above; increment: (B) the
+# projection of the trainable model's own concept increment, sg(<v_full - v_base, R> / ||R||^2);
+# extractor: (C) the extractor's concept increment, <r_prompt - r_base, R> / ||R||^2, which costs two
+# more extractor passes (on prompt and base_prompt). (A)-(C) are clamped to [0, lambda_max].
+
+
 def stage2_loss(v_full: torch.Tensor, v_base: torch.Tensor, r_tar: torch.Tensor, r_empty: torch.Tensor,
                 x0: torch.Tensor, eps: torch.Tensor, *, eta: float, lambda_mode: str,
-                lambda_value: float = 1.0, lambda_max: float = 2.0) -> dict[str, torch.Tensor]:
-    """``L = L_CC + eta * L_pure`` per sample; gradients flow through both ``v_full`` and ``v_base``."""
+                lambda_value: float = 1.0, lambda_max: float = 2.0,
+                r_prompt: torch.Tensor | None = None, r_base: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``L = L_CC + eta * L_pure`` per sample; gradients flow through both ``v_full`` and ``v_base``.
+
+    ``r_prompt``/``r_base``: the extractor on ``prompt`` and ``base_prompt`` (needed by
+    ``lambda_mode="extractor"`` only). Besides the losses and ``lambda`` it returns ``cos_r``, the
+    cosine between R and the trainable model's concept increment ``v_full - v_base`` (no gradient).
+    """
     target = eps - x0
     r = (r_tar - r_empty).detach()
     if lambda_mode == "fixed":
         lam = torch.full((v_full.shape[0],), float(lambda_value), device=v_full.device)
     elif lambda_mode == "adaptive":
         lam = adaptive_lambda(target, v_base, r, lambda_max)
+    elif lambda_mode == "increment":
+        lam = _projection(v_full - v_base, r, lambda_max)
+    elif lambda_mode == "extractor":
+        if r_prompt is None or r_base is None:
+            raise ValueError("lambda_mode: 'extractor' needs r_prompt and r_base (the extractor on prompt "
+                             "and base_prompt)")
+        lam = _projection(r_prompt - r_base, r, lambda_max)
     else:
-        raise ValueError(f"lambda_mode: {lambda_mode!r} must be 'fixed' or 'adaptive'")
+        raise ValueError(f"lambda_mode: {lambda_mode!r} must be one of {LAMBDA_MODES}")
     guided = v_base + lam.view(-1, *([1] * (r.dim() - 1))).to(r.dtype) * r
     l_cc = per_sample_mse(v_full, target)
     l_pure = per_sample_mse(v_full, guided)
-    return {"loss": l_cc + eta * l_pure, "l_cc": l_cc, "l_pure": l_pure, "lambda": lam}
+    return {"loss": l_cc + eta * l_pure, "l_cc": l_cc, "l_pure": l_pure, "lambda": lam,
+            "cos_r": cosine(v_full - v_base, r)}

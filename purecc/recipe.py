@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+# How stage 2 chooses lambda* (purecc/losses.py says what each candidate computes).
+LAMBDA_MODES = ("fixed", "adaptive", "increment", "extractor")
+LambdaMode = Literal["fixed", "adaptive", "increment", "extractor"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class StageRecipe:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     eta: float = 2.0                 # stage 2: weight of L_pure
-    lambda_mode: str = "fixed"       # stage 2: "fixed" or "adaptive"
+    lambda_mode: str = "fixed"       # stage 2: one of losses.LAMBDA_MODES (what each means: there)
     lambda_value: float = 1.0
     lambda_max: float = 2.0
     extractor: str = "stage1"        # stage 2: "stage1" (base + stage-1 LoRA) or "base"
@@ -56,7 +59,7 @@ class StageRecipe:
         checks = {
             "stage": self.stage in (1, 2), "steps": self.steps >= 1, "lr": self.lr > 0,
             "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
-            "lambda_mode": self.lambda_mode in ("fixed", "adaptive"),
+            "lambda_mode": self.lambda_mode in LAMBDA_MODES,
             "extractor": self.extractor in ("stage1", "base"), "eta": self.eta >= 0,
             "resolution": self.resolution >= 16 and self.resolution % 16 == 0,
             "rank": self.rank >= 1, "checkpoint_every": self.checkpoint_every >= 1,
@@ -118,7 +121,7 @@ class StageFields(_Strict):
     logit_mean: float | None = Field(None, description="logit-normal timestep sampling: mean")
     logit_std: float | None = Field(None, gt=0, description="logit-normal timestep sampling: std")
     eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
-    lambda_mode: Literal["fixed", "adaptive"] | None = Field(None, description="stage 2: fixed or adaptive lambda")
+    lambda_mode: LambdaMode | None = Field(None, description="stage 2: how lambda* is chosen")
     lambda_value: float | None = Field(None, ge=0, description="stage 2: the fixed lambda")
     lambda_max: float | None = Field(None, ge=0, description="stage 2: the adaptive lambda's bound")
     extractor: Literal["stage1", "base"] | None = Field(None, description="stage 2: the frozen extractor")
@@ -159,7 +162,7 @@ class RecipeFields(_Strict):
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of data order, noise and init")
     eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
-    lambda_mode: Literal["fixed", "adaptive"] | None = Field(None, description="stage 2: fixed or adaptive lambda")
+    lambda_mode: LambdaMode | None = Field(None, description="stage 2: how lambda* is chosen")
     extractor: Literal["stage1", "base"] | None = Field(None, description="stage 2: the frozen extractor")
     validation: ValidationFields = ValidationFields()
     stage1: StageFields = StageFields()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .ids import validate_concept_id
 
-SCALARS = ("loss", "l_cc", "l_pure", "lambda", "grad_norm", "lr", "loss_scale")
+SCALARS = ("loss", "l_cc", "l_pure", "lambda", "cos_r", "sigma", "grad_norm", "lr", "loss_scale")
 
 
 class TensorBoardLogger:

@@ -44,8 +44,17 @@ class TinyConfig:
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"dual_attention_layers: {bad} outside 0..{self.num_layers - 1}")
-        if len(self.vae_channels) != 4:
-            raise ValueError("vae_channels: 4 blocks are needed for the 8x VAE")
+        if len(self.vae_channels) not in (3, 4):
+            raise ValueError("vae_channels: 3 blocks (a 4x VAE) or 4 blocks (8x, as SD3's) are needed, "
+                             f"got {len(self.vae_channels)}")
+        if self.sample_size % (2 * self.vae_factor):
+            raise ValueError(f"sample_size: {self.sample_size} is not a multiple of {2 * self.vae_factor} "
+                             "(the VAE's downsampling times the transformer's patch)")
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent along a side: 2 ** (VAE blocks - 1)."""
+        return 2 ** (len(self.vae_channels) - 1)
 
 
 def _clip_encoder(cfg: TinyConfig, vocab_size: int, tok) -> CLIPTextModelWithProjection:
@@ -72,15 +81,16 @@ def build_tiny_pipeline(cfg: TinyConfig = TinyConfig()) -> StableDiffusion3Pipel
         joint_dim = max(joint_dim, cfg.t5_d_model)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        down_block_types=["DownEncoderBlock2D"] * len(cfg.vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(cfg.vae_channels),
         block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=4,
         sample_size=cfg.sample_size, use_quant_conv=False, use_post_quant_conv=False,
         shift_factor=0.0609, scaling_factor=1.5305)
     transformer = SD3Transformer2DModel(
-        sample_size=cfg.sample_size // 8, patch_size=2, in_channels=16, out_channels=16,
+        sample_size=cfg.sample_size // cfg.vae_factor, patch_size=2, in_channels=16, out_channels=16,
         num_layers=cfg.num_layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads,
         joint_attention_dim=joint_dim, caption_projection_dim=cfg.heads * cfg.head_dim,
-        pooled_projection_dim=2 * cfg.clip_hidden, pos_embed_max_size=cfg.max_image_size // 16,
+        pooled_projection_dim=2 * cfg.clip_hidden, pos_embed_max_size=cfg.max_image_size // (2 * cfg.vae_factor),
         dual_attention_layers=tuple(cfg.dual_attention_layers), qk_norm="rms_norm")
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,

@@ -279,19 +279,28 @@ class PackTrainer:
         v = self._forward(xx, ss, torch.cat([ep, eb]), torch.cat([pp, pb]), train_slots * 2)
         ext_slots = [c.extractor_slot for c, d in zip(active, draws) for _ in d.rows]
         e0, p0 = self.empty
+        # lambda_mode "extractor" also needs the extractor on prompt and base_prompt: two more passes,
+        # in the same batched call, only when a concept of the pack asks for it
+        conds = [(et, pt), (e0.expand(b, -1, -1), p0.expand(b, -1))]
+        if any(c.job.recipe.lambda_mode == "extractor" for c in active):
+            conds += [(ep, pp), (eb, pb)]
+        k = len(conds)
         with torch.no_grad():
-            r = self._forward(xx, ss, torch.cat([et, e0.expand(b, -1, -1)]),
-                              torch.cat([pt, p0.expand(b, -1)]), ext_slots * 2)
+            r = self._forward(torch.cat([x_t] * k), torch.cat([sigma] * k), torch.cat([e for e, _ in conds]),
+                              torch.cat([q for _, q in conds]), ext_slots * k)
+        r = r.view(k, b, *r.shape[1:])
         parts, start = [], 0  # loss knobs (eta, lambda) may differ per concept
         for c, d in zip(active, draws):
             n = len(d.rows)
             sl = slice(start, start + n)
             rc = c.job.recipe
-            parts.append(stage2_loss(v[:b][sl], v[b:][sl], r[:b][sl], r[b:][sl], x0[sl], eps[sl],
+            extra = {"r_prompt": r[2][sl], "r_base": r[3][sl]} if k == 4 else {}
+            parts.append(stage2_loss(v[:b][sl], v[b:][sl], r[0][sl], r[1][sl], x0[sl], eps[sl],
                                      eta=rc.eta, lambda_mode=rc.lambda_mode, lambda_value=rc.lambda_value,
-                                     lambda_max=rc.lambda_max))
+                                     lambda_max=rc.lambda_max, **extra))
             start += n
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        # sigma beside lambda and cos_r in the logs, so a reader can see them per noise level
+        return {**{k: torch.cat([p[k] for p in parts]) for k in parts[0]}, "sigma": sigma.detach().float()}
 
     def _gradients(self, active: list[_Concept], fp16: bool) -> tuple[list[_Concept], dict]:
         """Accumulate ``active``'s gradients for one step into ``storage.grad``; returns the concepts

@@ -1,10 +1,10 @@
 """Python client of the purecc HTTP service, and ``purecc generate --url`` on top of it.
 
     client = ServiceClient("http://127.0.0.1:8000", token="pcc_...")   # or $PURECC_TOKEN
-    result = client.generate("a <zigzag-star> star", concepts=[("zigzag-star", 1.0)], seed=7)
+    result = client.generate("a <checkered-star> star", concepts=[("checkered-star", 1.0)], seed=7)
     result.save("out/")          # out/image_7.png, like ``purecc generate --model``
-    client.submit_batch({"name": "shapes", "concepts": [{"id": "zigzag-star", "trigger": "zqx",
-                                                         "data": "zigzag-star/manifest.csv"}]})
+    client.submit_batch({"name": "shapes", "concepts": [{"id": "checkered-star", "trigger": "zqx",
+                                                         "data": "checkered-star/manifest.csv"}]})
     client.batch_status("shapes")["done"]
     ds = client.upload_dataset("my-dog/", trigger="zqx", class_word="dog")   # images, or a folder with manifest.csv
     client.submit_batch({"name": "dogs", "concepts": [{"id": "my-dog", "trigger": "zqx", "data": ds["data"]}]})

@@ -81,8 +81,8 @@ def _base_model(out: Path) -> tuple[Path, str]:
 
 
 def write_batch(plan: DemoPlan, model: Path) -> Path:
-    """The sample concepts as a batch spec (two trainings at once, one concept per pack)."""
-    from purecc.testbed.samples import SAMPLE_CONCEPTS, write_sample_concepts
+    """The demo's sample concepts as a batch spec (two trainings at once, one concept per pack)."""
+    from purecc.testbed.samples import DEMO_CONCEPTS, write_sample_concepts
 
     manifests = write_sample_concepts(plan.out / "data")
     k = plan.knobs
@@ -95,7 +95,7 @@ def write_batch(plan: DemoPlan, model: Path) -> Path:
                                 "grad_accum": 1, "lr": 2e-3},
                      "stage2": {"steps": k["steps2"], "checkpoint_every": k["checkpoint_every"], "lr": 1e-3}},
         "concepts": [{"id": c.concept_id, "data": str(manifests[c.concept_id]), "trigger": c.trigger_word}
-                     for c in SAMPLE_CONCEPTS],
+                     for c in DEMO_CONCEPTS],
     }
     path = plan.out / "batch.yaml"
     path.write_text(yaml.safe_dump(batch, sort_keys=False))
@@ -125,13 +125,17 @@ def requests_for(jobs) -> list[dict]:
     word = {c.concept_id: c.class_word for c in SAMPLE_CONCEPTS}
     ids = [j.concept_id for j in jobs]
     name = lambda cid: f"<{cid}> {word.get(cid, '')}".strip()  # noqa: E731
-    reqs = [{"name": cid, "prompt": f"a {name(cid)} on a plain white background", "concepts": [(cid, 1.0)]}
+    # prompts in the world's caption grammar (world.Scene.caption): the base was pretrained on nothing else
+    reqs = [{"name": cid, "prompt": f"a {name(cid)} in the center, on a plain white background",
+             "concepts": [(cid, 1.0)]}
             for cid in ids]
-    reqs.append({"name": f"{ids[0]}+{ids[1]}", "prompt": f"a {name(ids[0])} left of a {name(ids[1])}",
+    reqs.append({"name": f"{ids[0]}+{ids[1]}",
+                 "prompt": f"a {name(ids[0])} left of a {name(ids[1])}, on a plain gray background",
                  "concepts": [(ids[0], 1.0), (ids[1], 1.0)]})
-    reqs.append({"name": f"{ids[1]}+{ids[2]}", "prompt": f"a {name(ids[1])} above a {name(ids[2])}",
+    reqs.append({"name": f"{ids[1]}+{ids[2]}",
+                 "prompt": f"a {name(ids[1])} above a {name(ids[2])}, on a plain white background",
                  "concepts": [(ids[1], 0.8), (ids[2], 1.0)]})
-    reqs.append({"name": "base", "prompt": "a red circle on a grid background", "concepts": []})
+    reqs.append({"name": "base", "prompt": "a large red circle in the center, on a grid background", "concepts": []})
     return reqs
 
 

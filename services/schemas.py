@@ -41,8 +41,8 @@ class GenerateRequest(BaseModel):
     """A prompt to render with some concepts (POST /v1/generate)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "prompt": "a <zigzag-star> star next to a <ringed-circle> circle",
-        "concepts": [{"id": "zigzag-star", "weight": 1.0}, {"id": "ringed-circle", "weight": 0.8}],
+        "prompt": "a <checkered-star> star next to a <striped-circle> circle",
+        "concepts": [{"id": "checkered-star", "weight": 1.0}, {"id": "striped-circle", "weight": 0.8}],
         "seed": 7, "steps": 28, "guidance": 7.0, "num_images": 1}]})
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
@@ -227,7 +227,7 @@ class BatchRequest(BaseModel):
         "name": "shapes-v1",
         "resources": {"gpus_per_worker": 1, "concepts_per_pack": 4, "max_concurrent": 2},
         "defaults": {"resolution": 512, "stage1": {"steps": 1000}, "stage2": {"steps": 800}},
-        "concepts": [{"id": "zigzag-star", "data": "zigzag-star/manifest.csv", "trigger": "zqx"}]}]})
+        "concepts": [{"id": "checkered-star", "data": "checkered-star/manifest.csv", "trigger": "zqx"}]}]})
 
     name: str = Field(pattern=CONCEPT_ID_PATTERN, description="Batch name (same rule as concept ids); its status "
                                                               "is at GET /v1/batches/{name}.")

@@ -25,9 +25,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_manifests(tmp_path_factory) -> dict[str, Path]:
-    from purecc.testbed.samples import write_sample_concepts
+    """The demo's three sample concepts (the testbed has five), as the tests' batches use them."""
+    from purecc.testbed.samples import DEMO_CONCEPTS, write_sample_concepts
 
-    return write_sample_concepts(tmp_path_factory.mktemp("samples"))
+    written = write_sample_concepts(tmp_path_factory.mktemp("samples"))
+    return {c.concept_id: written[c.concept_id] for c in DEMO_CONCEPTS}
 
 
 @pytest.fixture()

@@ -6,6 +6,9 @@
   customised model on ``prompt``: how much outside the concept stays the same (facts and pixels).
 - ``drift_unrelated``: prompts without the trigger, base vs customised model: alignment, the
   distribution of what is drawn, and same-seed agreement.
+- ``concept_identity``: whether the reader sees the concept's defining look (shape, colour and
+  pattern together) where the concept should stand.
+- ``paired_interval``: the mean per-seed difference of two methods with its 95% interval.
 
 Images are PIL images of the world's 64 px size; per-image scores are numpy arrays, so a
 caller can average over prompts and report the spread over seeds.
@@ -61,6 +64,39 @@ def concept_fidelity(reader: WorldReader, images: Sequence[Image.Image], positio
     emb = object_embeddings(reader, images, positions)             # (N, E)
     ref = object_embeddings(reader, references, ref_positions)     # (R, E)
     return (emb @ ref.t()).mean(1).numpy()
+
+
+def concept_identity(reader: WorldReader, images: Sequence[Image.Image], positions: Sequence[str],
+                     look: tuple[str, str, str]) -> np.ndarray:
+    """(N,) bool: the reader reads ``look`` = (shape, color, pattern) at ``positions[b]`` of image b."""
+    if len(images) != len(positions):
+        raise ValueError(f"positions: {len(positions)} given for {len(images)} images")
+    seen = read_facts(reader, images)
+    return np.array([all(s.get(f"{pos}.{attr}") == value for attr, value in zip(("shape", "color", "pattern"), look))
+                     for s, pos in zip(seen, positions)])
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (scipy is not a dependency;
+# these are the textbook values to three decimals); beyond 30 the normal 1.96 is within 2%.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of the per-seed differences ``a[i] - b[i]`` and its 95% t interval (lo, hi).
+
+    With one seed the interval is (-inf, inf): a single pair says nothing about the spread.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0 or len(a) != len(b):
+        raise ValueError(f"a, b: need two equally long, non-empty sequences, got {len(a)} and {len(b)}")
+    mean = float(d.mean())
+    if len(d) == 1:
+        return mean, float("-inf"), float("inf")
+    df = len(d) - 1
+    half = (_T975[df - 1] if df <= len(_T975) else 1.96) * float(d.std(ddof=1)) / np.sqrt(len(d))
+    return mean, mean - half, mean + half
 
 
 def _context_mask(positions: Sequence[str], size: int) -> np.ndarray:
@@ -151,5 +187,5 @@ def drift_unrelated(reader: WorldReader, base_images: Sequence[Image.Image],
             "same_seed_agreement": float(agree)}
 
 
-__all__ = ["text_alignment", "concept_fidelity", "concept_references", "preservation_same_seed",
+__all__ = ["text_alignment", "concept_fidelity", "concept_identity", "paired_interval", "concept_references", "preservation_same_seed",
            "drift_unrelated", "fact_recall", "total_variation", "psnr"]

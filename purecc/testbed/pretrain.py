@@ -18,7 +18,8 @@ fp16 to keep the folder small), with ``pretrain.json`` (config, step counts, los
 
 Presets: ``cpu`` (default) is sized for one CPU thread (about 30 CPU-minutes; its base draws
 backgrounds, positions and sizes but shapes only at chance); ``gpu`` gave the committed base
-(``--preset gpu --minutes 7`` on one H200; its pretrain.json holds the step counts).
+(``--preset gpu --minutes 7`` on one H200; its pretrain.json holds the step counts). ``cpu-4x`` and
+``gpu-4x`` train its successor on a 4x VAE (64 image tokens; ``WORLD_BASE_4X_MODEL``).
 ``--minutes N`` times a few steps of each phase first and sets the step counts so the whole
 run fits N minutes on this machine; the planned counts are recorded, and
 ``--vae-steps/--vae-full-steps/--steps`` with them reproduce the run. Same machine, same
@@ -45,14 +46,22 @@ from tqdm import tqdm
 from ..losses import noisy_latents, per_sample_mse, sample_sigma, shifted_sigmas_table
 from ..offline import quiet_libraries
 from ..tiny import TinyConfig, build_tiny_pipeline
-from .world import world_batch
+from .world import CONCEPT_LOOKS, world_batch
 from .world_base import write_checksums
 
 REPORT = "pretrain.json"
 
-# 64 px -> 8x8x16 latents -> 16 image tokens; hidden 128 (4 heads x 32), 4 blocks, one with attn2.
+# The committed base: 64 px -> 8x8x16 latents -> 16 image tokens; hidden 128 (4 heads x 32), 4 blocks,
+# one with attn2. Its VAE is what limits it: the VAE's round trip alone reads pattern 0.42 (2 px stripes
+# are a quarter of an 8 px latent cell), and the base draws patterns at 0.41.
 WORLD_BASE_MODEL = TinyConfig(seed=0, num_layers=4, dual_attention_layers=(0,), heads=4, head_dim=32,
                               clip_hidden=32, clip_layers=2, vae_channels=(16, 16, 32, 64))
+# Its successor: the same transformer on a 4x VAE, 16x16x16 latents -> 8x8 = 64 image tokens (its VAE's
+# round trip reads pattern 0.79, shape 0.97). Per sample it costs ~1.3x the committed base (text tokens,
+# 154 of them, dominate), so the ``gpu-4x`` preset fits a lent GPU's minutes; one hour on this 2-core
+# machine (``cpu-4x``) is far too little (bench/RESULTS.md, "World base").
+WORLD_BASE_4X_MODEL = TinyConfig(seed=0, num_layers=4, dual_attention_layers=(0,), heads=4, head_dim=32,
+                                 clip_hidden=32, clip_layers=2, vae_channels=(16, 32, 64), max_image_size=256)
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,9 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
     threads: int = 1
+    # Leave the sample concepts' looks (world.CONCEPT_LOOKS) out of the data. Off for the committed
+    # base's presets, which were trained before those looks were reserved (so they reproduce it).
+    reserve_concept_looks: bool = False
 
     def __post_init__(self) -> None:
         checks = {"images": self.images >= self.batch, "vae_steps": self.vae_steps >= 0,
@@ -98,14 +110,23 @@ PRESETS: dict[str, PretrainConfig] = {
     # on one H200 (`--preset gpu --minutes 7`; its pretrain.json holds the step counts).
     "gpu": PretrainConfig(device="cuda", images=65536, vae_steps=6000, vae_full_steps=1000, vae_batch=64,
                           steps=8000, batch=256, warmup=300, ema_decay=0.999),
+    # The 4x-VAE successor. ``cpu-4x``: 59 min on this project's 2-core machine (2 threads); its base
+    # draws patterns and backgrounds but shapes at 0.25 (bench/RESULTS.md). ``gpu-4x``: the committed
+    # base's GPU schedule on the new model, for a lent GPU (``--minutes`` plans the counts to fit).
+    "cpu-4x": PretrainConfig(model=WORLD_BASE_4X_MODEL, images=32768, vae_steps=2400, vae_full_steps=400,
+                             steps=1800, threads=2, reserve_concept_looks=True),
+    "gpu-4x": PretrainConfig(model=WORLD_BASE_4X_MODEL, device="cuda", images=65536, vae_steps=6000,
+                             vae_full_steps=1000, vae_batch=64, steps=8000, batch=256, warmup=300, ema_decay=0.999,
+                             reserve_concept_looks=True),
 }
 
 
 # ---------------------------------------------------------------- data
 
-def world_pixels(seed: int, n: int, size: int) -> tuple[torch.Tensor, list[str]]:
+def world_pixels(seed: int, n: int, size: int, reserve_concept_looks: bool = True
+                 ) -> tuple[torch.Tensor, list[str]]:
     """``n`` world images as uint8 (N, 3, size, size) and their captions."""
-    batch = world_batch(seed, n, size)
+    batch = world_batch(seed, n, size, reserved=CONCEPT_LOOKS if reserve_concept_looks else frozenset())
     pixels = np.stack([np.asarray(img, dtype=np.uint8) for img, _, _ in batch])  # (N, H, W, 3)
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [c for _, c, _ in batch]
 
@@ -279,7 +300,7 @@ def plan_steps(pipe, pixels: torch.Tensor, cfg: PretrainConfig, seconds: float) 
     t_crop = _seconds_per_step(lambda i: vae_step(cfg.vae_crop))
     t_full = _seconds_per_step(lambda i: vae_step(size))
     tr = copy.deepcopy(pipe.transformer).train()
-    n, dev, h = 4 * cfg.batch, pixels.device, size // 8
+    n, dev, h = 4 * cfg.batch, pixels.device, size // cfg.model.vae_factor
     e, p = encode_captions(pipe, [""])                               # (1, L, D), (1, P)
     step = _FlowStep(tr, shifted_sigmas_table(pipe.scheduler), (e, p), torch.randn(n, 16, h, h, device=dev),
                      torch.randn(n, *e.shape[1:], device=dev), torch.randn(n, p.shape[1], device=dev), cfg)
@@ -309,7 +330,7 @@ def pretrain_world_base(out: str | Path, cfg: PretrainConfig = PretrainConfig(),
     start, cpu_start = time.monotonic(), time.process_time()
     device = torch.device(cfg.device)
     pipe = build_tiny_pipeline(cfg.model).to(device)
-    pixels, captions = world_pixels(cfg.seed, cfg.images, cfg.model.sample_size)
+    pixels, captions = world_pixels(cfg.seed, cfg.images, cfg.model.sample_size, cfg.reserve_concept_looks)
     pixels = pixels.to(device)
     if minutes:
         spent = time.monotonic() - start
@@ -371,10 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=None, help="VAE steps on crops")
     parser.add_argument("--vae-full-steps", type=int, default=None, help="VAE steps on whole images")
     parser.add_argument("--steps", type=int, default=None, help="transformer steps")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the preset's)")
     args = parser.parse_args(argv)
     counts = {"vae_steps": args.vae_steps, "vae_full_steps": args.vae_full_steps, "steps": args.steps}
-    cfg = replace(PRESETS[args.preset], seed=args.seed, threads=args.threads,
+    cfg = replace(PRESETS[args.preset], seed=args.seed, threads=args.threads or PRESETS[args.preset].threads,
                   **{k: v for k, v in counts.items() if v is not None})
     t0 = time.monotonic()
     path = pretrain_world_base(args.out, cfg, minutes=args.minutes)

@@ -1,7 +1,8 @@
-"""Three sample concepts drawn from the toy world (`purecc.testbed.world`), ready to train on.
+"""Five sample concepts drawn from the toy world (`purecc.testbed.world`), ready to train on.
 
-Each concept is an ordinary world shape (its class word) in a pattern and colour pair that
-ordinary scenes never use, shown on five different backgrounds and positions. The
+Each concept is an ordinary world shape (its class word) in a colour and pattern the world base
+knows but never saw bound to that shape (`world.CONCEPT_LOOKS`), shown on five different
+backgrounds and positions. The first three are the demo's; all five are the testbed's. The
 generated copies live in the package folder `purecc/testbed/assets/samples/<concept_id>/`
 (`manifest.csv` + `imgs/NN.png`); `check_packaged_samples()` regenerates them and lists
 any file that is no longer byte-identical.
@@ -29,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from .world import (
-    BACKGROUNDS, POSITIONS, ConceptObject, concept_caption, render_concept_scene,
+    BACKGROUNDS, CONCEPT_LOOKS, PATTERNS, POSITION_PHRASES, POSITIONS, RELATION_POSITIONS, RELATIONS,
+    SHAPES, SIZES, ConceptObject, WorldObject, concept_caption, render_concept_scene, usable_colors,
 )
 
 PLACEHOLDER = "[v]"
@@ -49,19 +51,21 @@ class SampleConcept(NamedTuple):
 
 
 SAMPLE_CONCEPTS: tuple[SampleConcept, ...] = (
-    SampleConcept("zigzag-star", "zqx", "star"),
-    SampleConcept("ringed-circle", "vlk", "circle"),
-    SampleConcept("split-diamond", "bxj", "diamond"),
+    SampleConcept("checkered-star", "zqx", "star"),
+    SampleConcept("striped-circle", "vlk", "circle"),
+    SampleConcept("dotted-diamond", "bxj", "diamond"),
+    SampleConcept("dotted-square", "wfp", "square"),
+    SampleConcept("checkered-triangle", "kdy", "triangle"),
 )
+DEMO_CONCEPTS: tuple[SampleConcept, ...] = SAMPLE_CONCEPTS[:3]
 
-# Colours outside the world palette, patterns outside the ordinary ones.
+# Each look is one of world.CONCEPT_LOOKS: never drawn by ordinary scenes.
 CONCEPT_OBJECTS: Mapping[str, ConceptObject] = MappingProxyType({
-    "zigzag-star": ConceptObject("zigzag-star", "star", "zigzag",
-                                 ((255, 105, 180), (0, 140, 140))),
-    "ringed-circle": ConceptObject("ringed-circle", "circle", "rings",
-                                   ((150, 230, 40), (20, 30, 110))),
-    "split-diamond": ConceptObject("split-diamond", "diamond", "split",
-                                   ((40, 210, 230), (130, 70, 20))),
+    "checkered-star": ConceptObject("checkered-star", "star", "orange", "checkered"),
+    "striped-circle": ConceptObject("striped-circle", "circle", "green", "striped"),
+    "dotted-diamond": ConceptObject("dotted-diamond", "diamond", "purple", "dotted"),
+    "dotted-square": ConceptObject("dotted-square", "square", "red", "dotted"),
+    "checkered-triangle": ConceptObject("checkered-triangle", "triangle", "yellow", "checkered"),
 })
 
 
@@ -116,6 +120,63 @@ def concept_views(concept: SampleConcept, n: int = IMAGES_PER_CONCEPT) -> list[t
     backgrounds = rng.sample(BACKGROUNDS, n)
     positions = rng.sample(POSITIONS, n)
     return list(zip(backgrounds, positions))
+
+
+class HeldOutPrompt(NamedTuple):
+    """A prompt that puts a concept somewhere its references never show it."""
+
+    prompt: str          # with the trigger
+    base_prompt: str     # the same without the trigger (what the base model draws for it)
+    position: str        # where the concept stands
+    kind: str            # "view": a background/position pair no reference has;
+                         # "pair": a second, ordinary object beside it; "relation": "above" etc.
+
+
+HELD_OUT_KINDS: tuple[str, ...] = ("view", "pair", "relation")
+
+
+def _other_object(rng: random.Random, concept: SampleConcept, background: str, position: str) -> WorldObject:
+    """An ordinary object of another shape, visible on ``background``, never a concept's look."""
+    while True:
+        obj = WorldObject(rng.choice([s for s in SHAPES if s != concept.class_word]),
+                          rng.choice(usable_colors(background)), rng.choice(PATTERNS), rng.choice(SIZES), position)
+        if (obj.shape, obj.color, obj.pattern) not in CONCEPT_LOOKS:
+            return obj
+
+
+def held_out_prompts(concept: SampleConcept, n: int, trigger: str | None = None) -> list[HeldOutPrompt]:
+    """``n`` deterministic prompts for ``concept`` in new contexts, the kinds in turn (view, pair,
+    relation, view, ...); ``trigger`` defaults to the concept's trigger word."""
+    if n < 0:
+        raise ValueError(f"n={n} must be >= 0")
+    trigger = concept.trigger_word if trigger is None else trigger
+    rng = random.Random(f"purecc-held-out/{concept.concept_id}")
+    seen = set(concept_views(concept))
+    views = [(bg, pos) for bg in BACKGROUNDS for pos in POSITIONS if (bg, pos) not in seen]
+    rng.shuffle(views)
+    subject = f"a {trigger} {concept.class_word}"
+    base_subject = f"a {concept.class_word}"
+    out = []
+    for i in range(n):
+        kind = HELD_OUT_KINDS[i % len(HELD_OUT_KINDS)]
+        if kind == "view":
+            bg, pos = views[(i // len(HELD_OUT_KINDS)) % len(views)]
+            obj = CONCEPT_OBJECTS[concept.concept_id]
+            out.append(HeldOutPrompt(concept_caption(obj, bg, pos, trigger), concept_caption(obj, bg, pos, ""),
+                                     pos, kind))
+            continue
+        bg = rng.choice(BACKGROUNDS)
+        if kind == "pair":
+            pos, other_pos = rng.choice((("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top")))
+            other = _other_object(rng, concept, bg, other_pos)
+            tail = f" {POSITION_PHRASES[pos]} and a {other.phrase()} {POSITION_PHRASES[other_pos]}, on a {bg} background"
+        else:
+            relation = rng.choice(RELATIONS)
+            pos, other_pos = RELATION_POSITIONS[relation]
+            other = _other_object(rng, concept, bg, other_pos)
+            tail = f" {relation} a {other.phrase()}, on a {bg} background"
+        out.append(HeldOutPrompt(subject + tail, base_subject + tail, pos, kind))
+    return out
 
 
 def concept_rows(concept: SampleConcept, size: int = 64

@@ -1,7 +1,9 @@
 """Train the world reader on freshly rendered world images, and measure it on held-out seeds.
 
-Every step renders a new batch (``world_batch(TRAIN_SEED0 + step, batch)``), so the reader never
-sees an image twice; evaluation uses seeds from ``EVAL_SEED0`` up, which training never reaches.
+Every step renders a new batch (``world_batch(TRAIN_SEED0 + step, batch)``, the concepts' reserved
+looks included: the reader has to read them, and the committed reader was trained on the world before
+they were reserved), so the reader never sees an image twice; evaluation uses seeds from
+``EVAL_SEED0`` up, which training never reaches.
 Images are perturbed (shift, blur, noise, colour jitter) so that the reader also reads the
 softer, noisier pictures a diffusion model draws.
 
@@ -107,7 +109,7 @@ def train_reader(cfg: ReaderTraining = ReaderTraining(), model: ReaderConfig = R
     losses = []
     bar = tqdm(range(cfg.steps), desc="reader", disable=not progress, unit="step")
     for step in bar:
-        batch = world_batch(TRAIN_SEED0 + cfg.seed * cfg.steps + step, cfg.batch)
+        batch = world_batch(TRAIN_SEED0 + cfg.seed * cfg.steps + step, cfg.batch, reserved=frozenset())
         x = augment(images_to_tensor([im for im, _, _ in batch]), g, cfg.augment_prob)
         loss = reader_loss(reader(x), scene_targets([s for _, _, s in batch]))
         opt.zero_grad(set_to_none=True)
@@ -127,7 +129,7 @@ def fact_accuracy(reader: WorldReader, n: int = 512, seed: int = EVAL_SEED0,
 
     ``present`` is judged at all five positions; an attribute only where an object stands.
     """
-    batch = world_batch(seed, n)
+    batch = world_batch(seed, n, reserved=frozenset())
     x = images_to_tensor([im for im, _, _ in batch])
     if degrade:
         x = augment(x, torch.Generator().manual_seed(seed), 1.0)

@@ -3,8 +3,9 @@
 Every scene is a background plus one or two distinct objects (or two to three identical
 ones), each described by shape, colour, fill pattern, size and position. Captions name
 every attribute, so a small text-to-image model trained on `world_batch` can learn each
-one. `ConceptObject` describes an object whose pattern and colours never occur in
-ordinary scenes: the "new concept" a customisation run has to learn.
+one. A few looks (shape, colour and pattern together, `CONCEPT_LOOKS`) never occur in
+ordinary scenes: they are the "new concepts" a customisation run has to learn
+(`ConceptObject`), new bindings of parts the world base knows how to draw.
 
 Rendering uses only integer and basic float arithmetic (no trig, no PIL rasteriser), so
 pixels are identical across platforms and library versions. All randomness goes
@@ -63,8 +64,12 @@ SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 COUNTS: tuple[str, ...] = ("one", "two", "three")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-# Patterns reserved for concepts: never drawn in ordinary scenes.
-CONCEPT_PATTERNS: tuple[str, ...] = ("zigzag", "rings", "split")
+# Looks (shape, colour, pattern) reserved for concepts: never drawn in ordinary scenes, in any
+# size or position. Each is a new binding of a shape, a colour and a pattern the world has.
+CONCEPT_LOOKS: frozenset[tuple[str, str, str]] = frozenset({
+    ("star", "orange", "checkered"), ("circle", "green", "striped"), ("diamond", "purple", "dotted"),
+    ("square", "red", "dotted"), ("triangle", "yellow", "checkered"),
+})
 
 # Object centres as fractions of the image side, and radii as fractions of it. At 64 px a
 # large object is ~26 px across, a small one ~18 px; three small ones fit in a row.
@@ -279,7 +284,7 @@ def shape_mask(shape: str, center: tuple[float, float], radius: float, size: int
 
 # ---------------------------------------------------------------- patterns
 
-def _pattern_mask(pattern: str, center: tuple[float, float], size: int) -> np.ndarray:
+def _pattern_mask(pattern: str, size: int) -> np.ndarray:
     """(H, W) bool: True where the pattern shows its second colour."""
     x, y = _ref_grid(size)
     if pattern == "solid":
@@ -290,17 +295,7 @@ def _pattern_mask(pattern: str, center: tuple[float, float], size: int) -> np.nd
         return (x % 6 // 2 == 1) & (y % 6 // 2 == 1)
     if pattern == "checkered":  # 4 px squares
         return (x // 4 + y // 4) % 2 == 1
-    # Concept patterns are anchored at the object centre so they move with it.
-    cx = int(center[0] * _REF // size)
-    cy = int(center[1] * _REF // size)
-    dx, dy = x - cx, y - cy
-    if pattern == "zigzag":  # horizontal chevron bands, 8 px period, 4 px wide
-        return (dy + np.abs(dx % 8 - 4)) // 4 % 2 == 1
-    if pattern == "rings":  # concentric rings, 3 px wide
-        return np.floor(np.sqrt(dx * dx + dy * dy) / 3.0).astype(np.int64) % 2 == 1
-    if pattern == "split":  # two halves along the anti-diagonal
-        return dx + dy > 0
-    raise ValueError(f"pattern={pattern!r} is not one of {PATTERNS + CONCEPT_PATTERNS}")
+    raise ValueError(f"pattern={pattern!r} is not one of {PATTERNS}")
 
 
 # ---------------------------------------------------------------- rendering
@@ -330,7 +325,7 @@ def _paint(canvas: np.ndarray, shape: str, pattern: str, colors: tuple[RGB, RGB]
     """Draw one patterned shape onto `canvas` (H, W, 3) in place."""
     size = canvas.shape[0]
     mask = shape_mask(shape, center, radius, size)
-    second = _pattern_mask(pattern, center, size)
+    second = _pattern_mask(pattern, size)
     fill = np.where(second[..., None], np.array(colors[1], np.uint8),
                     np.array(colors[0], np.uint8))
     canvas[mask] = fill[mask]
@@ -357,40 +352,47 @@ def _as_rng(rng_or_seed: random.Random | int) -> random.Random:
 
 
 def _sample_object(rng: random.Random, colors: tuple[str, ...], position: str,
-                   size: str | None = None) -> WorldObject:
-    return WorldObject(shape=rng.choice(SHAPES), color=rng.choice(colors),
-                       pattern=rng.choice(PATTERNS), size=size or rng.choice(SIZES),
-                       position=position)
+                   size: str | None = None, reserved: frozenset = CONCEPT_LOOKS) -> WorldObject:
+    """A random ordinary object: drawn again while its look is ``reserved``."""
+    while True:
+        obj = WorldObject(shape=rng.choice(SHAPES), color=rng.choice(colors),
+                          pattern=rng.choice(PATTERNS), size=size or rng.choice(SIZES),
+                          position=position)
+        if (obj.shape, obj.color, obj.pattern) not in reserved:
+            return obj
 
 
 def _sample_pair(rng: random.Random, background: str, colors: tuple[str, ...],
-                 relation_prob: float) -> Scene:
+                 relation_prob: float, reserved: frozenset) -> Scene:
     relation = rng.choice(RELATIONS) if rng.random() < relation_prob else None
     if relation is not None:
         positions = RELATION_POSITIONS[relation]
     else:
         positions = rng.choice((("left", "right"), ("right", "left"),
                                 ("top", "bottom"), ("bottom", "top")))
-    first = _sample_object(rng, colors, positions[0])
-    second = _sample_object(rng, colors, positions[1])
+    first = _sample_object(rng, colors, positions[0], reserved=reserved)
+    second = _sample_object(rng, colors, positions[1], reserved=reserved)
     while second.appearance == first.appearance:
-        second = _sample_object(rng, colors, positions[1])
+        second = _sample_object(rng, colors, positions[1], reserved=reserved)
     return Scene((first, second), background, relation)
 
 
-def _sample_count(rng: random.Random, background: str, colors: tuple[str, ...]) -> Scene:
+def _sample_count(rng: random.Random, background: str, colors: tuple[str, ...], reserved: frozenset) -> Scene:
     n = rng.choice((2, 3))
-    proto = _sample_object(rng, colors, "left", size="small" if n == 3 else None)
+    proto = _sample_object(rng, colors, "left", size="small" if n == 3 else None, reserved=reserved)
     objects = tuple(WorldObject(proto.shape, proto.color, proto.pattern, proto.size, pos)
                     for pos in COUNT_POSITIONS[n])
     return Scene(objects, background)
 
 
 def sample_scene(rng_or_seed: random.Random | int, *, pair_prob: float = 0.35,
-                 count_prob: float = 0.25, relation_prob: float = 0.5) -> Scene:
+                 count_prob: float = 0.25, relation_prob: float = 0.5,
+                 reserved: frozenset = CONCEPT_LOOKS) -> Scene:
     """Draw a random scene: one object, a distinct pair (with a relation with probability
     `relation_prob`) or a row of 2-3 identical objects. Colours always stand out from the
-    background. An int seeds a fresh `random.Random`; a `Random` is advanced in place."""
+    background; no object has a `reserved` look (default: the concepts'; the committed world
+    base was pretrained before there were any, on `reserved=frozenset()`). An int seeds a fresh
+    `random.Random`; a `Random` is advanced in place."""
     if min(pair_prob, count_prob) < 0 or pair_prob + count_prob > 1:
         raise ValueError(f"pair_prob={pair_prob}, count_prob={count_prob}: need >= 0, sum <= 1")
     rng = _as_rng(rng_or_seed)
@@ -398,20 +400,22 @@ def sample_scene(rng_or_seed: random.Random | int, *, pair_prob: float = 0.35,
     colors = usable_colors(background)
     roll = rng.random()
     if roll < count_prob:
-        return _sample_count(rng, background, colors)
+        return _sample_count(rng, background, colors, reserved)
     if roll < count_prob + pair_prob:
-        return _sample_pair(rng, background, colors, relation_prob)
-    return Scene((_sample_object(rng, colors, rng.choice(POSITIONS)),), background)
+        return _sample_pair(rng, background, colors, relation_prob, reserved)
+    return Scene((_sample_object(rng, colors, rng.choice(POSITIONS), reserved=reserved),), background)
 
 
-def world_batch(seed: int, n: int, size: int = 64) -> list[tuple[Image.Image, str, Scene]]:
-    """`n` deterministic (image, caption, scene) triples drawn from `seed`."""
+def world_batch(seed: int, n: int, size: int = 64,
+                reserved: frozenset = CONCEPT_LOOKS) -> list[tuple[Image.Image, str, Scene]]:
+    """`n` deterministic (image, caption, scene) triples drawn from `seed` (`reserved`: see
+    `sample_scene`)."""
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, reserved=reserved)
         out.append((render_scene(scene, size), scene.caption(), scene))
     return out
 
@@ -420,24 +424,32 @@ def world_batch(seed: int, n: int, size: int = 64) -> list[tuple[Image.Image, st
 
 @dataclass(frozen=True)
 class ConceptObject:
-    """A specific object never seen in ordinary scenes: an ordinary shape (its class word)
-    filled with a concept-only pattern in a pair of colours outside the world palette."""
+    """A specific object never seen in ordinary scenes: one of `CONCEPT_LOOKS` (an ordinary
+    shape, its class word, in an ordinary colour and pattern that are never bound to it)."""
 
     name: str
     shape: str
+    color: str
     pattern: str
-    colors: tuple[RGB, RGB]
     size: str = "large"
 
     def __post_init__(self) -> None:
         _check(self.shape, SHAPES, "shape")
-        _check(self.pattern, CONCEPT_PATTERNS, "pattern")
+        _check(self.color, COLORS, "color")
+        _check(self.pattern, PATTERNS, "pattern")
         _check(self.size, SIZES, "size")
-        colors = tuple(tuple(int(v) for v in rgb) for rgb in self.colors)
-        if len(colors) != 2 or any(len(c) != 3 or not all(0 <= v <= 255 for v in c)
-                                   for c in colors):
-            raise ValueError(f"colors={self.colors!r}: need two RGB triples in 0-255")
-        object.__setattr__(self, "colors", colors)
+        if self.look not in CONCEPT_LOOKS:
+            raise ValueError(f"{self.name}: look {self.look} is not reserved for concepts "
+                             f"(CONCEPT_LOOKS), so ordinary scenes draw it too")
+
+    @property
+    def look(self) -> tuple[str, str, str]:
+        """(shape, color, pattern): what defines the concept."""
+        return (self.shape, self.color, self.pattern)
+
+    def as_object(self, position: str) -> WorldObject:
+        """The concept as a world object standing at ``position`` (for captions and facts)."""
+        return WorldObject(self.shape, self.color, self.pattern, self.size, position)
 
 
 def concept_caption(concept: ConceptObject, background: str, position: str,
@@ -461,6 +473,7 @@ def render_concept_scene(concept: ConceptObject, background: str, position: str,
         step = size / _REF
         cx, cy = cx + gen.randint(-1, 1) * step, cy + gen.randint(-1, 1) * step
     canvas = render_background(background, size)
-    _paint(canvas, concept.shape, concept.pattern, concept.colors, (cx, cy),
+    _paint(canvas, concept.shape, concept.pattern,
+           (COLOR_RGB[concept.color], PATTERN_SHADES[concept.color]), (cx, cy),
            object_radius(concept.size, size))
     return Image.fromarray(canvas, "RGB")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-TRIGGERS = {"zigzag-star": "zqx", "ringed-circle": "vlk", "split-diamond": "bxj"}
+TRIGGERS = {"checkered-star": "zqx", "striped-circle": "vlk", "dotted-diamond": "bxj"}
 TINY_DEFAULTS = {"resolution": 64, "stage1": {"steps": 6, "grad_accum": 1, "checkpoint_every": 2},
                  "stage2": {"steps": 6, "checkpoint_every": 2}}
 

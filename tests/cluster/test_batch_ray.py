@@ -3,10 +3,10 @@
 One module-scoped cluster (3 logical CPUs on 127.0.0.1). The main batch runs once and several tests
 read its ledger: five concepts in packs of two, three runs at a time, where
 
-- zigzag-star's worker is killed (``os._exit``) at stage-1 step 30, once, and must resume (with its
+- checkered-star's worker is killed (``os._exit``) at stage-1 step 30, once, and must resume (with its
   pack-mate) from the step-20 checkpoint and end with the weights of an uninterrupted run;
 - broken-diamond's image is truncated (its header still reads, so the batch is accepted): it fails
-  alone, its pack-mate split-diamond publishes;
+  alone, its pack-mate dotted-diamond publishes;
 - cancel-me (2000 steps) is cancelled while it trains.
 
 Stage 1 runs 100 steps so that the trainings of concurrent runs last longer than the jitter of
@@ -39,7 +39,7 @@ from cluster_helpers import batch_dict, copy_concept, truncate_image, wait_for, 
 
 pytestmark = pytest.mark.ray
 
-GOOD = ("zigzag-star", "ringed-circle", "split-diamond")
+GOOD = ("checkered-star", "striped-circle", "dotted-diamond")
 S1_STEPS, S2_STEPS, CKPT_EVERY, KILL_STEP = 100, 8, 20, 30
 RESUME_TOLERANCE = 4e-4 / 20     # stage-1 lr / 20 (see the resume test)
 PURECC = str(Path(sys.executable).with_name("purecc"))
@@ -60,9 +60,9 @@ def ray_address():
 def main_batch(ray_address, tmp_path_factory, tiny_model_dir, sample_manifests):
     root = tmp_path_factory.mktemp("main")
     manifests = dict(sample_manifests)
-    manifests["broken-diamond"] = copy_concept(sample_manifests["split-diamond"], root / "broken")
+    manifests["broken-diamond"] = copy_concept(sample_manifests["dotted-diamond"], root / "broken")
     truncate_image(manifests["broken-diamond"], row=2)
-    manifests["cancel-me"] = sample_manifests["zigzag-star"]
+    manifests["cancel-me"] = sample_manifests["checkered-star"]
     data = batch_dict(tiny_model_dir, root / "store", manifests,
                       ids=[*GOOD, "broken-diamond", "cancel-me"],
                       resources={"cpus_per_worker": 1, "concepts_per_pack": 2, "max_concurrent": 3})
@@ -72,7 +72,7 @@ def main_batch(ray_address, tmp_path_factory, tiny_model_dir, sample_manifests):
     data["concepts"][3]["trigger"] = "bxj"
     data["concepts"][4]["overrides"] = {"stage1": {"steps": 2000}}
     batch = write_batch(root / "batch.yaml", data)
-    fault = {"concept_id": "zigzag-star", "stage": 1, "step": KILL_STEP}
+    fault = {"concept_id": "checkered-star", "stage": 1, "step": KILL_STEP}
     result: dict = {}
 
     def drive():
@@ -117,11 +117,11 @@ def test_batch_publishes_with_overlapping_trainings(main_batch, tiny_model_dir):
     overlaps = [(a[2:], b[2:]) for a in spans for b in spans
                 if pack_of[a[2:]] != pack_of[b[2:]] and a[0] < b[1] and b[0] < a[1]]
     assert overlaps, spans
-    # stage 2 of split-diamond was launched before the rest of the batch finished stage 1
-    (split2,) = [r for r in runs if r["stage"] == 2 and "split-diamond" in r["members"]]
-    assert split2["launched_at"] < jobs["zigzag-star"].stage1_ended
+    # stage 2 of dotted-diamond was launched before the rest of the batch finished stage 1
+    (split2,) = [r for r in runs if r["stage"] == 2 and "dotted-diamond" in r["members"]]
+    assert split2["launched_at"] < jobs["checkered-star"].stage1_ended
     names = {(r["pack"], r["stage"]) for r in runs}
-    assert ("s1-zigzag-star-2-" in " ".join(n for n, _ in names)) and all(r["ended_at"] for r in runs)
+    assert ("s1-checkered-star-2-" in " ".join(n for n, _ in names)) and all(r["ended_at"] for r in runs)
 
 
 def _served(root: Path, cid: str) -> Path:
@@ -157,9 +157,9 @@ def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_weights(main_b
     from purecc.local_train import train_concepts
 
     with _ledger(main_batch) as led:
-        resumed = [e["detail"] for e in led.events("zigzag-star", "resumed")]
-        mate = [e["detail"] for e in led.events("ringed-circle", "resumed")]
-    marker = main_batch["storage"] / "work" / "faults" / f"zigzag-star-s1-{KILL_STEP}.fired"
+        resumed = [e["detail"] for e in led.events("checkered-star", "resumed")]
+        mate = [e["detail"] for e in led.events("striped-circle", "resumed")]
+    marker = main_batch["storage"] / "work" / "faults" / f"checkered-star-s1-{KILL_STEP}.fired"
     assert marker.is_file(), "the fault never fired"
     # resumed from the newest checkpoint before the kill, not from step 0 (the pack-mate too)
     assert {"stage": 1, "step": KILL_STEP - KILL_STEP % CKPT_EVERY} in resumed, resumed
@@ -168,16 +168,16 @@ def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_weights(main_b
     torch.set_num_threads(1)
     out = tmp_path / "reference"
     train_concepts(model=str(tiny_model_dir),
-                   concepts=[(c, t, str(sample_manifests[c])) for c, t in (("zigzag-star", "zqx"),
-                                                                          ("ringed-circle", "vlk"))],
+                   concepts=[(c, t, str(sample_manifests[c])) for c, t in (("checkered-star", "zqx"),
+                                                                          ("striped-circle", "vlk"))],
                    out=out, steps={1: S1_STEPS, 2: S2_STEPS},
                    overrides={"resolution": 64, "grad_accum": 1, "checkpoint_every": CKPT_EVERY}, progress=False)
-    # Equal up to float rounding: one CI run differed by 4e-6 (ringed-circle, stage 1) after the
+    # Equal up to float rounding: one CI run differed by 4e-6 (striped-circle, stage 1) after the
     # resume, 1% of one Adam step (lr 4e-4). A faulty resume is orders larger: fresh optimiser moments,
     # or noise and data drawn for the wrong steps, move weights by about lr per step (a restart from
     # step 0 is caught by the events above). So the bound is lr / 20; the message lists every difference.
     worst = {}
-    for cid in ("zigzag-star", "ringed-circle"):
+    for cid in ("checkered-star", "striped-circle"):
         for stage, got in ((1, _served(main_batch["storage"] / "work" / "stage1", cid)),
                            (2, _served(main_batch["storage"], cid))):
             want = load_file(out / cid / f"stage{stage}" / "pytorch_lora_weights.safetensors")
@@ -190,22 +190,22 @@ def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_weights(main_b
 
 def test_purecc_train_and_ray_train_give_bit_identical_adapters(main_batch, tiny_model_dir, sample_manifests,
                                                                  tmp_path):
-    """One pack recipe: split-diamond trained alone (its pack-mate's data is broken) by the Ray Train
+    """One pack recipe: dotted-diamond trained alone (its pack-mate's data is broken) by the Ray Train
     worker in both stages, and by ``purecc train``'s runner here, ends with the same bits."""
     from purecc.local_train import train_concepts
 
     with _ledger(main_batch) as led:
-        runs = {r["stage"]: r for r in led.runs() if "split-diamond" in r["members"]}
-    assert sorted(runs[1]["members"]) == ["broken-diamond", "split-diamond"] and runs[2]["members"] == ["split-diamond"]
+        runs = {r["stage"]: r for r in led.runs() if "dotted-diamond" in r["members"]}
+    assert sorted(runs[1]["members"]) == ["broken-diamond", "dotted-diamond"] and runs[2]["members"] == ["dotted-diamond"]
     torch.set_num_threads(1)
     out = tmp_path / "local"
-    train_concepts(model=str(tiny_model_dir), concepts=[("split-diamond", "bxj", str(sample_manifests["split-diamond"]))],
+    train_concepts(model=str(tiny_model_dir), concepts=[("dotted-diamond", "bxj", str(sample_manifests["dotted-diamond"]))],
                    out=out, steps={1: S1_STEPS, 2: S2_STEPS}, overrides={"resolution": 64, "grad_accum": 1},
                    progress=False)
-    for stage, got in ((1, _served(main_batch["storage"] / "work" / "stage1", "split-diamond")),
-                       (2, _served(main_batch["storage"], "split-diamond"))):
+    for stage, got in ((1, _served(main_batch["storage"] / "work" / "stage1", "dotted-diamond")),
+                       (2, _served(main_batch["storage"], "dotted-diamond"))):
         for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
-            want, have = load_file(out / "split-diamond" / f"stage{stage}" / name), load_file(got / name)
+            want, have = load_file(out / "dotted-diamond" / f"stage{stage}" / name), load_file(got / name)
             assert want.keys() == have.keys()
             assert all(torch.equal(want[k], have[k]) for k in want), (stage, name)
 
@@ -213,12 +213,12 @@ def test_purecc_train_and_ray_train_give_bit_identical_adapters(main_batch, tiny
 def test_broken_data_fails_alone(main_batch):
     with _ledger(main_batch) as led:
         rec = led.get("broken-diamond")
-        mate = led.get("split-diamond")
+        mate = led.get("dotted-diamond")
         runs = [r for r in led.runs() if "broken-diamond" in r["members"]]
     assert rec.state == "failed" and rec.error.startswith("data error:")
     assert "02.png" in rec.error and "truncated" in rec.error
     assert rec.attempts == 1 and len(runs) == 1 and runs[0]["outcome"] == "ok"   # no retry for bad data
-    assert mate.state == "published" and "split-diamond" in runs[0]["members"]
+    assert mate.state == "published" and "dotted-diamond" in runs[0]["members"]
 
 
 def test_cancel_stops_training_and_keeps_its_checkpoint(main_batch):
@@ -249,7 +249,7 @@ def test_resubmitting_the_same_batch_changes_nothing(main_batch):
 
 
 def test_killed_driver_resumes_every_job_exactly_once(ray_address, tmp_path, tiny_model_dir, sample_manifests):
-    ids = ("zigzag-star", "ringed-circle")
+    ids = ("checkered-star", "striped-circle")
     data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests, ids=ids)
     data["defaults"]["stage1"] = {"steps": 40, "grad_accum": 1, "checkpoint_every": 4}
     batch = write_batch(tmp_path / "batch.yaml", data)

@@ -23,26 +23,26 @@ STEPS, EVERY, KILL = 12, 2, 9
 
 
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(ray_cluster, batch_files, tiny_model_dir, tmp_path):
-    path = batch_files(ids=["zigzag-star"], defaults={"resolution": 64, "stage1": {
+    path = batch_files(ids=["checkered-star"], defaults={"resolution": 64, "stage1": {
         "steps": STEPS, "grad_accum": 1, "checkpoint_every": EVERY}, "stage2": {"steps": 2, "checkpoint_every": 2}})
-    fault = {"concept_id": "zigzag-star", "stage": 1, "step": KILL, "corrupt_newest": True}
+    fault = {"concept_id": "checkered-star", "stage": 1, "step": KILL, "corrupt_newest": True}
     result = api.submit(path, fault=fault)
-    assert result.summary.states == {"zigzag-star": "published"}
+    assert result.summary.states == {"checkered-star": "published"}
     with JobLedger(result.ledger) as led:
-        rejected = [e["detail"] for e in led.events("zigzag-star", "checkpoint-rejected")]
-        resumed = [e["detail"] for e in led.events("zigzag-star", "resumed")]
+        rejected = [e["detail"] for e in led.events("checkered-star", "checkpoint-rejected")]
+        resumed = [e["detail"] for e in led.events("checkered-star", "resumed")]
     before = KILL - KILL % EVERY - EVERY     # the newest (at KILL - KILL % EVERY) was damaged
     assert resumed == [{"stage": 1, "step": before}], resumed            # not step 0, not the damaged one
     assert rejected and all("sha256" in r["reason"] for r in rejected), rejected
-    assert all(r["checkpoint"].endswith("/zigzag-star") and str(tmp_path) not in r["reason"] for r in rejected), rejected
+    assert all(r["checkpoint"].endswith("/checkered-star") and str(tmp_path) not in r["reason"] for r in rejected), rejected
 
     spec = load_batch(path).jobs()[0]
     ref = PackTrainer(load_pipeline(str(tiny_model_dir)),
-                      [ConceptJob("zigzag-star", spec.trigger, spec.manifest, spec.recipe(1), seed=spec.seed)])
+                      [ConceptJob("checkered-star", spec.trigger, spec.manifest, spec.recipe(1), seed=spec.seed)])
     ref.setup()
     ref.train()
-    want = load_file(ref.export("zigzag-star", tmp_path / "ref") / "adapter_model.safetensors")
-    got_dir = AdapterRegistry(stage1_root(spec.storage)).fetch("zigzag-star", tmp_path / "cache")
+    want = load_file(ref.export("checkered-star", tmp_path / "ref") / "adapter_model.safetensors")
+    got_dir = AdapterRegistry(stage1_root(spec.storage)).fetch("checkered-star", tmp_path / "cache")
     have = load_file(got_dir / "adapter_model.safetensors")
     assert want.keys() == have.keys()
     worst = max((want[k] - have[k]).abs().max().item() for k in want)
@@ -55,16 +55,16 @@ def _timings(led: JobLedger, cid: str) -> list[dict]:
 
 
 def test_a_packs_whole_life_is_one_run_and_stage1_is_recorded_before_stage2(ray_cluster, batch_files):
-    path = batch_files(ids=["zigzag-star", "ringed-circle"], resources={"cpus_per_worker": 1, "concepts_per_pack": 2,
+    path = batch_files(ids=["checkered-star", "striped-circle"], resources={"cpus_per_worker": 1, "concepts_per_pack": 2,
                                                                          "max_concurrent": 1},
                        defaults={"resolution": 64, "stage1": {"steps": 4, "grad_accum": 1, "checkpoint_every": 2},
                                  "stage2": {"steps": 4, "checkpoint_every": 2}})
     result = api.submit(path)
-    assert result.summary.states == {"zigzag-star": "published", "ringed-circle": "published"}
+    assert result.summary.states == {"checkered-star": "published", "striped-circle": "published"}
     assert result.summary.runs_launched == 1                      # one Ray Train run for both stages
     with JobLedger(result.ledger) as led:
         runs = led.runs()
-        for cid in ("zigzag-star", "ringed-circle"):
+        for cid in ("checkered-star", "striped-circle"):
             timings = _timings(led, cid)
             assert [t["stage"] for t in timings] == [1, 2], timings
             assert timings[0]["pid"] == timings[1]["pid"]           # the same worker process
@@ -83,16 +83,16 @@ def test_a_packs_whole_life_is_one_run_and_stage1_is_recorded_before_stage2(ray_
 def test_a_whole_life_run_killed_in_stage2_resumes_stage2_from_its_checkpoint(ray_cluster, batch_files,
                                                                               tiny_model_dir, tmp_path):
     steps2, every2, kill2 = 10, 2, 7
-    path = batch_files(ids=["zigzag-star"], defaults={"resolution": 64, "stage1": {
+    path = batch_files(ids=["checkered-star"], defaults={"resolution": 64, "stage1": {
         "steps": 4, "grad_accum": 1, "checkpoint_every": 2}, "stage2": {"steps": steps2, "checkpoint_every": every2}})
-    result = api.submit(path, fault={"concept_id": "zigzag-star", "stage": 2, "step": kill2})
-    assert result.summary.states == {"zigzag-star": "published"}
+    result = api.submit(path, fault={"concept_id": "checkered-star", "stage": 2, "step": kill2})
+    assert result.summary.states == {"checkered-star": "published"}
     assert result.summary.runs_launched == 1          # Ray Train restarted the worker inside the run
     with JobLedger(result.ledger) as led:
-        resumed = [e["detail"] for e in led.events("zigzag-star", "resumed")]
-        rejected = led.events("zigzag-star", "checkpoint-rejected")
-        timings = _timings(led, "zigzag-star")
-        stage1_done = [e for e in led.events("zigzag-star") if e["kind"] == "stage2"]
+        resumed = [e["detail"] for e in led.events("checkered-star", "resumed")]
+        rejected = led.events("checkered-star", "checkpoint-rejected")
+        timings = _timings(led, "checkered-star")
+        stage1_done = [e for e in led.events("checkered-star") if e["kind"] == "stage2"]
     assert resumed == [{"stage": 2, "step": kill2 - kill2 % every2}], resumed   # stage 1 was not trained again
     assert rejected == []                              # stage-1 checkpoints of the same run are not candidates
     assert [t["stage"] for t in timings] == [1, 2], timings
@@ -100,14 +100,14 @@ def test_a_whole_life_run_killed_in_stage2_resumes_stage2_from_its_checkpoint(ra
     assert len(stage1_done) == 1
 
     spec = load_batch(path).jobs()[0]
-    s1 = AdapterRegistry(stage1_root(spec.storage)).fetch("zigzag-star", tmp_path / "s1")
+    s1 = AdapterRegistry(stage1_root(spec.storage)).fetch("checkered-star", tmp_path / "s1")
     ref = PackTrainer(load_pipeline(str(tiny_model_dir)),
-                      [ConceptJob("zigzag-star", spec.trigger, spec.manifest, spec.recipe(2), seed=spec.seed,
+                      [ConceptJob("checkered-star", spec.trigger, spec.manifest, spec.recipe(2), seed=spec.seed,
                                   extractor_adapter=s1)])
     ref.setup()
     ref.train()
-    want = load_file(ref.export("zigzag-star", tmp_path / "ref") / "adapter_model.safetensors")
-    got_dir = AdapterRegistry(spec.storage).fetch("zigzag-star", tmp_path / "cache")
+    want = load_file(ref.export("checkered-star", tmp_path / "ref") / "adapter_model.safetensors")
+    got_dir = AdapterRegistry(spec.storage).fetch("checkered-star", tmp_path / "cache")
     have = load_file(got_dir / "adapter_model.safetensors")
     assert want.keys() == have.keys()
     worst = max((want[k] - have[k]).abs().max().item() for k in want)

@@ -19,12 +19,12 @@ def test_queue_status_cancel(batch_files, capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:6] == ["CONCEPT", "STATE", "STAGE", "STEP", "LOSS", "ETA"]
     assert out.count("queued") == 3
-    assert main(["cancel", "zigzag-star", "--batch", str(batch)]) == 0
-    assert main(["cancel", "zigzag-star", "--batch", str(batch)]) == 0
+    assert main(["cancel", "checkered-star", "--batch", str(batch)]) == 0
+    assert main(["cancel", "checkered-star", "--batch", str(batch)]) == 0
     out = capsys.readouterr().out
-    assert "zigzag-star: cancelled" in out and "already cancelled" in out
+    assert "checkered-star: cancelled" in out and "already cancelled" in out
     ledger = str(tmp_path / "store" / "ledger.sqlite")
-    assert main(["status", "zigzag-star", "--json", "--ledger", ledger]) == 0
+    assert main(["status", "checkered-star", "--json", "--ledger", ledger]) == 0
     (rec,) = json.loads(capsys.readouterr().out)
     assert rec["state"] == "cancelled" and rec["spec"]["trigger"] == "zqx"
     assert main(["concepts", "--ledger", ledger, "--json"]) == 0

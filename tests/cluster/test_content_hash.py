@@ -29,8 +29,8 @@ def test_same_data_under_two_mount_paths_gives_the_same_hash(tmp_path, tiny_mode
 
 def test_the_hash_still_follows_the_content(tmp_path, tiny_model_dir, sample_manifests):
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
-    data = shutil.copytree(sample_manifests["zigzag-star"].parent, tmp_path / "zig")
-    manifests = {"zigzag-star": data / sample_manifests["zigzag-star"].name}
+    data = shutil.copytree(sample_manifests["checkered-star"].parent, tmp_path / "zig")
+    manifests = {"checkered-star": data / sample_manifests["checkered-star"].name}
     path = write_batch(tmp_path / "b.yaml", batch_dict(model, tmp_path / "store", manifests))
     before = _hashes(path)
     img = sorted((data / "imgs").glob("*.png"))[0]

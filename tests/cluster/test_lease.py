@@ -103,7 +103,7 @@ def test_concurrent_reservations_give_exactly_one_token(ledger_location):
 
 @pytest.mark.ray
 def test_ten_concurrent_submissions_start_one_driver(ray_cluster, batch_files):
-    path = batch_files(ids=["zigzag-star"])
+    path = batch_files(ids=["checkered-star"])
     results, barrier = [], threading.Barrier(10)
 
     def submit():
@@ -124,7 +124,7 @@ def test_ten_concurrent_submissions_start_one_driver(ray_cluster, batch_files):
 
 @pytest.mark.ray
 def test_a_driver_that_loses_its_lease_stops_scheduling_at_once(ray_cluster, batch_files):
-    path = batch_files(ids=["zigzag-star", "ringed-circle"],
+    path = batch_files(ids=["checkered-star", "striped-circle"],
                        resources={"cpus_per_worker": 1, "concepts_per_pack": 1, "max_concurrent": 1})
     spec = load_batch(path)
     with JobLedger(spec.ledger_path) as led:

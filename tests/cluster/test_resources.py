@@ -30,7 +30,7 @@ def test_unsatisfiable_names_the_field_and_what_there_is():
 
 
 def test_submit_refuses_a_batch_no_node_can_place(tmp_path, tiny_model_dir, sample_manifests):
-    data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests, ids=["zigzag-star"],
+    data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests, ids=["checkered-star"],
                       resources={"cpus_per_worker": 256, "concepts_per_pack": 1})
     path = write_batch(tmp_path / "b.yaml", data)
     with pytest.raises(api.UnsatisfiableResources, match=r"^resources\.cpus_per_worker: 256 CPUs per worker"):
@@ -43,10 +43,10 @@ def test_submit_refuses_a_batch_no_node_can_place(tmp_path, tiny_model_dir, samp
 
 def test_resume_unfinished_starts_nothing_without_unfinished_jobs(tmp_path, batch_files):
     assert api.resume_unfinished(tmp_path / "none.sqlite") is None          # no ledger
-    spec = load_batch(batch_files(ids=["zigzag-star"]))
+    spec = load_batch(batch_files(ids=["checkered-star"]))
     with JobLedger(spec.ledger_path) as led:
         led.submit(spec.jobs())
-        led.request_cancel("zigzag-star")                                   # finished: cancelled
+        led.request_cancel("checkered-star")                                   # finished: cancelled
     assert api.resume_unfinished(spec.ledger_path) is None
 
 
@@ -73,44 +73,44 @@ def test_a_batch_the_cluster_lacks_fails_after_a_bounded_wait_and_holds_nobody_b
         ray_cluster, tmp_path, tiny_model_dir, sample_manifests):
     ledger = tmp_path / "ledger.sqlite"
     # recorded without a check (the cluster was bigger then, or unknown): 64 CPUs, one run at a time
-    _record(tmp_path, "huge", tiny_model_dir, sample_manifests, ["zigzag-star", "split-diamond"],
+    _record(tmp_path, "huge", tiny_model_dir, sample_manifests, ["checkered-star", "dotted-diamond"],
             {"cpus_per_worker": 64, "concepts_per_pack": 1, "max_concurrent": 1}, ledger)
-    _record(tmp_path, "small", tiny_model_dir, sample_manifests, ["ringed-circle"],
+    _record(tmp_path, "small", tiny_model_dir, sample_manifests, ["striped-circle"],
             {"cpus_per_worker": 1, "concepts_per_pack": 1, "max_concurrent": 2}, ledger)
     with JobLedger(ledger) as led:
         t0 = time.time()
         summary = Scheduler(led, poll_s=0.2, resource_wait_s=3).run()
-        assert summary.states == {"zigzag-star": "failed", "split-diamond": "failed", "ringed-circle": "published"}
-        huge = led.get("zigzag-star")
+        assert summary.states == {"checkered-star": "failed", "dotted-diamond": "failed", "striped-circle": "published"}
+        huge = led.get("checkered-star")
         assert huge.error.startswith("resources.cpus_per_worker: 64 CPUs per worker") and "waited" in huge.error
-        assert led.events("zigzag-star", "waiting-for-resources")
+        assert led.events("checkered-star", "waiting-for-resources")
         # the huge jobs were never launched and never took a run slot (one run per stage of the small one)
-        assert [(r["stage"], r["members"]) for r in led.runs()] == [(1, ["ringed-circle"]), (2, ["ringed-circle"])]
+        assert [(r["stage"], r["members"]) for r in led.runs()] == [(1, ["striped-circle"]), (2, ["striped-circle"])]
         assert time.time() - t0 < 300
 
 
 @pytest.mark.ray
 def test_cancel_works_while_a_job_waits_for_resources(ray_cluster, tmp_path, tiny_model_dir, sample_manifests):
     ledger = tmp_path / "ledger.sqlite"
-    _record(tmp_path, "huge", tiny_model_dir, sample_manifests, ["zigzag-star", "ringed-circle"],
+    _record(tmp_path, "huge", tiny_model_dir, sample_manifests, ["checkered-star", "striped-circle"],
             {"cpus_per_worker": 64, "concepts_per_pack": 1}, ledger)
     out = {}
     with JobLedger(ledger) as led:
-        led.transition("ringed-circle", "stage1")    # as an interrupted run leaves it: mid-stage, waiting
+        led.transition("striped-circle", "stage1")    # as an interrupted run leaves it: mid-stage, waiting
         runner = threading.Thread(target=lambda: out.update(s=Scheduler(led, poll_s=0.2, resource_wait_s=600).run()))
         runner.start()
         _wait_for(lambda: len(led.events(kind="waiting-for-resources")) == 2, 60, "both jobs to wait")
         t0 = time.time()
-        assert api.cancel(ledger, "zigzag-star") == "zigzag-star: cancelled"        # queued: at once
-        assert "requested" in api.cancel(ledger, "ringed-circle")                   # the driver stops it
+        assert api.cancel(ledger, "checkered-star") == "checkered-star: cancelled"        # queued: at once
+        assert "requested" in api.cancel(ledger, "striped-circle")                   # the driver stops it
         runner.join(timeout=60)
-        assert not runner.is_alive() and out["s"].states == {"zigzag-star": "cancelled", "ringed-circle": "cancelled"}
+        assert not runner.is_alive() and out["s"].states == {"checkered-star": "cancelled", "striped-circle": "cancelled"}
         assert time.time() - t0 < 30 and led.runs() == []
 
 
 @pytest.mark.ray
 def test_a_restarted_service_resumes_unfinished_jobs_by_itself(ray_cluster, tmp_path, batch_files):
-    spec = load_batch(batch_files(ids=["zigzag-star"]))
+    spec = load_batch(batch_files(ids=["checkered-star"]))
     with JobLedger(spec.ledger_path) as led:
         led.submit(spec.jobs())                  # recorded before the "restart"; nobody drives it
     started = api.resume_unfinished(spec.ledger_path)

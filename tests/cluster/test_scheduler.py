@@ -13,7 +13,7 @@ from cluster.scheduler import concurrency_limit, job_key, pack_name, pack_plan, 
 from cluster.spec import load_batch
 from purecc.pack import PackPlan
 
-IDS = ["zigzag-star", "ringed-circle", "split-diamond"]
+IDS = ["checkered-star", "striped-circle", "dotted-diamond"]
 
 
 @pytest.fixture()
@@ -42,7 +42,7 @@ def test_jobs_are_grouped_into_packs_of_the_batch_size(rows):
     packs = plan_packs(jobs, free=10)
     assert [[r.concept_id for r in p.jobs] for p in packs] == [IDS[:2], IDS[2:]]
     assert all(p.stage == 1 for p in packs)
-    assert packs[0].name == pack_name(1, list(packs[0].jobs)) and packs[0].name.startswith("s1-zigzag-star-2-")
+    assert packs[0].name == pack_name(1, list(packs[0].jobs)) and packs[0].name.startswith("s1-checkered-star-2-")
 
 
 def test_free_run_slots_bound_the_packs(rows):
@@ -52,18 +52,18 @@ def test_free_run_slots_bound_the_packs(rows):
 
 
 def test_jobs_with_another_recipe_shape_get_their_own_pack(rows):
-    jobs = rows(concepts_per_pack=4, overrides={"ringed-circle": {"resolution": 128}})
+    jobs = rows(concepts_per_pack=4, overrides={"striped-circle": {"resolution": 128}})
     packs = plan_packs(jobs, free=10)
-    assert sorted(sorted(r.concept_id for r in p.jobs) for p in packs) == [["ringed-circle"],
-                                                                          ["split-diamond", "zigzag-star"]]
+    assert sorted(sorted(r.concept_id for r in p.jobs) for p in packs) == [["checkered-star", "dotted-diamond"],
+                                                                          ["striped-circle"]]
 
 
 def test_stage_two_packs_launch_first_and_interrupted_packs_keep_their_name(rows):
     jobs = rows(concepts_per_pack=4)
-    in_stage2 = [replace(r, state="stage2") if r.concept_id == "split-diamond" else r for r in jobs]
+    in_stage2 = [replace(r, state="stage2") if r.concept_id == "dotted-diamond" else r for r in jobs]
     packs = plan_packs(in_stage2, free=1)
-    assert [(p.stage, [r.concept_id for r in p.jobs]) for p in packs] == [(2, ["split-diamond"])]
-    sticky = [replace(r, state="stage1", pack="s1-old-run") if r.concept_id != "split-diamond" else r for r in jobs]
+    assert [(p.stage, [r.concept_id for r in p.jobs]) for p in packs] == [(2, ["dotted-diamond"])]
+    sticky = [replace(r, state="stage1", pack="s1-old-run") if r.concept_id != "dotted-diamond" else r for r in jobs]
     packs = plan_packs(sticky, free=10)
     assert packs[0].name == "s1-old-run" and [r.concept_id for r in packs[0].jobs] == IDS[:2]
 
@@ -80,10 +80,10 @@ def test_each_batch_has_its_own_concurrency_limit_unless_overridden(rows):
 
 
 def test_pack_plan_carries_each_jobs_stage_recipe_and_round_trips(rows):
-    jobs = rows(concepts_per_pack=2, overrides={"zigzag-star": {"stage2": {"steps": 3}, "seed": 9}})
+    jobs = rows(concepts_per_pack=2, overrides={"checkered-star": {"stage2": {"steps": 3}, "seed": 9}})
     (first, *_) = plan_packs(jobs, free=1)
     plan = pack_plan(first.name, 2, first.jobs)
-    z = plan.member("zigzag-star")
+    z = plan.member("checkered-star")
     assert z.recipe.stage == 2 and z.recipe.steps == 3 and z.seed == 9 and z.key == job_key(first.jobs[0])
     assert z.data_hash == first.jobs[0].spec.data_hash and z.provenance["batch"] == "tiny"
     assert plan.validation.steps == 2 and plan.base_model == first.jobs[0].spec.base_model

@@ -26,11 +26,11 @@ def test_valid_batch_resolves_paths_and_merges_defaults(tmp_path, tiny_model_dir
     spec = load_batch(write_batch(tmp_path / "b.yaml", data))
     assert spec.storage == str(tmp_path / "store") and spec.ledger_path == f"{tmp_path}/store/ledger.sqlite"
     jobs = {j.concept_id: j for j in spec.jobs()}
-    z = jobs["zigzag-star"]
+    z = jobs["checkered-star"]
     assert z.recipe(2).lambda_mode == "adaptive" and z.recipe(2).steps == 9
     assert z.recipe(2).checkpoint_every == 2 and z.recipe(1).steps == 6   # from defaults
     assert z.recipe(1).resolution == z.recipe(2).resolution == 64 and z.seed == 3
-    assert jobs["ringed-circle"].recipe(2).lambda_mode == "fixed"
+    assert jobs["striped-circle"].recipe(2).lambda_mode == "fixed"
 
 
 def test_json_batch_and_content_hash(tmp_path, tiny_model_dir, sample_manifests):
@@ -43,7 +43,7 @@ def test_json_batch_and_content_hash(tmp_path, tiny_model_dir, sample_manifests)
     data["resources"]["max_concurrent"] = 7          # scheduling knobs are not content
     path.write_text(json.dumps(data))
     h2 = {j.concept_id: j.content_hash() for j in load_batch(path).jobs()}
-    assert h2["zigzag-star"] == h1["zigzag-star"] and h2["ringed-circle"] != h1["ringed-circle"]
+    assert h2["checkered-star"] == h1["checkered-star"] and h2["striped-circle"] != h1["striped-circle"]
 
 
 def test_every_problem_is_listed_at_once(tmp_path, tiny_model_dir, sample_manifests):
@@ -51,7 +51,7 @@ def test_every_problem_is_listed_at_once(tmp_path, tiny_model_dir, sample_manife
     data["concepts"][0]["id"] = "../escape"
     data["concepts"][1]["data"] = str(tmp_path / "missing.csv")
     data["concepts"][2]["overrides"] = {"stage1": {"steps": 0}, "lambda_mode": "sometimes"}
-    data["concepts"].append({"id": "ringed-circle", "data": str(sample_manifests["ringed-circle"]),
+    data["concepts"].append({"id": "striped-circle", "data": str(sample_manifests["striped-circle"]),
                              "trigger": "vlk"})
     data["resources"]["concepts_per_pack"] = 0
     data["unknown_key"] = 1
@@ -62,7 +62,7 @@ def test_every_problem_is_listed_at_once(tmp_path, tiny_model_dir, sample_manife
             "unknown_key"} <= fields, fields
     by_field = {p.field: p for p in probs}
     assert "duplicate" in by_field["concepts.3.id"].message
-    assert by_field["concepts.1.data"].concept == "'ringed-circle' (#2)"
+    assert by_field["concepts.1.data"].concept == "'striped-circle' (#2)"
     assert "does not exist" in by_field["concepts.1.data"].message
 
 
@@ -70,7 +70,7 @@ def test_every_problem_is_listed_at_once(tmp_path, tiny_model_dir, sample_manife
                                   "bad_image", "base_model", "resolution", "unknown_override",
                                   "storage_scheme", "uri_without_ledger", "no_concepts", "extractor"])
 def test_invalid_batch_cases(case, tmp_path, tiny_model_dir, sample_manifests):
-    data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests, ids=["zigzag-star"])
+    data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests, ids=["checkered-star"])
     c = data["concepts"][0]
     field = {
         "bad_id": "concepts.0.id", "uppercase_id": "concepts.0.id", "bad_trigger": "concepts.0.trigger",
@@ -86,7 +86,7 @@ def test_invalid_batch_cases(case, tmp_path, tiny_model_dir, sample_manifests):
     elif case == "bad_trigger":
         c["trigger"] = "two words"
     elif case in ("bad_manifest_column", "bad_image"):
-        man = copy_concept(sample_manifests["zigzag-star"], tmp_path / "copy")
+        man = copy_concept(sample_manifests["checkered-star"], tmp_path / "copy")
         if case == "bad_manifest_column":
             lines = man.read_text().splitlines()
             man.write_text("\n".join([lines[0].replace("base_prompt", "other")] + lines[1:]) + "\n")

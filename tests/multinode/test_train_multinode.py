@@ -23,8 +23,8 @@ from purecc.registry import AdapterRegistry
 from purecc.trainer import ConceptJob, PackTrainer
 
 pytestmark = pytest.mark.multinode
-IDS = ("zigzag-star", "ringed-circle")
-STEPS, EVERY, VICTIM = 24, 2, "zigzag-star"
+IDS = ("checkered-star", "striped-circle")
+STEPS, EVERY, VICTIM = 24, 2, "checkered-star"
 
 
 def test_a_batch_spreads_and_survives_a_lost_node(nodes, tmp_path, tiny_model_dir, sample_manifests):

@@ -26,7 +26,7 @@ def _write(folder, rows, columns=COLUMNS, name="manifest.csv", image_size=(40, 3
 
 
 def test_sample_manifest_parses_and_substitutes(sample_manifests):
-    m = read_concept_manifest(sample_manifests["zigzag-star"], "zqx")
+    m = read_concept_manifest(sample_manifests["checkered-star"], "zqx")
     assert 4 <= len(m.rows) <= 6
     for r in m.rows:
         assert r.image_path.is_absolute() and r.image_path.is_file()
@@ -114,7 +114,7 @@ def test_preprocess_resize_crop_flip(tmp_path):
 
 
 def test_latents_are_encoded_once_and_cached(tmp_path, sample_manifests, tiny_pipe, monkeypatch):
-    m = read_concept_manifest(sample_manifests["ringed-circle"], "vlk")
+    m = read_concept_manifest(sample_manifests["striped-circle"], "vlk")
     cfg = Preprocess(resolution=64)
     lat = concept_latents(m, tiny_pipe.vae, cfg, cache_dir=tmp_path)
     assert lat.shape == (len(m.rows), 16, 8, 8)
@@ -128,7 +128,7 @@ def test_latents_are_encoded_once_and_cached(tmp_path, sample_manifests, tiny_pi
 
 
 def test_load_image_is_rgb(sample_manifests):
-    m = read_concept_manifest(sample_manifests["split-diamond"], "bxj")
+    m = read_concept_manifest(sample_manifests["dotted-diamond"], "bxj")
     assert load_image(m.rows[0].image_path).mode == "RGB"
 
 
@@ -136,7 +136,7 @@ def test_latent_cache_is_keyed_by_the_vae_that_made_it(tmp_path, sample_manifest
     """Another VAE (same transformer, same images) must not reuse the first VAE's cached latents."""
     from purecc.model import load_pipeline
 
-    m = read_concept_manifest(sample_manifests["ringed-circle"], "vlk")
+    m = read_concept_manifest(sample_manifests["striped-circle"], "vlk")
     cfg = Preprocess(resolution=64)
     first = load_pipeline(str(tiny_model_dir))
     lat = concept_latents(m, first.vae, cfg, cache_dir=tmp_path)
@@ -153,7 +153,7 @@ def test_latent_cache_is_keyed_by_the_vae_that_made_it(tmp_path, sample_manifest
 def test_latent_moments_give_the_posterior_std(sample_manifests, tiny_pipe):
     from purecc.data import concept_latent_moments
 
-    m = read_concept_manifest(sample_manifests["zigzag-star"], "zqx")
+    m = read_concept_manifest(sample_manifests["checkered-star"], "zqx")
     moments = concept_latent_moments(m, tiny_pipe.vae, Preprocess(resolution=64))
     assert moments.mean.shape == moments.std.shape and (moments.std > 0).all()
     assert torch.equal(moments.mean, concept_latents(m, tiny_pipe.vae, Preprocess(resolution=64)))

@@ -8,7 +8,7 @@ from purecc.model import load_pipeline
 from purecc.recipe import stage_recipe
 from purecc.trainer import ConceptJob, PackTrainer
 
-IDS = {"zigzag-star": "zqx", "ringed-circle": "vlk", "split-diamond": "bxj"}
+IDS = {"checkered-star": "zqx", "striped-circle": "vlk", "dotted-diamond": "bxj"}
 SETTINGS = RenderSettings(steps=4, guidance=4.0, width=64, height=64)
 
 
@@ -27,8 +27,8 @@ def adapters(tiny_model_dir, sample_manifests, tmp_path_factory):
 def test_heterogeneous_batch_equals_separate_runs(tiny_model_dir, adapters):
     pipe = load_pipeline(str(tiny_model_dir))
     loaded = load_concepts(pipe, list(adapters.values()))
-    samples = [Sample("a zqx star", 1, (("zigzag-star", 1.0),)),
-               Sample("a vlk circle and a bxj diamond", 2, (("ringed-circle", 0.8), ("split-diamond", 1.0))),
+    samples = [Sample("a zqx star", 1, (("checkered-star", 1.0),)),
+               Sample("a vlk circle and a bxj diamond", 2, (("striped-circle", 0.8), ("dotted-diamond", 1.0))),
                Sample("a red square", 3, ())]
     batch = generate(pipe, samples, loaded.slot_of, SETTINGS, output_type="np")
     for i, s in enumerate(samples):
@@ -38,10 +38,10 @@ def test_heterogeneous_batch_equals_separate_runs(tiny_model_dir, adapters):
 
 
 def test_exported_adapter_loads_in_peft_and_diffusers(tiny_model_dir, adapters):
-    folder = adapters["zigzag-star"]
+    folder = adapters["checkered-star"]
     ours_pipe = load_pipeline(str(tiny_model_dir))
     loaded = load_concepts(ours_pipe, [folder])
-    ours = generate(ours_pipe, [Sample("a zqx star", 7, (("zigzag-star", 1.0),))], loaded.slot_of, SETTINGS,
+    ours = generate(ours_pipe, [Sample("a zqx star", 7, (("checkered-star", 1.0),))], loaded.slot_of, SETTINGS,
                     output_type="np")[0]
 
     def render(pipe):
@@ -62,9 +62,9 @@ def test_exported_adapter_loads_in_peft_and_diffusers(tiny_model_dir, adapters):
 
 def test_composition_weights_zero_equals_single_concept(tiny_model_dir, adapters):
     pipe = load_pipeline(str(tiny_model_dir))
-    loaded = load_concepts(pipe, [adapters["zigzag-star"], adapters["ringed-circle"]])
-    one = generate(pipe, [Sample("p", 5, (("zigzag-star", 1.0),))], loaded.slot_of, SETTINGS, output_type="np")
-    two = generate(pipe, [Sample("p", 5, (("zigzag-star", 1.0), ("ringed-circle", 0.0)))], loaded.slot_of,
+    loaded = load_concepts(pipe, [adapters["checkered-star"], adapters["striped-circle"]])
+    one = generate(pipe, [Sample("p", 5, (("checkered-star", 1.0),))], loaded.slot_of, SETTINGS, output_type="np")
+    two = generate(pipe, [Sample("p", 5, (("checkered-star", 1.0), ("striped-circle", 0.0)))], loaded.slot_of,
                    SETTINGS, output_type="np")
     assert np.abs(one[0] - two[0]).max() < 1e-6
 
@@ -81,7 +81,7 @@ def test_loading_onto_another_base_is_refused(tmp_path, adapters):
 
     other = load_pipeline(str(write_tiny_model(tmp_path / "other", TinyConfig(seed=9))))
     with pytest.raises(AdapterFileError, match="trained on base"):
-        load_concepts(other, [adapters["zigzag-star"]])
+        load_concepts(other, [adapters["checkered-star"]])
 
 
 def test_serving_encodes_prompts_with_the_trained_length():

@@ -11,7 +11,7 @@ from purecc.model import load_pipeline
 from purecc.recipe import stage_recipe
 from purecc.trainer import ConceptJob, PackTrainer
 
-CID, TRIGGER = "zigzag-star", "zqx"
+CID, TRIGGER = "checkered-star", "zqx"
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,14 @@ def _naive_loss(trainer, c, extractor, detach_base=False):
     if rec.lambda_mode == "fixed":
         lam = rec.lambda_value
     else:
-        lam = float(((target - v_base.detach()) * R).sum() / ((R * R).sum() + 1e-6))
+        with torch.no_grad():
+            if rec.lambda_mode == "adaptive":        # (A) the noisy target's least squares
+                delta = target - v_base
+            elif rec.lambda_mode == "increment":     # (B) the trainable model's own concept increment
+                delta = v_full - v_base
+            else:                                    # (C) the extractor's concept increment
+                delta = run(extractor, "prompt", None) - run(extractor, "base_prompt", None)
+        lam = float((delta * R).sum() / ((R * R).sum() + 1e-6))
         lam = min(max(lam, 0.0), rec.lambda_max)
     l_cc = ((v_full - target) ** 2).mean()
     l_pure = ((v_full - (v_base + lam * R)) ** 2).mean()
@@ -64,12 +71,12 @@ def _naive_loss(trainer, c, extractor, detach_base=False):
 
 
 @pytest.mark.parametrize("extractor", ["stage1", "base"])
-@pytest.mark.parametrize("lambda_mode", ["fixed", "adaptive"])
+@pytest.mark.parametrize("lambda_mode", ["fixed", "adaptive", "increment", "extractor"])
 def test_stage2_loss_matches_naive_reference(tiny_model_dir, sample_manifests, stage1_adapter, extractor,
                                              lambda_mode):
     pipe = load_pipeline(str(tiny_model_dir))
     recipe = stage_recipe(2, steps=3, resolution=64, extractor=extractor, lambda_mode=lambda_mode)
-    job = ConceptJob("zig", "zqx", sample_manifests["zigzag-star"], recipe, seed=5,
+    job = ConceptJob("zig", "zqx", sample_manifests["checkered-star"], recipe, seed=5,
                      extractor_adapter=stage1_adapter if extractor == "stage1" else None)
     trainer = PackTrainer(pipe, [job])
     trainer.setup()
@@ -98,6 +105,37 @@ def test_stage2_loss_matches_naive_reference(tiny_model_dir, sample_manifests, s
     # gradients reach the LoRA through v_full and through v_base
     assert g_full_only.norm() > 0
     assert (g_naive - g_full_only).norm() > 1e-3 * g_naive.norm()
+
+
+def test_lambda_candidates_and_cos_r_from_their_formulas():
+    from purecc.losses import stage2_loss
+
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 2, 4, 4)
+    v_full, v_base, r_tar, r_empty, x0, eps, r_p, r_b = (torch.randn(shape, generator=g) for _ in range(8))
+    v_full.requires_grad_(True)
+    R = r_tar - r_empty
+
+    def proj(delta):
+        return ((delta * R).flatten(1).sum(1) / (R.pow(2).flatten(1).sum(1) + 1e-6)).clamp(0.0, 5.0)
+
+    expect = {"adaptive": proj(eps - x0 - v_base), "increment": proj(v_full.detach() - v_base),
+              "extractor": proj(r_p - r_b)}
+    for mode, lam in expect.items():
+        out = stage2_loss(v_full, v_base, r_tar, r_empty, x0, eps, eta=2.0, lambda_mode=mode, lambda_max=5.0,
+                          r_prompt=r_p, r_base=r_b)
+        assert torch.allclose(out["lambda"], lam, atol=1e-6), mode
+        assert out["lambda"].grad_fn is None                    # lambda* is a constant for the gradient
+        guided = v_base + lam.view(-1, 1, 1, 1) * R
+        naive = ((v_full - (eps - x0)) ** 2).flatten(1).mean(1) + 2.0 * ((v_full - guided) ** 2).flatten(1).mean(1)
+        assert torch.allclose(out["loss"], naive, atol=1e-5), mode
+    inc = (v_full.detach() - v_base).flatten(1)
+    cos = (inc * R.flatten(1)).sum(1) / (inc.norm(dim=1) * R.flatten(1).norm(dim=1))
+    assert torch.allclose(out["cos_r"], cos, atol=1e-6)
+    with pytest.raises(ValueError, match="needs r_prompt and r_base"):
+        stage2_loss(v_full, v_base, r_tar, r_empty, x0, eps, eta=2.0, lambda_mode="extractor")
+    with pytest.raises(ValueError, match="must be one of"):
+        stage2_loss(v_full, v_base, r_tar, r_empty, x0, eps, eta=2.0, lambda_mode="sometimes")
 
 
 def test_adaptive_lambda_is_clamped_least_squares():

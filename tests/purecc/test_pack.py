@@ -20,7 +20,7 @@ RECIPE = stage_recipe(1, steps=4, resolution=64, grad_accum=1, checkpoint_every=
 def _plan(manifests, recipe=RECIPE, key="k", **members) -> PackPlan:
     plans = tuple(ConceptPlan(cid, trig, str(manifests.get(cid, "missing.csv")), recipe, seed=1, key=key,
                               validation_prompts=("a [v] shape",))
-                  for cid, trig in (members or {"zigzag-star": "zqx"}).items())
+                  for cid, trig in (members or {"checkered-star": "zqx"}).items())
     return PackPlan(name="p", stage=recipe.stage, base_model="unused", members=plans)
 
 
@@ -32,18 +32,18 @@ def _recipe(pipe, plan, events=None, tmp=None) -> PackRecipe:
 
 
 def test_a_member_with_broken_data_fails_alone(tiny_pipe, sample_manifests, tmp_path):
-    plan = _plan(sample_manifests, **{"zigzag-star": "zqx", "no-data": "sks"})
+    plan = _plan(sample_manifests, **{"checkered-star": "zqx", "no-data": "sks"})
     recipe = _recipe(tiny_pipe, plan)
     failed = recipe.setup()
     assert list(failed) == ["no-data"] and failed["no-data"].startswith("data error: ManifestError:")
     result = recipe.train(checkpoint_dir=lambda cid: tmp_path / "ckpt" / cid)
-    assert list(result) == ["zigzag-star"] and result["zigzag-star"]["status"] == "done"
-    dest = recipe.export("zigzag-star", tmp_path / "out")
+    assert list(result) == ["checkered-star"] and result["checkered-star"]["status"] == "done"
+    dest = recipe.export("checkered-star", tmp_path / "out")
     assert (dest / "pytorch_lora_weights.safetensors").is_file()
-    assert [p.name for p in recipe.render_validation("zigzag-star", tmp_path / "val")] == ["00.png"]
+    assert [p.name for p in recipe.render_validation("checkered-star", tmp_path / "val")] == ["00.png"]
     said = json.loads((tmp_path / "val" / "prompts.json").read_text())      # what the image shows
     assert said["prompts"] == [p.replace("[v]", "zqx") for p in plan.members[0].validation_prompts]
-    assert len(said["seeds"]) == 1 and said["step"] == result["zigzag-star"]["step"]
+    assert len(said["seeds"]) == 1 and said["step"] == result["checkered-star"]["step"]
 
 
 def test_resume_takes_the_newest_intact_checkpoint(tiny_model_dir, sample_manifests, tmp_path):
@@ -65,13 +65,13 @@ def test_resume_takes_the_newest_intact_checkpoint(tiny_model_dir, sample_manife
     events = []
     again = _recipe(load_pipeline(str(tiny_model_dir)), _plan(sample_manifests), events)
     again.setup()
-    resumed = again.resume({"zigzag-star": [kept / "step-4", kept / "step-2", kept / "never-written"]})
-    assert resumed == {"zigzag-star": 2}
+    resumed = again.resume({"checkered-star": [kept / "step-4", kept / "step-2", kept / "never-written"]})
+    assert resumed == {"checkered-star": 2}
     assert [k for _, k, _ in events] == ["checkpoint-rejected", "resumed"] and "sha256" in events[0][2]["reason"]
     assert events[0][2]["checkpoint"] == "kept/step-4" and str(tmp_path) not in events[0][2]["reason"]
     again.train(checkpoint_dir=lambda cid: tmp_path / "again" / cid)
-    a = again.export("zigzag-star", tmp_path / "a")
-    b = first.export("zigzag-star", tmp_path / "b")
+    a = again.export("checkered-star", tmp_path / "a")
+    b = first.export("checkered-star", tmp_path / "b")
     want, have = load_file(b / "adapter_model.safetensors"), load_file(a / "adapter_model.safetensors")
     assert all(torch.equal(want[k], have[k]) for k in want)    # resumed at step 2 = uninterrupted
 
@@ -85,7 +85,7 @@ def test_checkpoint_of_other_content_is_refused(tiny_model_dir, sample_manifests
     events = []
     new = _recipe(load_pipeline(str(tiny_model_dir)), _plan(sample_manifests, key="new-content"), events)
     new.setup()
-    assert new.resume({"zigzag-star": [tmp_path / "ckpt" / "zigzag-star"]}) == {}
+    assert new.resume({"checkered-star": [tmp_path / "ckpt" / "checkered-star"]}) == {}
     assert events[0][1] == "checkpoint-rejected" and "job_key" in events[0][2]["reason"]
 
 
@@ -94,4 +94,4 @@ def test_recipe_needs_setup_and_stage2_needs_its_extractor(tiny_pipe, sample_man
         _recipe(tiny_pipe, _plan(sample_manifests)).train(checkpoint_dir=lambda cid: Path("unused"))
     plan = _plan(sample_manifests, recipe=stage_recipe(2, steps=2, resolution=64))
     failed = _recipe(tiny_pipe, plan).setup()
-    assert failed["zigzag-star"].startswith("stage-1 adapter error:")
+    assert failed["checkered-star"].startswith("stage-1 adapter error:")

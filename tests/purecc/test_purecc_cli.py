@@ -7,17 +7,17 @@ from purecc.cli import main
 
 def test_train_both_stages_then_generate(tmp_path, tiny_model_dir, sample_manifests, capsys):
     out = tmp_path / "out"
-    rc = main(["train", "--model", str(tiny_model_dir), "--concept", "zigzag-star", "zqx",
-               str(sample_manifests["zigzag-star"]), "--stage", "both", "--out", str(out), "--steps1", "3",
+    rc = main(["train", "--model", str(tiny_model_dir), "--concept", "checkered-star", "zqx",
+               str(sample_manifests["checkered-star"]), "--stage", "both", "--out", str(out), "--steps1", "3",
                "--steps2", "2", "--resolution", "64", "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "zigzag-star stage 1: 3 steps" in text and "zigzag-star stage 2: 2 steps" in text
+    assert "checkered-star stage 1: 3 steps" in text and "checkered-star stage 2: 2 steps" in text
     for stage in (1, 2):
-        m = json.loads((out / "zigzag-star" / f"stage{stage}" / "purecc_adapter.json").read_text())
+        m = json.loads((out / "checkered-star" / f"stage{stage}" / "purecc_adapter.json").read_text())
         assert m["stage"] == stage and m["trigger"] == "zqx"
-    rc = main(["generate", "--model", str(tiny_model_dir), "--concept", f"{out / 'zigzag-star' / 'stage2'}:0.9",
-               "--prompt", "a <zigzag-star> on a grid background", "--seed", "4", "--steps", "2",
+    rc = main(["generate", "--model", str(tiny_model_dir), "--concept", f"{out / 'checkered-star' / 'stage2'}:0.9",
+               "--prompt", "a <checkered-star> on a grid background", "--seed", "4", "--steps", "2",
                "--width", "64", "--height", "48", "--num-images", "2", "--out", str(tmp_path / "png")])
     assert rc == 0
     images = sorted((tmp_path / "png").glob("*.png"))

@@ -37,7 +37,7 @@ def test_file_then_flags_then_sets(tmp_path):
 @pytest.mark.parametrize("sets,message", [
     (["stage1.lrr=1"], "recipe: stage1.lrr: unknown field"),
     (["warmup=3"], "recipe: warmup: unknown field"),
-    (["stage2.lambda_mode=sometimes"], "recipe: stage2.lambda_mode: Input should be 'fixed' or 'adaptive'"),
+    (["stage2.lambda_mode=sometimes"], "recipe: stage2.lambda_mode: Input should be 'fixed', 'adaptive', 'increment' or 'extractor'"),
     (["resolution=65"], "recipe: resolution: Input should be a multiple of 16"),
     (["stage1.lr=-1"], "recipe: stage1.lr: Input should be greater than 0"),
     (["stage1=3"], "recipe: stage1:"),

@@ -31,6 +31,23 @@ def test_build_is_deterministic_and_sd35_shaped():
     assert a.vae_scale_factor == 8
 
 
+def test_a_three_block_vae_gives_16x16_latents_at_64_px():
+    cfg = TinyConfig(seed=0, vae_channels=(8, 8, 8), max_image_size=256)
+    pipe = build_tiny_pipeline(cfg)
+    assert cfg.vae_factor == 4 and pipe.vae_scale_factor == 4
+    assert pipe.transformer.config.sample_size == 16 and pipe.transformer.config.pos_embed_max_size == 32
+    with torch.no_grad():
+        z = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert z.shape == (1, 16, 16, 16)
+    img = pipe("a red circle", height=64, width=64, num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="vae_channels"):
+        TinyConfig(vae_channels=(8, 8))
+    with pytest.raises(ValueError, match="sample_size"):
+        TinyConfig(vae_channels=(8, 8, 8), sample_size=60)
+
+
 def test_save_reload_gives_identical_outputs(tmp_path):
     cfg = TinyConfig(seed=1)
     pipe = build_tiny_pipeline(cfg)

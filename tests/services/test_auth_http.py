@@ -24,11 +24,11 @@ from purecc.registry import AdapterRegistry
 from service_helpers import bearer, free_port, make_token, roomy_auth
 from services.auth import Authority, AuthSettings, RateLimiter, TokenStore
 
-TRIGGERS = {"zigzag-star": "zqx", "ringed-circle": "vlk"}
+TRIGGERS = {"checkered-star": "zqx", "striped-circle": "vlk"}
 STEPS = {"resolution": 64, "stage1": {"steps": 2, "checkpoint_every": 1}, "stage2": {"steps": 2}}
 
 
-def batch(name: str, ids=("zigzag-star",), **extra) -> dict:
+def batch(name: str, ids=("checkered-star",), **extra) -> dict:
     return {"name": name, "resources": {"cpus_per_worker": 0.5, "max_concurrent": 1, "max_attempts": 1},
             "defaults": STEPS, "validation": {"steps": 1},
             "concepts": [{"id": cid, "data": f"{cid}/manifest.csv", "trigger": TRIGGERS[cid]} for cid in ids],
@@ -162,15 +162,15 @@ def test_a_second_token_cannot_read_replace_or_cancel_the_first_tokens_batches(a
     for body in (batch("bob-shapes", replace=True), batch("bob-shapes")):
         body["concepts"][0]["trigger"] = "bbq"
         resp = svc.call("bob", "POST", "/v1/batches", json=body)
-        assert resp.status_code == 403 and resp.json()["concept"] == "zigzag-star", resp.text
-        assert "zigzag-star" in resp.json()["detail"] and "another owner" in resp.json()["detail"]
-    resp = svc.call("bob", "POST", "/v1/batches", json=batch("alice-shapes", ids=["ringed-circle"]))
+        assert resp.status_code == 403 and resp.json()["concept"] == "checkered-star", resp.text
+        assert "checkered-star" in resp.json()["detail"] and "another owner" in resp.json()["detail"]
+    resp = svc.call("bob", "POST", "/v1/batches", json=batch("alice-shapes", ids=["striped-circle"]))
     assert resp.status_code == 403 and "alice-shapes" in resp.json()["detail"], resp.text
     # ... nor cancel her batch, nor read her data
     resp = svc.call("bob", "POST", "/v1/batches/alice-shapes/cancel")
     assert resp.status_code == 403, resp.text
-    escape = batch("bob-escape", ids=["ringed-circle"])
-    escape["concepts"][0]["data"] = "../alice/ringed-circle/manifest.csv"
+    escape = batch("bob-escape", ids=["striped-circle"])
+    escape["concepts"][0]["data"] = "../alice/striped-circle/manifest.csv"
     resp = svc.call("bob", "POST", "/v1/batches", json=escape)
     assert resp.status_code == 422 and "'..'" in resp.text, resp.text
     assert svc.call("bob", "GET", "/v1/batches/bob-shapes").status_code == 404         # nothing recorded
@@ -178,41 +178,41 @@ def test_a_second_token_cannot_read_replace_or_cancel_the_first_tokens_batches(a
     assert not any(j["cancel_requested"] for j in mine["jobs"]), mine
     # identical content under another batch name joins it and leaves it in the first
     again = svc.call("alice", "POST", "/v1/batches", json=batch("alice-again"))
-    assert again.status_code == 202 and again.json()["unchanged"] == ["zigzag-star"], again.text
+    assert again.status_code == 202 and again.json()["unchanged"] == ["checkered-star"], again.text
     for name in ("alice-shapes", "alice-again"):
-        assert [j["id"] for j in svc.call("alice", "GET", f"/v1/batches/{name}").json()["jobs"]] == ["zigzag-star"]
+        assert [j["id"] for j in svc.call("alice", "GET", f"/v1/batches/{name}").json()["jobs"]] == ["checkered-star"]
     assert {b["batch"] for b in svc.call("alice", "GET", "/v1/batches").json()["batches"]} == {
         "alice-shapes", "alice-again"}
     # the admin sees every batch and may cancel any
     assert svc.call("root", "GET", "/v1/batches/alice-shapes").status_code == 200
     cancelled = svc.call("alice", "POST", "/v1/batches/alice-shapes/cancel")
-    assert cancelled.status_code == 200 and "zigzag-star" in cancelled.json()["messages"][0], cancelled.text
+    assert cancelled.status_code == 200 and "checkered-star" in cancelled.json()["messages"][0], cancelled.text
     assert str(svc.storage) not in cancelled.text and str(svc.storage) not in mine.__repr__()
     # her published concept is hers: bob neither lists nor composes it; a concept without owner is everyone's
     registry = AdapterRegistry(svc.storage)
-    folder = adapter_factory.write("zigzag-star", seed=3, trigger="zqx")
+    folder = adapter_factory.write("checkered-star", seed=3, trigger="zqx")
     (folder / "validation" / "stage2").mkdir(parents=True)
     Image.new("RGB", (8, 8), (200, 10, 10)).save(folder / "validation" / "stage2" / "00.png")
-    registry.publish("zigzag-star", folder)
+    registry.publish("checkered-star", folder)
     adapter_factory.publish(registry, "public-thing", seed=4, trigger="pbt")
     seen = {who: {c["id"] for c in svc.call(who, "GET", "/v1/concepts").json()["concepts"]} for who in ("alice", "bob")}
-    assert seen == {"alice": {"zigzag-star", "public-thing"}, "bob": {"public-thing"}}, seen
-    body = {"prompt": "a <zigzag-star>", "concepts": [{"id": "zigzag-star"}], "steps": 1, "width": 32, "height": 32}
+    assert seen == {"alice": {"checkered-star", "public-thing"}, "bob": {"public-thing"}}, seen
+    body = {"prompt": "a <checkered-star>", "concepts": [{"id": "checkered-star"}], "steps": 1, "width": 32, "height": 32}
     resp = svc.call("bob", "POST", "/v1/generate", json=body)
-    assert resp.status_code == 404 and resp.json()["concept"] == "zigzag-star", resp.text
+    assert resp.status_code == 404 and resp.json()["concept"] == "checkered-star", resp.text
     assert svc.call("alice", "POST", "/v1/generate", json=body).status_code == 200
     # nor its validation images, nor the loss curves of her batch's jobs
-    images = svc.call("alice", "GET", "/v1/concepts/zigzag-star/validation")
+    images = svc.call("alice", "GET", "/v1/concepts/checkered-star/validation")
     assert images.status_code == 200 and [i["name"] for i in images.json()["images"]] == ["00.png"], images.text
     assert images.json()["images"][0]["prompt"] is None                   # published without prompts.json
     png = svc.call("alice", "GET", images.json()["images"][0]["url"])
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG"), png.text
-    for path in ("/v1/concepts/zigzag-star/validation", images.json()["images"][0]["url"],
-                 "/v1/batches/alice-shapes/concepts/zigzag-star/loss"):
+    for path in ("/v1/concepts/checkered-star/validation", images.json()["images"][0]["url"],
+                 "/v1/batches/alice-shapes/concepts/checkered-star/loss"):
         resp = svc.call("bob", "GET", path)
         assert resp.status_code == 404, (path, resp.text)            # as unknown as a concept never published
-    assert svc.call("alice", "GET", "/v1/batches/alice-shapes/concepts/zigzag-star/loss").status_code == 200
-    assert svc.call("root", "GET", "/v1/batches/alice-shapes/concepts/zigzag-star/loss").status_code == 200
+    assert svc.call("alice", "GET", "/v1/batches/alice-shapes/concepts/checkered-star/loss").status_code == 200
+    assert svc.call("root", "GET", "/v1/batches/alice-shapes/concepts/checkered-star/loss").status_code == 200
 
 
 @pytest.mark.ray

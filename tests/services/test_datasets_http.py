@@ -1,7 +1,7 @@
 """Dataset uploads over HTTP: every bound a clear 4xx, owners apart, and upload -> train -> compose.
 
 One local Ray (2 CPUs on 127.0.0.1) and Serve with the tiny model and a storage root; two owners
-(alice, bob) with their own tokens. The ringed-circle sample is in alice's data area; the zigzag-star
+(alice, bob) with their own tokens. The striped-circle sample is in alice's data area; the checkered-star
 images are uploaded. The body bound is lowered to 20 MiB (``LimitSettings.max_upload_bytes``) so the
 413 case stays cheap while a 16 MiB + 1 image still reaches the per-image bound.
 """
@@ -60,7 +60,7 @@ def upload_service(tiny_model_dir, sample_manifests, tmp_path_factory):
     from services.limits import LimitSettings
 
     storage = tmp_path_factory.mktemp("uploads") / "storage"
-    shutil.copytree(sample_manifests["ringed-circle"].parent, storage / "data" / "alice" / "ringed-circle")
+    shutil.copytree(sample_manifests["striped-circle"].parent, storage / "data" / "alice" / "striped-circle")
     tokens_file = storage / "auth" / "tokens.json"
     tokens = {owner: make_token(tokens_file, owner) for owner in ("alice", "bob")}
     temp_dir = Path(f"/tmp/pcupl-{os.getpid()}")
@@ -180,11 +180,11 @@ def test_every_upload_bound_is_a_clear_4xx(upload_service, case):
 
 def test_a_zip_with_its_manifest_is_stored_as_given(upload_service):
     client = upload_service.client()
-    ds = client.upload_dataset(upload_service.samples["ringed-circle"])     # the folder has a manifest.csv
+    ds = client.upload_dataset(upload_service.samples["striped-circle"])     # the folder has a manifest.csv
     assert ds["captions"] == "manifest" and ds["images"] == 5, ds
     stored = upload_service.storage / "data" / "alice" / ds["data"]
     rows = stored.read_text().splitlines()
-    given = (upload_service.samples["ringed-circle"] / "manifest.csv").read_text().splitlines()
+    given = (upload_service.samples["striped-circle"] / "manifest.csv").read_text().splitlines()
     assert rows[0] == given[0] and len(rows) == len(given)
     assert [r.split(",", 1)[1] for r in rows[1:]] == [r.split(",", 1)[1] for r in given[1:]]   # same captions
     assert all(r.startswith("imgs/") for r in rows[1:])
@@ -193,7 +193,7 @@ def test_a_zip_with_its_manifest_is_stored_as_given(upload_service):
 
 def test_another_owners_dataset_is_unreachable(upload_service):
     alice, bob = upload_service.client("alice"), upload_service.client("bob")
-    ds = alice.upload_dataset([upload_service.samples["ringed-circle"] / "imgs" / "00.png"], class_word="circle")
+    ds = alice.upload_dataset([upload_service.samples["striped-circle"] / "imgs" / "00.png"], class_word="circle")
     path = f"/v1/datasets/{ds['id']}"
     for method in ("GET", "DELETE"):
         resp = upload_service.call(method, path, owner="bob")
@@ -221,7 +221,7 @@ def wait_done(client: ServiceClient, name: str, timeout: float) -> dict:
 def test_uploaded_images_train_into_a_concept_composed_with_another(upload_service, tmp_path):
     client = upload_service.client()
     folder = tmp_path / "my-star"
-    shutil.copytree(upload_service.samples["zigzag-star"] / "imgs", folder)     # 5 images, no manifest
+    shutil.copytree(upload_service.samples["checkered-star"] / "imgs", folder)     # 5 images, no manifest
     ds = client.upload_dataset(folder, trigger="zqx", class_word="star")
     assert (ds["images"], ds["captions"], ds["data"]) == (5, "template", f"datasets/{ds['id']}/manifest.csv"), ds
     assert client.dataset(ds["id"]) == ds
@@ -231,12 +231,12 @@ def test_uploaded_images_train_into_a_concept_composed_with_another(upload_servi
     spec = {"name": "uploaded", "defaults": DEFAULTS, "validation": {"steps": 2},
             "resources": {"cpus_per_worker": 0.5, "concepts_per_pack": 2, "max_concurrent": 1, "max_attempts": 1},
             "concepts": [{"id": "my-star", "trigger": "zqx", "data": ds["data"]},
-                         {"id": "ringed-circle", "trigger": "vlk", "data": "ringed-circle/manifest.csv"}]}
+                         {"id": "striped-circle", "trigger": "vlk", "data": "striped-circle/manifest.csv"}]}
     client.submit_batch(spec)
     status = wait_done(client, "uploaded", TRAIN_TIMEOUT_S)
     assert status["counts"] == {"published": 2}, status
-    result = client.generate("a <my-star> star beside a <ringed-circle> circle", seed=1, steps=2, width=64,
-                             height=64, concepts=[("my-star", 1.0), ("ringed-circle", 1.0)])
+    result = client.generate("a <my-star> star beside a <striped-circle> circle", seed=1, steps=2, width=64,
+                             height=64, concepts=[("my-star", 1.0), ("striped-circle", 1.0)])
     assert result.metadata["prompt"] == "a zqx star beside a vlk circle" and len(result.images) == 1
     assert Image.open(io.BytesIO(result.images[0][1])).size == (64, 64)
 
@@ -253,7 +253,7 @@ def test_purecc_datasets_upload_list_delete(upload_service, tmp_path, capsys):
     from purecc.cli import main as purecc_main
 
     folder = tmp_path / "imgs"
-    shutil.copytree(upload_service.samples["zigzag-star"] / "imgs", folder)
+    shutil.copytree(upload_service.samples["checkered-star"] / "imgs", folder)
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({"00.png": "a zqx star, hand drawn"}))
     common = ["--url", upload_service.url, "--token", upload_service.tokens["bob"]]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from purecc.adapter_files import load_adapter_layers
-from purecc.testbed.samples import SAMPLE_CONCEPTS
+from purecc.testbed.samples import DEMO_CONCEPTS
 
 
 @pytest.mark.integration
@@ -21,7 +21,7 @@ def test_demo_quick(tmp_path):
     assert "service ready at http://127.0.0.1:" in proc.stdout
 
     report = json.loads((out / "report.json").read_text())
-    ids = sorted(c.concept_id for c in SAMPLE_CONCEPTS)
+    ids = sorted(c.concept_id for c in DEMO_CONCEPTS)
     assert sorted(c["id"] for c in report["concepts"]) == ids
     assert all(c["state"] == "published" for c in report["concepts"])
     for cid in ids:  # every published adapter is complete and passes its hash checks

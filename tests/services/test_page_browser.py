@@ -173,7 +173,7 @@ def test_uploaded_images_train_watched_on_the_page_and_compose(page_service, bro
 
     url, tokens = page_service
     folder = tmp_path / "my-star"
-    shutil.copytree(sample_manifests["zigzag-star"].parent / "imgs", folder)       # 5 images, no manifest
+    shutil.copytree(sample_manifests["checkered-star"].parent / "imgs", folder)       # 5 images, no manifest
     batch = tmp_path / "batch.yaml"
     batch.write_text(json.dumps({"name": "uploaded", "defaults": {**TRAIN, "validation_prompts": ["a [v] on grass"]},
                                  "validation": {"steps": 2},

@@ -25,7 +25,7 @@ from services.client import ServiceClient, ServiceError
 
 pytestmark = pytest.mark.ray
 
-TRIGGERS = {"zigzag-star": "zqx", "ringed-circle": "vlk"}
+TRIGGERS = {"checkered-star": "zqx", "striped-circle": "vlk"}
 DEFAULTS = {"resolution": 64, "stage1": {"steps": 4, "checkpoint_every": 2, "grad_accum": 1, "lr": 2e-3},
             "stage2": {"steps": 3, "checkpoint_every": 2, "lr": 1e-3}, "validation_prompts": ["a [v] on a beach"]}
 TRAIN_TIMEOUT_S = 240
@@ -74,7 +74,7 @@ def batch_service(tiny_model_dir, sample_manifests, tmp_path_factory):
     for cid in TRIGGERS:
         shutil.copytree(sample_manifests[cid].parent, storage / "data" / OWNER / cid)
     outside = work / "outside"
-    shutil.copytree(sample_manifests["zigzag-star"].parent, outside)
+    shutil.copytree(sample_manifests["checkered-star"].parent, outside)
     (storage / "data" / OWNER / "escape").symlink_to(outside, target_is_directory=True)
     tokens = storage / "auth" / "tokens.json"
     token = make_token(tokens, OWNER)
@@ -151,41 +151,41 @@ def test_a_batch_posted_over_http_trains_publishes_and_is_served(batch_service):
         assert all(r.status_code == 200 and r.headers["content-type"] == "image/png" for r in pngs)
         assert pngs[0].content.startswith(b"\x89PNG") and pngs[0].content != pngs[1].content
         assert str(batch_service.storage) not in listed.text
-    for path in ("/v1/batches/shapes/concepts/nowhere/loss", "/v1/batches/nope/concepts/zigzag-star/loss",
-                 "/v1/concepts/zigzag-star/validation/3/00.png", "/v1/concepts/zigzag-star/validation/1/01.png",
+    for path in ("/v1/batches/shapes/concepts/nowhere/loss", "/v1/batches/nope/concepts/checkered-star/loss",
+                 "/v1/concepts/checkered-star/validation/3/00.png", "/v1/concepts/checkered-star/validation/1/01.png",
                  "/v1/concepts/nowhere/validation"):
         resp = batch_service.get(path)
         assert resp.status_code in (404, 422) and "detail" in resp.json(), (path, resp.text)
         assert str(batch_service.storage) not in resp.text
-    assert batch_service.get("/v1/concepts/zigzag-star/validation/1/01.png").status_code == 404
-    assert batch_service.get("/v1/concepts/zigzag-star/validation/1/..%2F..%2Fx.png").status_code in (404, 422)
+    assert batch_service.get("/v1/concepts/checkered-star/validation/1/01.png").status_code == 404
+    assert batch_service.get("/v1/concepts/checkered-star/validation/1/..%2F..%2Fx.png").status_code in (404, 422)
 
     # servable at once, by the same service, without a restart
     served = {c["id"] for c in client.concepts()}
     assert set(TRIGGERS) <= served, served
-    result = client.generate("a <zigzag-star> star beside a <ringed-circle> circle", seed=3, steps=2,
-                             concepts=[("zigzag-star", 1.0), ("ringed-circle", 1.0)], width=64, height=64)
+    result = client.generate("a <checkered-star> star beside a <striped-circle> circle", seed=3, steps=2,
+                             concepts=[("checkered-star", 1.0), ("striped-circle", 1.0)], width=64, height=64)
     assert result.metadata["prompt"] == "a zqx star beside a vlk circle" and len(result.images) == 1
 
     # idempotent: the same batch again records nothing and starts no driver
     again = client.submit_batch(batch("shapes"))
     assert (again["unchanged"], again["added"], again["driver"], again["done"]) == (list(TRIGGERS), [], "idle", True)
     # a changed concept without replace: 409 naming it, nothing recorded
-    changed = batch("shapes", ids=["ringed-circle"])
+    changed = batch("shapes", ids=["striped-circle"])
     changed["concepts"][0]["trigger"] = "qqv"
     resp = batch_service.post(changed)
-    assert resp.status_code == 409 and resp.json()["concept"] == "ringed-circle", resp.text
-    assert "ringed-circle" in resp.json()["detail"] and "replace" in resp.json()["detail"]
+    assert resp.status_code == 409 and resp.json()["concept"] == "striped-circle", resp.text
+    assert "striped-circle" in resp.json()["detail"] and "replace" in resp.json()["detail"]
     listed = client.batches()
     assert [(b["batch"], b["counts"], b["done"]) for b in listed] == [("shapes", {"published": 2}, True)], listed
 
 
 def test_a_bad_batch_gets_one_422_listing_every_problem(batch_service):
-    body = batch("broken", ids=["zigzag-star"] * 7)
+    body = batch("broken", ids=["checkered-star"] * 7)
     concepts = body["concepts"]
     for i, c in enumerate(concepts):
         c["id"] = f"c{i}"
-    concepts[0]["data"] = str(batch_service.storage / "data" / OWNER / "zigzag-star" / "manifest.csv")  # absolute
+    concepts[0]["data"] = str(batch_service.storage / "data" / OWNER / "checkered-star" / "manifest.csv")  # absolute
     concepts[1]["data"] = "../outside/manifest.csv"                                              # .. escape
     concepts[2]["colour"] = "red"                                                                # unknown field
     concepts[3]["id"] = "Not An Id"                                                              # bad id
@@ -212,7 +212,7 @@ def test_a_bad_batch_gets_one_422_listing_every_problem(batch_service):
 
 
 def test_a_batch_no_node_can_place_is_refused_at_submit(batch_service):
-    body = batch("too-big", ids=["zigzag-star"])
+    body = batch("too-big", ids=["checkered-star"])
     body["resources"] = {"gpus_per_worker": 2}
     resp = batch_service.post(body)
     assert resp.status_code == 422, resp.text
@@ -294,12 +294,12 @@ def test_a_service_started_on_unfinished_jobs_resumes_them(batch_service, tiny_m
     from services.config import ServiceConfig
 
     storage = tmp_path / "storage"
-    shutil.copytree(sample_manifests["zigzag-star"].parent, storage / "data" / "zigzag-star")
-    valid, _ = batch_from_request(batch("left-over", ids=["zigzag-star"]), base_model=str(tiny_model_dir),
+    shutil.copytree(sample_manifests["checkered-star"].parent, storage / "data" / "checkered-star")
+    valid, _ = batch_from_request(batch("left-over", ids=["checkered-star"]), base_model=str(tiny_model_dir),
                                   storage=storage)
     with JobLedger(storage / LEDGER_FILE) as led:
         led.submit(valid.jobs(), owner=OWNER)
-        assert led.live_driver() is None and led.get("zigzag-star").state == "queued"
+        assert led.live_driver() is None and led.get("checkered-star").state == "queued"
     tokens = storage / "auth" / "tokens.json"
     make_token(tokens, OWNER)
     serve.run(build_app(ServiceConfig(model=str(tiny_model_dir), storage=str(storage), cpus_per_replica=0.5,
@@ -308,10 +308,10 @@ def test_a_service_started_on_unfinished_jobs_resumes_them(batch_service, tiny_m
     try:
         deadline = time.monotonic() + TRAIN_TIMEOUT_S
         with JobLedger(storage / LEDGER_FILE) as led:
-            while led.get("zigzag-star").state == "queued":
+            while led.get("checkered-star").state == "queued":
                 assert time.monotonic() < deadline, "the queued job never started"
                 time.sleep(0.5)
             assert led.events(kind="driver-start"), led.events()
-            led.request_cancel("zigzag-star")        # enough: it ran without a submission
+            led.request_cancel("checkered-star")        # enough: it ran without a submission
     finally:
         serve.delete("restarted")

@@ -43,7 +43,7 @@ from service_helpers import bearer, free_port, make_token, roomy_auth
 pytestmark = pytest.mark.ray
 
 TOLERANCE = 1
-TRAINED = {"zigzag-star": "zqx", "ringed-circle": "vlk"}
+TRAINED = {"checkered-star": "zqx", "striped-circle": "vlk"}
 RANDOM = [f"r{i}" for i in range(5)]
 SIZE, STEPS, GUIDANCE = 64, 6, 5.0
 SCHEMAS = ("GenerateRequest", "ConceptWeight", "GenerateResponse", "GeneratedImage", "ConceptUsed", "Timings",
@@ -206,8 +206,8 @@ def test_health_is_503_until_the_model_is_loaded(service):
 @pytest.mark.parametrize("case", ["single", "composition"])
 def test_http_matches_local_generate(service, tmp_path, case, monkeypatch):
     monkeypatch.setenv("PURECC_TOKEN", service.token)          # what `purecc generate --url` sends
-    concepts = [("zigzag-star", 1.0)] if case == "single" else [("zigzag-star", 1.0), ("r0", 0.7)]
-    prompt = "a <zigzag-star> star" + (" beside a <r0> thing" if case == "composition" else "")
+    concepts = [("checkered-star", 1.0)] if case == "single" else [("checkered-star", 1.0), ("r0", 0.7)]
+    prompt = "a <checkered-star> star" + (" beside a <r0> thing" if case == "composition" else "")
     local = local_generate(service, tmp_path / "local", prompt, concepts, seed=5, num_images=2)
     cli = ["generate", "--url", service.url, "--prompt", prompt, "--seed", "5", "--steps", str(STEPS),
            "--guidance", str(GUIDANCE), "--width", str(SIZE), "--height", str(SIZE), "--num-images", "2",
@@ -218,14 +218,14 @@ def test_http_matches_local_generate(service, tmp_path, case, monkeypatch):
     remote = [(tmp_path / "http" / f"image_{s}.png").read_bytes() for s in (5, 6)]
     diffs = [assert_same(a, b, f"{case} seed {5 + i}") for i, (a, b) in enumerate(zip(local, remote))]
     print(f"{case}: largest pixel difference per image {diffs}")
-    bare = local_generate(service, tmp_path / "bare", prompt.replace("<zigzag-star>", "zqx").replace("<r0>", "t10x"),
+    bare = local_generate(service, tmp_path / "bare", prompt.replace("<checkered-star>", "zqx").replace("<r0>", "t10x"),
                           [], seed=5)
     assert max_diff(bare[0], local[0]) > 10, "the adapters should change the image"
 
 
-CONCEPT_SETS = [[], [("zigzag-star", 1.0)], [("ringed-circle", 1.0)], [("r0", 1.0)],
-                [("zigzag-star", 0.5), ("ringed-circle", 1.0)], [("r0", 1.2), ("zigzag-star", -0.5)],
-                [("ringed-circle", 0.8), ("r0", 0.4), ("zigzag-star", 1.0)], [("r0", 2.0)]]
+CONCEPT_SETS = [[], [("checkered-star", 1.0)], [("striped-circle", 1.0)], [("r0", 1.0)],
+                [("checkered-star", 0.5), ("striped-circle", 1.0)], [("r0", 1.2), ("checkered-star", -0.5)],
+                [("striped-circle", 0.8), ("r0", 0.4), ("checkered-star", 1.0)], [("r0", 2.0)]]
 
 
 def test_concurrent_requests_are_batched_and_match_sequential(service):
@@ -259,14 +259,14 @@ def test_more_concepts_than_slots_evicts_lru_and_stays_correct(service, tmp_path
 
 
 def test_in_flight_slots_are_never_evicted(service, tmp_path):
-    slow = body("a <zigzag-star> star", [("zigzag-star", 1.0)], seed=60, steps=60, width=128, height=128)
+    slow = body("a <checkered-star> star", [("checkered-star", 1.0)], seed=60, steps=60, width=128, height=128)
     quick = [body(f"a <{c}> object", [(c, 1.0)], seed=61 + i) for i, c in enumerate(["r2", "r3", "r4"])]
     with ThreadPoolExecutor(4) as pool:
         slow_future = pool.submit(service.post, slow)
         time.sleep(0.3)
         quick_responses = list(pool.map(service.post, quick))
         slow_response = slow_future.result()
-    ref = local_generate(service, tmp_path / "slow", slow["prompt"], [("zigzag-star", 1.0)], seed=60, steps=60,
+    ref = local_generate(service, tmp_path / "slow", slow["prompt"], [("checkered-star", 1.0)], seed=60, steps=60,
                          size=128)
     assert_same(ref[0], served(slow_response)[0], "the long request")
     for i, (b, r) in enumerate(zip(quick, quick_responses)):

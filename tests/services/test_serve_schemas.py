@@ -76,7 +76,7 @@ def test_an_http_submission_reads_each_manifest_once(tmp_path, tiny_model_dir, s
     import services.batches as batches_module
 
     storage = (tmp_path / "storage").resolve()
-    ids = {"zigzag-star": "zqx", "ringed-circle": "vlk"}
+    ids = {"checkered-star": "zqx", "striped-circle": "vlk"}
     for cid in ids:
         shutil.copytree(sample_manifests[cid].parent, storage / "data" / cid)
     reads: Counter[str] = Counter()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from purecc.testbed.samples import (
-    CONCEPT_OBJECTS, MANIFEST_COLUMNS, PACKAGED_SAMPLES_DIR, PLACEHOLDER, SAMPLE_CONCEPTS,
+    CONCEPT_OBJECTS, DEMO_CONCEPTS, MANIFEST_COLUMNS, PACKAGED_SAMPLES_DIR, PLACEHOLDER, SAMPLE_CONCEPTS,
     check_packaged_samples, compare_sample_trees, concept_rows, deterministic_png_bytes, main,
     write_sample_concepts,
 )
@@ -33,11 +33,15 @@ def _read_manifest(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def test_sample_concept_table() -> None:
     ids = [c.concept_id for c in SAMPLE_CONCEPTS]
-    assert len(ids) == 3 and len(set(ids)) == 3
-    assert len({c.trigger_word for c in SAMPLE_CONCEPTS}) == 3
+    assert len(ids) == 5 and len(set(ids)) == 5
+    assert len({c.trigger_word for c in SAMPLE_CONCEPTS}) == 5
+    assert DEMO_CONCEPTS == SAMPLE_CONCEPTS[:3]
     for concept_id, trigger, class_word in SAMPLE_CONCEPTS:
         assert re.fullmatch(r"[a-z]{2,5}", trigger), trigger
         assert CONCEPT_OBJECTS[concept_id].shape == class_word
+    # Each concept's look is its own: no two share their shape, nor their colour.
+    looks = [CONCEPT_OBJECTS[i].look for i in ids]
+    assert len({shape for shape, _, _ in looks}) == len({color for _, color, _ in looks}) == 5
 
 
 def test_each_concept_has_images_and_manifest(generated) -> None:
@@ -130,3 +134,26 @@ def test_check_detects_a_stale_file(generated, tmp_path: Path) -> None:
     assert check_packaged_samples(copy) == expected
     assert main(["--check", str(copy)]) == 1
     assert main(["--check", str(root)]) == 0
+
+
+def test_held_out_prompts_put_each_concept_in_new_contexts() -> None:
+    from purecc.testbed.facts import caption_facts, concept_positions
+    from purecc.testbed.samples import HELD_OUT_KINDS, held_out_prompts
+    for concept in SAMPLE_CONCEPTS:
+        prompts = held_out_prompts(concept, 12)
+        assert prompts == held_out_prompts(concept, 12)              # deterministic
+        assert [p.kind for p in prompts] == list(HELD_OUT_KINDS) * 4
+        references = {row["prompt"].replace(PLACEHOLDER, concept.trigger_word) for _, row in concept_rows(concept)}
+        assert len({p.prompt for p in prompts}) == 12 and not references & {p.prompt for p in prompts}
+        for p in prompts:
+            assert concept_positions(p.prompt, concept.trigger_word) == [p.position]
+            assert p.base_prompt == p.prompt.replace(f"{concept.trigger_word} ", "")
+            facts = caption_facts(p.prompt)
+            assert facts[f"{p.position}.shape"] == concept.class_word
+            others = {k.split(".")[0] for k in facts if "." in k} - {p.position}
+            assert len(others) == (0 if p.kind == "view" else 1), p
+            for pos in others:   # the second object is ordinary: never a concept's look
+                look = tuple(facts[f"{pos}.{a}"] for a in ("shape", "color", "pattern"))
+                assert look[0] != concept.class_word and look not in {o.look for o in CONCEPT_OBJECTS.values()}
+    with pytest.raises(ValueError, match="n=-1"):
+        held_out_prompts(SAMPLE_CONCEPTS[0], -1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from purecc.testbed.world import (
-    BACKGROUNDS, COLOR_RGB, COLORS, CONCEPT_PATTERNS, COUNTS, PATTERN_SHADES, PATTERNS,
+    BACKGROUNDS, COLOR_RGB, COLORS, CONCEPT_LOOKS, COUNTS, PATTERN_SHADES, PATTERNS,
     POSITION_PHRASES, SHAPE_PLURALS, ConceptObject, Scene, WorldObject, concept_caption,
     object_box, object_center, object_radius, render_concept_scene, render_scene,
     sample_scene, shape_mask, usable_colors, world_batch,
@@ -158,25 +158,41 @@ def test_vocabulary_colours_are_distinct() -> None:
 
 
 def _concept() -> ConceptObject:
-    return ConceptObject("zigzag-star", "star", "zigzag", ((255, 105, 180), (0, 140, 140)))
+    return ConceptObject("checkered-star", "star", "orange", "checkered")
 
 
-def test_concept_is_unlike_ordinary_objects() -> None:
-    concept = _concept()
-    assert concept.pattern in CONCEPT_PATTERNS and concept.pattern not in PATTERNS
-    palette = set(COLOR_RGB.values()) | set(PATTERN_SHADES.values())
-    assert not set(concept.colors) & palette
-    with pytest.raises(ValueError, match="pattern='striped'"):
-        ConceptObject("x", "star", "striped", ((1, 2, 3), (4, 5, 6)))
+def test_concept_looks_never_occur_in_ordinary_scenes() -> None:
+    drawn = {(o.shape, o.color, o.pattern) for _, _, scene in world_batch(11, 3000) for o in scene.objects}
+    assert len(drawn) > 100                       # the sample covers most ordinary looks
+    assert not drawn & CONCEPT_LOOKS
+    for shape, color, pattern in CONCEPT_LOOKS:   # each part of a concept's look is ordinary on its own
+        assert any(d[0] == shape and d[1] != color for d in drawn)
+        assert any(d[1] == color and d[2] == pattern for d in drawn)
+    with pytest.raises(ValueError, match="not reserved for concepts"):
+        ConceptObject("x", "star", "red", "striped")
+    # the world before the looks were reserved (the committed base's pretraining data) still has them
+    unreserved = {(o.shape, o.color, o.pattern) for _, _, scene in world_batch(11, 3000, reserved=frozenset())
+                  for o in scene.objects}
+    assert unreserved & CONCEPT_LOOKS
 
 
-def test_render_concept_scene_is_deterministic_and_shows_both_colours() -> None:
+def test_pretrain_presets_reserve_looks_only_for_the_successor() -> None:
+    from purecc.testbed.pretrain import PRESETS
+    assert not PRESETS["cpu"].reserve_concept_looks and not PRESETS["gpu"].reserve_concept_looks
+    assert PRESETS["cpu-4x"].reserve_concept_looks and PRESETS["gpu-4x"].reserve_concept_looks
+    assert PRESETS["gpu"].model.vae_factor == 8 and PRESETS["gpu-4x"].model.vae_factor == 4
+
+
+def test_render_concept_scene_is_deterministic_and_matches_an_ordinary_render() -> None:
     concept = _concept()
     a = _pixels(render_concept_scene(concept, "grid", "center", 64, random.Random(5)))
     b = _pixels(render_concept_scene(concept, "grid", "center", 64, 5))
     assert np.array_equal(a, b)
-    for rgb in concept.colors:
+    for rgb in (COLOR_RGB["orange"], PATTERN_SHADES["orange"]):
         assert np.all(a[16:48, 16:48] == rgb, axis=-1).sum() > 30
+    unjittered = _pixels(render_concept_scene(concept, "grid", "center", 64))
+    ordinary = _pixels(render_scene(Scene((concept.as_object("center"),), "grid")))
+    assert np.array_equal(unjittered, ordinary)
     other = _pixels(render_concept_scene(concept, "plain black", "left", 64))
     assert not np.array_equal(a, other)
 

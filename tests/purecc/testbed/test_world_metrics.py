@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from purecc.testbed.facts import caption_facts, concept_positions, parse_prompt, scene_facts
-from purecc.testbed.metrics import (concept_fidelity, concept_references, drift_unrelated, fact_recall,
-                                    preservation_same_seed, text_alignment, total_variation)
+from purecc.testbed.metrics import (concept_fidelity, concept_identity, concept_references, drift_unrelated,
+                                    fact_recall, paired_interval, preservation_same_seed, text_alignment,
+                                    total_variation)
 from purecc.testbed.reader import load_reader, world_metric_path
 from purecc.testbed.samples import PACKAGED_SAMPLES_DIR
 from purecc.testbed.train_reader import EVAL_SEED0, TRAIN_SEED0, ReaderTraining, fact_accuracy
@@ -83,16 +84,18 @@ def test_text_alignment_is_high_on_truth_and_low_on_other_prompts(reader):
 
 
 def test_concept_fidelity_separates_concepts(reader):
-    star, star_pos = concept_references(_manifest("zigzag-star"))
-    circle, circle_pos = concept_references(_manifest("ringed-circle"))
+    star, star_pos = concept_references(_manifest("checkered-star"))
+    circle, circle_pos = concept_references(_manifest("striped-circle"))
     own = concept_fidelity(reader, star, star_pos, star, star_pos).mean()
     other = concept_fidelity(reader, circle, circle_pos, star, star_pos).mean()
     assert own > other + 0.2, (own, other)
 
 
 def test_concept_references_find_the_placeholder_position():
-    images, positions = concept_references(_manifest("zigzag-star"))
-    assert len(images) == 5 and positions[0] == "left" and images[0].size == (64, 64)
+    from purecc.testbed.samples import SAMPLE_CONCEPTS, concept_views
+    images, positions = concept_references(_manifest("checkered-star"))
+    assert positions == [pos for _, pos in concept_views(SAMPLE_CONCEPTS[0])]
+    assert len(images) == 5 and len(set(positions)) == 5 and images[0].size == (64, 64)
 
 
 def test_preservation_ignores_the_concept_region_and_sees_the_rest(reader):
@@ -112,6 +115,34 @@ def test_drift_is_zero_for_identical_models(reader):
     images, captions = [b[0] for b in batch], [b[1] for b in batch]
     d = drift_unrelated(reader, images, images, captions)
     assert d["alignment_delta"] == 0 and d["attribute_tv"] == 0 and d["same_seed_agreement"] == 1
+
+
+def test_concept_identity_needs_the_whole_look(reader):
+    from purecc.testbed.samples import CONCEPT_OBJECTS
+    from purecc.testbed.world import render_concept_scene
+    star, diamond = CONCEPT_OBJECTS["checkered-star"], CONCEPT_OBJECTS["dotted-diamond"]
+    views = [("grid", "center"), ("plain gray", "left"), ("gradient", "right"), ("plain white", "top")]
+    images = [render_concept_scene(star, bg, pos) for bg, pos in views]
+    positions = [pos for _, pos in views]
+    assert concept_identity(reader, images, positions, star.look).tolist() == [True] * 4
+    assert not concept_identity(reader, images, positions, diamond.look).any()
+    assert not concept_identity(reader, images, positions, ("star", "orange", "striped")).any()
+    assert not concept_identity(reader, images, ["bottom"] * 4, star.look).any()   # nothing stands there
+    with pytest.raises(ValueError, match="positions"):
+        concept_identity(reader, images, positions[:2], star.look)
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences():
+    mean, lo, hi = paired_interval([1.5, 2.0, 3.5], [0.5, 0.0, 0.5])      # differences 1, 2, 3
+    assert mean == pytest.approx(2.0)
+    assert (lo, hi) == pytest.approx((2.0 - 4.303 / 3 ** 0.5, 2.0 + 4.303 / 3 ** 0.5))
+    assert paired_interval([0.7, 0.8], [0.6, 0.7])[1] == pytest.approx(0.1)   # no spread: a point
+    assert paired_interval([1.0], [0.5]) == (0.5, float("-inf"), float("inf"))
+    many = [float(i % 3) for i in range(40)]
+    m, lo, hi = paired_interval(many, [0.0] * 40)
+    assert hi - lo == pytest.approx(2 * 1.96 * float(__import__("numpy").std(many, ddof=1)) / 40 ** 0.5)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_interval([1.0, 2.0], [1.0])
 
 
 def test_fact_recall_and_total_variation():
@@ -139,18 +170,18 @@ def test_customised_model_scores_higher_fidelity_than_the_base(reader, tmp_path)
     from purecc.testbed import world_base_path
 
     base = str(world_base_path())
-    manifest = _manifest("zigzag-star")
-    train_concepts(model=base, concepts=[("zigzag-star", "zqx", str(manifest))], out=tmp_path, stages=(1,),
+    manifest = _manifest("checkered-star")
+    train_concepts(model=base, concepts=[("checkered-star", "zqx", str(manifest))], out=tmp_path, stages=(1,),
                    steps={1: FIDELITY_STEPS}, overrides={"resolution": 64, "lr": 2e-3, "grad_accum": 1,
                                                          "checkpoint_every": 10 ** 6},
                    progress=False)
     pipe = load_pipeline(ModelConfig(path=base))
-    slot_of = load_concepts(pipe, [tmp_path / "zigzag-star" / "stage1"]).slot_of
+    slot_of = load_concepts(pipe, [tmp_path / "checkered-star" / "stage1"]).slot_of
     views = [("grid", "center"), ("plain gray", "left"), ("gradient", "right"), ("striped gray", "top")]
     prompts = [f"a zqx star {POSITION_PHRASES[pos]}, on a {bg} background" for bg, pos in views]
     settings = RenderSettings(steps=16, guidance=5.0, width=64, height=64)
     base_imgs = generate(pipe, [Sample(p, 7 + i) for i, p in enumerate(prompts)], slot_of, settings)
-    custom_imgs = generate(pipe, [Sample(p, 7 + i, (("zigzag-star", 1.0),)) for i, p in enumerate(prompts)],
+    custom_imgs = generate(pipe, [Sample(p, 7 + i, (("checkered-star", 1.0),)) for i, p in enumerate(prompts)],
                            slot_of, settings)
     refs, ref_pos = concept_references(manifest)
     positions = [pos for _, pos in views]
