@@ -1,9 +1,11 @@
 """PureCC vs a plain DreamBooth LoRA on the pretrained world base, scored by the world reader.
 
 For every training seed the five sample concepts are trained as one pack: stage 1 alone (the
-DreamBooth LoRA baseline), then stage 2 (PureCC) five times: with the stage-1 extractor and
-with the bare base as extractor (lambda fixed at 1, the public code's default), and with the
-stage-1 extractor and each adaptive lambda* candidate (A, B, C of purecc/losses.py). Every method is then scored on held-out prompts (never a reference
+DreamBooth LoRA baseline), and stage 1 with layer-wise concept embeddings; then stage 2 (PureCC):
+as the paper describes it (embeddings from stage 1, the whole stage-1 model as extractor, adaptive
+lambda* (A), or (C)); with the stage-1 extractor and with the bare base as extractor (lambda fixed at
+1, the public code's default); and with the stage-1 extractor and each adaptive lambda* candidate
+(A, B, C of purecc/losses.py). Every method is then scored on held-out prompts (never a reference
 view) with fixed noise seeds, so that base and customised images of one prompt share their
 starting noise:
 
@@ -77,9 +79,20 @@ class Method:
     stage: int
     extractor: str = "stage1"
     lambda_mode: str = "fixed"
+    embeddings: str = "none"      # "layerwise": stage 1 learns them, stage 2 uses that stage 1's
+
+    @property
+    def stage1_folder(self) -> str:
+        """The stage-1 run this method's stage 2 starts from (its extractor and embeddings)."""
+        return "dreambooth" if self.embeddings == "none" else "dreambooth-emb"
 
 
 METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
+           Method("DreamBooth LoRA + layer-wise embeddings (stage 1)", "dreambooth-emb", 1, embeddings="layerwise"),
+           Method("PureCC (paper): embeddings, extractor=stage1, adaptive λ", "purecc-paper", 2, "stage1", "adaptive",
+                  "layerwise"),
+           Method("PureCC (paper), λ (C) extractor", "purecc-paper-extractor", 2, "stage1", "extractor",
+                  "layerwise"),
            Method("PureCC, extractor=stage1", "purecc-stage1", 2, "stage1"),
            Method("PureCC, extractor=base", "purecc-base", 2, "base"),
            Method("PureCC, extractor=stage1, adaptive λ", "purecc-stage1-adaptive", 2, "stage1", "adaptive"),
@@ -155,19 +168,23 @@ def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig,
     ids = [c.concept_id for c in SAMPLE_CONCEPTS]
     common = dict(model=str(base), concepts=concepts, seed=seed, progress=False)
     keep = {"resolution": 64, "checkpoint_every": 10 ** 6}
-    stage1 = work / f"seed{seed}" / METHODS[0].folder
-    train_concepts(out=stage1, stages=(1,), steps={1: cfg.stage1_steps},
-                   overrides={**keep, "lr": cfg.stage1_lr}, **common)
-    out = {METHODS[0].name: [stage1 / i / "stage1" for i in ids]}
+    out = {}
+    needed = {m.folder for m in methods if m.stage == 1} | {m.stage1_folder for m in methods if m.stage == 2}
+    for m in (m for m in METHODS if m.stage == 1 and m.folder in needed):
+        stage1 = work / f"seed{seed}" / m.folder
+        train_concepts(out=stage1, stages=(1,), steps={1: cfg.stage1_steps},
+                       overrides={**keep, "lr": cfg.stage1_lr, "embeddings": m.embeddings}, **common)
+        out[m.name] = [stage1 / i / "stage1" for i in ids]
     for m in (m for m in methods if m.stage == 2):
-        run = work / f"seed{seed}" / m.folder
+        run, stage1 = work / f"seed{seed}" / m.folder, work / f"seed{seed}" / m.stage1_folder
         for i in ids:
             if not (run / i / "stage1").is_dir():
                 shutil.copytree(stage1 / i / "stage1", run / i / "stage1")
-        train_concepts(out=run, stages=(2,), steps={2: cfg.stage2_steps}, overrides={**keep, "lr": cfg.stage2_lr},
+        train_concepts(out=run, stages=(2,), steps={2: cfg.stage2_steps},
+                       overrides={**keep, "lr": cfg.stage2_lr, "embeddings": m.embeddings},
                        extractor=m.extractor, lambda_mode=m.lambda_mode, **common)
         out[m.name] = [run / i / "stage2" for i in ids]
-    return out
+    return {m.name: out[m.name] for m in methods}
 
 
 # ---------------------------------------------------------------- rendering and scoring

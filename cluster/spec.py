@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from purecc.data import ConceptManifest, ManifestError, read_concept_manifest
 from purecc.ids import CONCEPT_ID_PATTERN, TRIGGER_PATTERN
 from purecc.model import ModelFolderError, read_model_index
-from purecc.recipe import LambdaMode, StageRecipe, stage_recipe
+from purecc.recipe import EmbeddingForm, LambdaMode, StageRecipe, stage_recipe
 
 ConceptId = Annotated[str, StringConstraints(pattern=CONCEPT_ID_PATTERN)]
 Trigger = Annotated[str, StringConstraints(pattern=TRIGGER_PATTERN)]
@@ -66,6 +66,8 @@ class Overrides(_Strict):
 
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seed of data order, noise and init.")
+    embeddings: EmbeddingForm | None = Field(None, description="Concept embeddings: none, or layerwise (one "
+                                             "learned vector per transformer block at the trigger's tokens).")
     eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
     lambda_mode: LambdaMode | None = Field(None, description="Stage 2: how lambda* is chosen (fixed, "
                                                             "adaptive, increment or extractor).")
@@ -203,7 +205,7 @@ class JobSpec(_Strict):
 def recipe_for(ov: Overrides, stage: int) -> StageRecipe:
     """The recipe of ``stage`` after the overrides (raises ValueError on a bad combination)."""
     per = (ov.stage1 if stage == 1 else ov.stage2).model_dump(exclude_none=True)
-    extra = {k: v for k, v in (("resolution", ov.resolution),) if v is not None}
+    extra = {k: v for k, v in (("resolution", ov.resolution), ("embeddings", ov.embeddings)) if v is not None}
     if stage == 2:
         extra.update({k: getattr(ov, k) for k in ("eta", "lambda_mode", "extractor") if getattr(ov, k) is not None})
     return stage_recipe(stage, **extra, **per)

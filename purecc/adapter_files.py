@@ -3,8 +3,13 @@
 A concept folder holds:
   adapter_config.json + adapter_model.safetensors   PEFT format: ``PeftModel.from_pretrained(transformer, dir)``
   pytorch_lora_weights.safetensors                  diffusers format: ``pipe.load_lora_weights(dir)``
+  purecc_embeddings.safetensors                     the concept's layer-wise embeddings, when its recipe
+                                                    learns them: one tensor ``layerwise`` (blocks, dim),
+                                                    added to the text stream at the trigger's tokens at the
+                                                    input of each block (``purecc.concept_embeddings``)
   purecc_adapter.json                               our manifest: id, trigger, stage, steps, rank, targets,
-                                                    base fingerprint, sha256 of every weight file, metrics
+                                                    embeddings form, base fingerprint, sha256 of every
+                                                    weight file, metrics
 Weights are safetensors only; every file is written atomically.
 
 Reading trusts nothing: the manifest is validated by a pydantic model (its concept id must be the
@@ -32,7 +37,7 @@ import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -46,6 +51,8 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 MANIFEST = "purecc_adapter.json"
+EMBEDDINGS = "purecc_embeddings.safetensors"
+EMBEDDINGS_KEY = "layerwise"
 POINTER = "current.json"                 # a registry concept folder's pointer to its current version
 FORMAT_VERSION = 1
 
@@ -140,6 +147,7 @@ class AdapterManifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     max_sequence_length: int = 77            # T5 tokens training encoded prompts with (serving matches it)
     mixed_precision: str = "auto"            # the recipe's autocast setting in training
+    embeddings: str = "none"                 # "layerwise": the folder holds EMBEDDINGS (blocks, dim)
     created: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 
@@ -166,6 +174,7 @@ class ManifestSchema(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     max_sequence_length: int = Field(77, ge=1, le=4096)
     mixed_precision: str = Field("auto", max_length=16)
+    embeddings: Literal["none", "layerwise"] = "none"
     created: float = Field(default_factory=time.time, allow_inf_nan=False)
     format_version: int = Field(FORMAT_VERSION, ge=1, le=FORMAT_VERSION)
 
@@ -179,6 +188,8 @@ class ManifestSchema(BaseModel):
                 out.append(f"files: the sha256 of {name} is not 64 lowercase hex digits")
         if DIFFUSERS_WEIGHTS not in self.files:
             out.append(f"files: must list {DIFFUSERS_WEIGHTS}")
+        if (self.embeddings == "layerwise") != (EMBEDDINGS in self.files):
+            out.append(f"files: {EMBEDDINGS} must be listed exactly when embeddings is 'layerwise'")
         for t in self.targets[:8]:
             if not (0 < len(t) <= 256 and all(c.isalnum() or c in "._" for c in t)):
                 out.append(f"targets: {t[:80]!r} is not a module name")
@@ -456,10 +467,14 @@ def _peft_config(bank: AdapterBank) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
 
 
-def export_slot(bank: AdapterBank, flat: torch.Tensor, dest: str | Path, manifest: AdapterManifest) -> Path:
-    """Write one concept's adapter (flat vector in ``bank``'s layout) as PEFT + diffusers files."""
+def export_slot(bank: AdapterBank, flat: torch.Tensor, dest: str | Path, manifest: AdapterManifest,
+                emb: torch.Tensor | None = None) -> Path:
+    """Write one concept's adapter (flat vector in ``bank``'s layout) as PEFT + diffusers files, and
+    its layer-wise embeddings (blocks, dim) when it has them."""
     validate_concept_id(manifest.concept_id)
     check_finite(flat, f"export {manifest.concept_id}")
+    if emb is not None:
+        check_finite(emb.reshape(-1), f"export {manifest.concept_id}: embeddings")
     dest = Path(dest)
     layers = bank.unflatten(flat.detach().float().cpu())
     peft_sd, diff_sd = {}, {}
@@ -473,7 +488,14 @@ def export_slot(bank: AdapterBank, flat: torch.Tensor, dest: str | Path, manifes
     atomic_save_tensors(dest / DIFFUSERS_WEIGHTS, diff_sd, meta)
     manifest.rank, manifest.alpha = bank.rank, bank.alpha
     manifest.targets = [s.name for s in bank.specs]
-    manifest.files = {f: sha256_file(dest / f) for f in (PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_WEIGHTS)}
+    names = [PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_WEIGHTS]
+    manifest.embeddings = "none"
+    if emb is not None:
+        atomic_save_tensors(dest / EMBEDDINGS, {EMBEDDINGS_KEY: emb.detach().float().cpu().contiguous()},
+                            {**meta, "trigger": manifest.trigger, "stream": "context", "where": "block input"})
+        names.append(EMBEDDINGS)
+        manifest.embeddings = "layerwise"
+    manifest.files = {f: sha256_file(dest / f) for f in names}
     atomic_write_json(dest / MANIFEST, asdict(manifest))  # written last: its presence marks completion
     return dest
 
@@ -490,13 +512,22 @@ def load_adapter_layers(folder: str | Path, *, verify: bool = True, concept_id: 
     return manifest, _read_layers(folder, manifest, verify=verify, expected=expected)
 
 
-def _read_layers(folder: Path, manifest: AdapterManifest, *, verify: bool,
-                 expected: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _read_weight_files(folder: Path, manifest: AdapterManifest, *, verify: bool) -> dict[str, bytes]:
+    """The weights files a bank reads (the diffusers file, the embeddings when listed), as bytes."""
     label = f"adapter {manifest.concept_id}"
     if verify:
-        data = read_listed_files(folder, manifest, label=label)[DIFFUSERS_WEIGHTS]
-    else:
-        data = read_regular_file(folder / DIFFUSERS_WEIGHTS, MAX_WEIGHTS_BYTES, label=label, name=DIFFUSERS_WEIGHTS)
+        files = read_listed_files(folder, manifest, label=label)
+        return {k: v for k, v in files.items() if k in (DIFFUSERS_WEIGHTS, EMBEDDINGS)}
+    names = [DIFFUSERS_WEIGHTS] + ([EMBEDDINGS] if manifest.embeddings == "layerwise" else [])
+    return {n: read_regular_file(folder / n, MAX_WEIGHTS_BYTES, label=label, name=n) for n in names}
+
+
+def _read_layers(folder: Path, manifest: AdapterManifest, *, verify: bool,
+                 expected: dict[str, tuple[int, ...]] | None,
+                 data: bytes | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    label = f"adapter {manifest.concept_id}"
+    if data is None:
+        data = _read_weight_files(folder, manifest, verify=verify)[DIFFUSERS_WEIGHTS]
     tensors = parse_weights(data, label=label, name=DIFFUSERS_WEIGHTS, expected=expected)
     layers: dict[str, list] = {}
     for key, t in tensors.items():
@@ -512,9 +543,22 @@ def _read_layers(folder: Path, manifest: AdapterManifest, *, verify: bool,
 
 def load_flat(bank: AdapterBank, folder: str | Path, *, base_fingerprint: str | None = None,
               verify: bool = True, concept_id: str | None = None) -> tuple[AdapterManifest, torch.Tensor]:
-    """Load an adapter folder into a flat vector for ``bank`` (checks base, rank, tensors, finiteness).
+    """Load an adapter folder's LoRA into a flat vector for ``bank`` (``load_concept`` without the
+    embeddings: for callers that use the LoRA alone)."""
+    manifest, flat, _ = load_concept(bank, folder, base_fingerprint=base_fingerprint, verify=verify,
+                                     concept_id=concept_id)
+    return manifest, flat
 
-    The manifest is read once, and the weights checked against that same manifest.
+
+def load_concept(bank: AdapterBank, folder: str | Path, *, base_fingerprint: str | None = None,
+                 verify: bool = True, concept_id: str | None = None
+                 ) -> tuple[AdapterManifest, torch.Tensor, torch.Tensor | None]:
+    """A whole concept for ``bank``: manifest, flat LoRA vector and its layer-wise embeddings
+    (blocks, dim) or None (checks base, rank, tensors, shapes, hashes, finiteness).
+
+    The manifest is read once, and every weights file checked against that same manifest and parsed
+    from the bytes that were hashed. Load it into a slot with ``bank.load_slot(slot, flat, emb=emb,
+    trigger=manifest.trigger)``.
     """
     folder = adapter_folder(folder)
     manifest = read_adapter_manifest(folder, concept_id=concept_id)
@@ -523,10 +567,19 @@ def load_flat(bank: AdapterBank, folder: str | Path, *, base_fingerprint: str | 
         raise BaseMismatch(f"{label}: trained on base {manifest.base_fingerprint}, this model is {base_fingerprint}")
     if manifest.rank != bank.rank:
         raise BaseMismatch(f"{label}: rank {manifest.rank}, bank rank {bank.rank}")
-    layers = _read_layers(folder, manifest, verify=verify, expected=expected_tensors(bank))
+    files = _read_weight_files(folder, manifest, verify=verify)
+    layers = _read_layers(folder, manifest, verify=verify, expected=expected_tensors(bank),
+                          data=files[DIFFUSERS_WEIGHTS])
     try:
         flat = bank.flatten(layers)
     except ValueError as exc:
         raise TensorMismatch(f"{label}: {exc}") from None
     check_finite(flat, label)
-    return manifest, flat
+    emb = None
+    if manifest.embeddings == "layerwise":
+        if bank.embeddings is None:
+            raise TensorMismatch(f"{label}: has layer-wise embeddings, this bank has no embedding slots")
+        shape = bank.embeddings.shape
+        emb = parse_weights(files[EMBEDDINGS], label=label, name=EMBEDDINGS,
+                            expected={EMBEDDINGS_KEY: shape})[EMBEDDINGS_KEY].float()
+    return manifest, flat, emb

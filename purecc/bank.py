@@ -26,6 +26,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .concept_embeddings import ConceptEmbeddings, attach_embeddings, detach_embeddings
+
 DEFAULT_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
@@ -101,6 +103,8 @@ class AdapterBank(nn.Module):
         self._split_sizes = [n for s in specs for n in (rank * s.in_features, rank * s.out_features)]
         self._layer_index = {s.name: i for i, s in enumerate(specs)}
         self._grad_parts: tuple[torch.Tensor, ...] | None = None
+        # the concepts' layer-wise embeddings, slot for slot (``attach_bank`` adds them)
+        self.embeddings: ConceptEmbeddings | None = None
 
     # ----- routing -------------------------------------------------------------------------
     @property
@@ -179,18 +183,26 @@ class AdapterBank(nn.Module):
             raise IndexError(f"slot: {slot} outside 0..{self.num_slots - 1}")
 
     @torch.no_grad()
-    def load_slot(self, slot: int, flat: torch.Tensor) -> None:
-        """Copy one concept (a flat vector in this bank's layout) into ``slot``: a single copy."""
+    def load_slot(self, slot: int, flat: torch.Tensor, *, emb: torch.Tensor | None = None,
+                  trigger: str | None = None) -> None:
+        """Copy one concept (a flat vector in this bank's layout) into ``slot``: a single copy, plus its
+        layer-wise embeddings (blocks, dim) and trigger when it has them (without: the slot has none)."""
         self._check_slot(slot)
         if flat.shape != (self.params_per_slot,):
             raise ValueError(f"adapter: expected {self.params_per_slot} values, got {tuple(flat.shape)}")
+        if emb is not None and self.embeddings is None:
+            raise ValueError("embeddings: this bank has no embedding slots")
+        if self.embeddings is not None:
+            self.embeddings.load_slot(slot, emb, trigger)
         self.storage[slot].copy_(flat, non_blocking=True)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
-        """Zero ``slot`` (its adapter becomes a no-op)."""
+        """Zero ``slot`` (its adapter and embeddings become a no-op)."""
         self._check_slot(slot)
         self.storage[slot].zero_()
+        if self.embeddings is not None:
+            self.embeddings.clear_slot(slot)
 
     @torch.no_grad()
     def init_slot(self, slot: int, generator: torch.Generator) -> None:
@@ -264,6 +276,7 @@ def attach_bank(transformer: nn.Module, num_slots: int, *, rank: int = 4, alpha:
             parent[int(child)] = banked
         else:
             setattr(parent, child, banked)
+    object.__setattr__(bank, "embeddings", attach_embeddings(transformer, num_slots, dtype))
     object.__setattr__(transformer, "adapter_bank", bank)
     hook = transformer.register_forward_pre_hook(lambda module, args: bank.begin_forward())
     object.__setattr__(bank, "_hook", hook)
@@ -286,6 +299,8 @@ def detach_bank(transformer: nn.Module) -> None:
             else:
                 setattr(parent, child, mod.base)
     bank._hook.remove()
+    if bank.embeddings is not None:
+        detach_embeddings(bank.embeddings)
     object.__delattr__(transformer, "adapter_bank")
 
 

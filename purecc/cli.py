@@ -12,7 +12,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .recipe import LAMBDA_MODES
+from .recipe import EMBEDDING_FORMS, LAMBDA_MODES
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -39,7 +39,7 @@ def _recipe_flags(args: argparse.Namespace) -> list[tuple[list[str], object]]:
     """The named ``train`` flags as recipe fields (only those given; ``--set`` is applied after them)."""
     pairs = [(["stage1", "steps"], args.steps1), (["stage2", "steps"], args.steps2),
              (["resolution"], args.resolution), (["extractor"], args.extractor),
-             (["lambda_mode"], args.lambda_mode), (["seed"], args.seed),
+             (["lambda_mode"], args.lambda_mode), (["embeddings"], args.embeddings), (["seed"], args.seed),
              (["stage1", "checkpoint_every"], args.checkpoint_every),
              (["stage2", "checkpoint_every"], args.checkpoint_every),
              (["validation", "prompts"], args.validation_prompt or None)]
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", choices=("stage1", "base"), default=None)
     p.add_argument("--lambda-mode", choices=LAMBDA_MODES, default=None,
                    help="stage 2: how lambda* is chosen (purecc/losses.py: LAMBDA_MODES)")
+    p.add_argument("--embeddings", choices=EMBEDDING_FORMS, default=None,
+                   help="concept embeddings: layerwise learns one vector per transformer block at the trigger")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--validation-prompt", action="append", metavar="PROMPT",
                    help="rendered at the end of each stage ([v] becomes the trigger; repeatable)")

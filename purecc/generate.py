@@ -17,8 +17,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from PIL import Image
 
-from .adapter_files import AdapterManifest, load_flat, read_adapter_manifest
+from .adapter_files import AdapterManifest, load_concept, read_adapter_manifest
 from .bank import AdapterBank, attach_bank
+from .concept_embeddings import CLIP_TOKENS, trigger_positions
 from .fileio import atomic_write_bytes
 from .model import base_fingerprint
 
@@ -86,6 +87,34 @@ def routing_rows(samples: Sequence[Sample], slot_of: Mapping[str, int], num_slot
     return w
 
 
+def embedding_placement(pipe, samples: Sequence[Sample], slot_of: Mapping[str, int], bank: AdapterBank,
+                        settings: RenderSettings) -> torch.Tensor | None:
+    """(B or 2B, T, S): where each sample's concepts with embeddings put them (None: no such concept).
+
+    A concept's embeddings go on its own trigger's tokens in its own sample, scaled by the sample's
+    weight for it; composing two concepts gives each trigger its own. With classifier-free guidance
+    the rows are [negative prompts; prompts], as the pipeline stacks them.
+    """
+    embs = bank.embeddings
+    if embs is None:
+        return None
+    used = {slot_of[k] for s in samples for k, _ in s.concepts}
+    with_emb = sorted(s for s in used if embs.triggers[s] is not None)
+    if not with_emb:
+        return None
+    msl = sequence_length(pipe, settings)
+    cfg = settings.guidance > 1
+    texts = ([s.negative_prompt for s in samples] if cfg else []) + [s.prompt for s in samples]
+    weights = routing_rows(samples, slot_of, bank.num_slots)          # (B, S)
+    if cfg:
+        weights = torch.cat([weights, weights])
+    place = torch.zeros(len(texts), CLIP_TOKENS + msl, bank.num_slots)
+    for slot in with_emb:
+        masks = trigger_positions(pipe, texts, embs.triggers[slot], msl).float()
+        place[:, :, slot] = masks * weights[:, slot:slot + 1]
+    return place
+
+
 class RenderCancelled(RuntimeError):
     """``should_stop`` asked a render to stop; raised between denoising steps (or before the first)."""
 
@@ -123,7 +152,9 @@ def generate(pipe, samples: Sequence[Sample], slot_of: Mapping[str, int], settin
     device = pipe._execution_device
     gens = [torch.Generator(device="cpu").manual_seed(s.seed) for s in samples]
     weights = routing_rows(samples, slot_of, bank.num_slots) if bank is not None else None
-    with bank.routing(weights) if bank is not None else nullcontext():
+    place = embedding_placement(pipe, samples, slot_of, bank, settings) if needs_bank else None
+    with (bank.routing(weights) if bank is not None else nullcontext()), \
+            (bank.embeddings.placement(place) if place is not None else nullcontext()):
         out = pipe(prompt=[s.prompt for s in samples], negative_prompt=[s.negative_prompt for s in samples],
                    num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                    width=settings.width, height=settings.height, generator=gens,
@@ -184,8 +215,8 @@ def load_concepts(pipe, folders: Sequence[str | Path], *, num_slots: int | None 
         raise ValueError(f"concepts: {len(keys)} requested, the bank has {bank.num_slots} slots")
     loaded = LoadedConcepts()
     for slot, folder in enumerate(keys):
-        manifest, flat = load_flat(bank, folder, base_fingerprint=fp)
-        bank.load_slot(slot, flat.to(bank.storage.dtype))
+        manifest, flat, emb = load_concept(bank, folder, base_fingerprint=fp)
+        bank.load_slot(slot, flat.to(bank.storage.dtype), emb=emb, trigger=manifest.trigger)
         loaded.slot_of_folder[folder] = slot
         loaded.slot_of.setdefault(manifest.concept_id, slot)
         loaded.triggers.setdefault(manifest.concept_id, manifest.trigger)

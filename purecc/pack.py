@@ -162,7 +162,7 @@ class PackRecipe:
     """One stage of one pack, from its plan to exported adapters.
 
     ``extractor(concept_id)`` returns the local folder of the concept's stage-1 adapter (stage 2 with
-    the stage-1 extractor); ``pipe``: an already loaded pipeline without a bank (default: loaded
+    the stage-1 extractor or with embeddings); ``pipe``: an already loaded pipeline without a bank (default: loaded
     from ``plan.base_model`` at ``setup``); ``logger``: optional experiment logging (``PackLogger``:
     every step's metrics and the validation images).
     """
@@ -217,10 +217,12 @@ class PackRecipe:
         return failed
 
     def _extractor_of(self, member: ConceptPlan) -> Path | None:
-        if self.stage != 2 or member.recipe.extractor != "stage1":
+        rec = member.recipe
+        if self.stage != 2 or (rec.extractor != "stage1" and rec.embeddings == "none"):
             return None
         if self.extractor is None:
-            raise ValueError(f"{member.concept_id}: stage 2 with the stage-1 extractor needs its stage-1 adapter")
+            raise ValueError(f"{member.concept_id}: stage 2 with the stage-1 extractor or with embeddings "
+                             "needs its stage-1 adapter")
         return Path(self.extractor(member.concept_id))
 
     def _trainer(self) -> PackTrainer:

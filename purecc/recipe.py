@@ -16,6 +16,10 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # How stage 2 chooses lambda* (purecc/losses.py says what each candidate computes).
 LAMBDA_MODES = ("fixed", "adaptive", "increment", "extractor")
 LambdaMode = Literal["fixed", "adaptive", "increment", "extractor"]
+# Concept embeddings (purecc/concept_embeddings.py): "none" (the older public recipe) or "layerwise"
+# (the paper's Y^1..Y^L). The public code's learned CLIP token is not implemented.
+EMBEDDING_FORMS = ("none", "layerwise")
+EmbeddingForm = Literal["none", "layerwise"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,12 @@ class StageRecipe:
     # "mean": train on the VAE posterior's mean (the default: every testbed figure was measured so);
     # "sample": a fresh draw from the posterior every step, as diffusers' trainer does
     latent_sampling: str = "mean"
+    # layer-wise concept embeddings: stage 1 learns them with the LoRA; stage 2 gives stage 1's to the
+    # extractor and to the trainable complete-caption branch, frozen (train_embeddings False, the
+    # stage-2 default) or trained further. Their lr is the newer public code's token lr.
+    embeddings: str = "none"
+    embedding_lr: float = 5e-3
+    train_embeddings: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -67,6 +77,8 @@ class StageRecipe:
             "mixed_precision": self.mixed_precision in MIXED_PRECISION,
             "max_sequence_length": 1 <= self.max_sequence_length <= 512,
             "latent_sampling": self.latent_sampling in ("mean", "sample"),
+            "embeddings": self.embeddings in EMBEDDING_FORMS, "embedding_lr": self.embedding_lr > 0,
+            "train_embeddings": self.stage == 2 or self.train_embeddings or self.embeddings == "none",
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -85,7 +97,7 @@ class StageRecipe:
         return cls(**fields)
 
 
-STAGE2_DEFAULTS = dict(stage=2, steps=800, lr=1e-4, grad_accum=1, precondition=False)
+STAGE2_DEFAULTS = dict(stage=2, steps=800, lr=1e-4, grad_accum=1, precondition=False, train_embeddings=False)
 
 
 def stage_recipe(stage: int, **overrides) -> StageRecipe:
@@ -134,6 +146,9 @@ class StageFields(_Strict):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] | None = Field(None, description="autocast")
     max_sequence_length: int | None = Field(None, ge=1, le=512, description="T5 tokens of the prompts")
     latent_sampling: Literal["mean", "sample"] | None = Field(None, description="VAE posterior mean or a draw")
+    embeddings: EmbeddingForm | None = Field(None, description="concept embeddings: none or layerwise")
+    embedding_lr: float | None = Field(None, gt=0, le=1.0, description="learning rate of the embeddings")
+    train_embeddings: bool | None = Field(None, description="stage 2: train stage 1's embeddings further")
 
 
 VALIDATION_PROMPTS_MAX = 16
@@ -149,17 +164,18 @@ class ValidationFields(_Strict):
     guidance: float = Field(4.0, ge=0, le=30, description="classifier-free guidance scale")
 
 
-SHARED_FIELDS = ("resolution", "eta", "lambda_mode", "extractor")
+SHARED_FIELDS = ("resolution", "embeddings", "eta", "lambda_mode", "extractor")
 
 
 class RecipeFields(_Strict):
     """A whole recipe (``purecc train --recipe FILE.yaml`` / ``--set``): shared knobs, then per stage.
 
-    ``resolution``, ``eta``, ``lambda_mode`` and ``extractor`` at the top apply to both stages (the
-    stage-2 ones to stage 2); a value under ``stage1:``/``stage2:`` wins over the shared one.
+    ``resolution``, ``embeddings``, ``eta``, ``lambda_mode`` and ``extractor`` at the top apply to both
+    stages (the stage-2 ones to stage 2); a value under ``stage1:``/``stage2:`` wins over the shared one.
     """
 
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
+    embeddings: EmbeddingForm | None = Field(None, description="concept embeddings (both stages)")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of data order, noise and init")
     eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
     lambda_mode: LambdaMode | None = Field(None, description="stage 2: how lambda* is chosen")
@@ -172,7 +188,7 @@ class RecipeFields(_Strict):
         """The effective recipe of ``stage``: the seed's, the shared fields, then the stage's own."""
         shared = {k: getattr(self, k) for k in SHARED_FIELDS if getattr(self, k) is not None}
         if stage == 1:
-            shared = {k: v for k, v in shared.items() if k == "resolution"}
+            shared = {k: v for k, v in shared.items() if k in ("resolution", "embeddings")}
         own = (self.stage1 if stage == 1 else self.stage2).model_dump(exclude_none=True)
         return stage_recipe(stage, **{**shared, **own})
 

@@ -21,8 +21,9 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from .adapter_files import AdapterManifest, export_slot, load_flat
+from .adapter_files import AdapterManifest, export_slot, load_concept
 from .bank import AdapterBank, attach_bank, one_hot_routing
+from .concept_embeddings import placement_rows, trigger_positions
 from .data import ConceptManifest, LatentMoments, Preprocess, concept_latent_moments, read_concept_manifest
 from .fileio import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
 from .ids import validate_concept_id, validate_trigger
@@ -59,7 +60,8 @@ class ConceptJob:
     """One concept's stage to train.
 
     ``manifest``: the concept's data, as a manifest path (read at ``setup``) or already read;
-    ``extractor_adapter``: the stage-1 adapter folder (stage 2 with the stage-1 extractor);
+    ``extractor_adapter``: the stage-1 adapter folder (stage 2 with the stage-1 extractor, or with
+    embeddings: stage 1's are read from it);
     ``key``: identity of the training content, recorded in checkpoints: a checkpoint made under
     another key is refused.
     """
@@ -75,8 +77,12 @@ class ConceptJob:
     def __post_init__(self) -> None:
         validate_concept_id(self.concept_id)
         validate_trigger(self.trigger)
-        if self.recipe.stage == 2 and self.recipe.extractor == "stage1" and self.extractor_adapter is None:
-            raise ValueError(f"{self.concept_id}: extractor_adapter is required for stage 2 with extractor 'stage1'")
+        if self.recipe.stage == 2 and self.extractor_adapter is None:
+            if self.recipe.extractor == "stage1":
+                raise ValueError(f"{self.concept_id}: extractor_adapter is required for stage 2 with extractor 'stage1'")
+            if self.recipe.embeddings != "none":
+                raise ValueError(f"{self.concept_id}: extractor_adapter (the stage-1 adapter) is required for "
+                                 "stage 2 with embeddings: stage 1's embeddings are read from it")
 
 
 @dataclass
@@ -88,6 +94,7 @@ class _Concept:
     extractor_slot: int | None
     latents: LatentMoments                # posterior mean and std, each (N, 16, h, w)
     emb: dict[str, tuple[torch.Tensor, torch.Tensor]]  # column -> (embeds (N, L, D), pooled (N, P))
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # column -> trigger tokens (N, L) bool
     step: int = 0
     curve: LossCurve = field(default_factory=LossCurve)
     status: str = "pending"
@@ -105,6 +112,11 @@ class _Concept:
         """Steps of this concept's stage."""
         return self.job.recipe.steps
 
+    @property
+    def trains_embeddings(self) -> bool:
+        """Whether this stage updates the concept's layer-wise embeddings."""
+        return self.job.recipe.embeddings != "none" and self.job.recipe.train_embeddings
+
 
 class Draw(NamedTuple):
     """One concept's micro-batch: manifest rows, clean latents, noise and sigmas (B = len(rows))."""
@@ -115,7 +127,8 @@ class Draw(NamedTuple):
     sigma: torch.Tensor       # (B,)
 
 
-ConceptTensors = tuple[LatentMoments | torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+# latents, per prompt column (embeds, pooled), and optionally per column the trigger's tokens (N, L)
+ConceptTensors = tuple  # (LatentMoments | Tensor, dict[str, (Tensor, Tensor)][, dict[str, Tensor]])
 MetricsFn = Callable[[dict], None]
 CheckpointFn = Callable[[list[str]], None]
 
@@ -163,26 +176,45 @@ class PackTrainer:
     def setup_precomputed(self, data: dict[str, ConceptTensors], empty: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Set up from latents and prompt embeddings computed elsewhere (no VAE or text encoder runs).
 
-        ``data[cid]``: latents (N, 16, h, w) and, per prompt column, (embeds (N, L, D), pooled (N, P));
+        ``data[cid]``: latents (N, 16, h, w), per prompt column (embeds (N, L, D), pooled (N, P)) and,
+        for concepts with embeddings, per column the trigger's tokens (N, L) bool;
         ``empty``: the embedding of "" as (1, L, D), (1, P).
         """
         if self.bank is None:
             self._attach()
         self.empty = empty
         k = len(self.jobs)
+        embs = self.bank.embeddings
         for i, job in enumerate(self.jobs):
-            latents, emb = data[job.concept_id]
+            latents, emb, *rest = data[job.concept_id]
+            masks = rest[0] if rest else {}
             if isinstance(latents, torch.Tensor):      # precomputed means only (benchmarks)
                 latents = LatentMoments(latents, torch.zeros_like(latents))
             self.bank.init_slot(i, rng_for(job.seed, "init", self.stage))
             self.optim.reset_slot(i)
-            ext = None
-            if self.stage == 2 and job.recipe.extractor == "stage1":
-                _, flat = load_flat(self.bank, job.extractor_adapter, base_fingerprint=self.fingerprint)
-                self.bank.load_slot(k + i, flat.to(self.bank.storage.dtype))
-                ext = k + i
-            self.concepts[job.concept_id] = _Concept(job, i, ext, latents, emb)
+            self.emb_optim.reset_slot(i)
+            embs.clear_slot(i)
+            ext, stage1_emb = None, None
+            if self.stage == 2 and job.extractor_adapter is not None:
+                _, flat, stage1_emb = load_concept(self.bank, job.extractor_adapter, base_fingerprint=self.fingerprint)
+                if job.recipe.extractor == "stage1":   # the whole stage-1 model: its LoRA and embeddings
+                    self.bank.load_slot(k + i, flat.to(self.bank.storage.dtype), emb=stage1_emb, trigger=job.trigger)
+                    ext = k + i
+            if job.recipe.embeddings != "none":
+                if self.stage == 1:
+                    embs.load_slot(i, torch.zeros(embs.shape), job.trigger)
+                elif stage1_emb is None:
+                    raise ValueError(f"{job.concept_id}: stage 2 with embeddings needs a stage-1 adapter with "
+                                     "embeddings (train stage 1 with embeddings 'layerwise')")
+                else:
+                    embs.load_slot(i, stage1_emb, job.trigger)
+            uses = job.recipe.embeddings != "none" or (ext is not None and embs.triggers[ext] is not None)
+            if uses and not masks:
+                raise ValueError(f"{job.concept_id}: embeddings need the trigger's token positions of its prompts")
+            self.concepts[job.concept_id] = _Concept(job, i, ext, latents, emb, masks)
         self.bank.set_trainable([c.slot for c in self.concepts.values()])
+        trains = [c.slot for c in self.concepts.values() if c.trains_embeddings]
+        embs.storage.requires_grad_(bool(trains))
 
     def _attach(self) -> None:
         tr = self.pipe.transformer
@@ -196,6 +228,7 @@ class PackTrainer:
             raise ValueError(f"bank: the model's bank has {bank.num_slots} slots of rank {bank.rank}; "
                              f"this pack needs {self._slots_needed()} of rank {rec.rank}")
         self.bank, self.optim = bank, SlotAdamW(bank.storage)
+        self.emb_optim = SlotAdamW(bank.embeddings.storage)
         self.sigma_table = shifted_sigmas_table(self.pipe.scheduler)
 
     def _encode_concept(self, job: ConceptJob) -> ConceptTensors:
@@ -205,7 +238,10 @@ class PackTrainer:
         pre = Preprocess(resolution=rec.resolution, crop=rec.crop, flip_prob=rec.flip_prob)
         latents = concept_latent_moments(manifest, self.pipe.vae, pre, seed=job.seed, cache_dir=self.cache_dir)
         cols = ("prompt", "base_prompt", "target_prompt") if self.stage == 2 else ("prompt",)
-        return latents, {c: self._encode([getattr(r, c) for r in manifest.rows]) for c in cols}
+        prompts = {c: [getattr(r, c) for r in manifest.rows] for c in cols}
+        emb = {c: self._encode(p) for c, p in prompts.items()}
+        masks = {c: trigger_positions(self.pipe, p, job.trigger, rec.max_sequence_length) for c, p in prompts.items()}
+        return latents, emb, masks
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,10 +268,19 @@ class PackTrainer:
         sigma = sample_sigma(self.sigma_table, len(rows), g, rec.logit_mean, rec.logit_std)
         return Draw(rows, x0, eps, sigma)
 
-    def _forward(self, x_t, sigma, embeds, pooled, slots: list[int | None]) -> torch.Tensor:
+    def _forward(self, x_t, sigma, embeds, pooled, slots: list[int | None],
+                 masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer on a batch routed to ``slots``; ``masks`` (B, L): the trigger's tokens of each
+        row, where the row's slot puts its embeddings (slots without embeddings put none)."""
         dev = self.device
         dtype = autocast_dtype(self.jobs[0].recipe.mixed_precision, dev)
-        with self.bank.routing(one_hot_routing(slots, self.bank.num_slots)):
+        embs = self.bank.embeddings
+        place = None
+        if masks is not None:
+            with_emb = [s if s is not None and embs.triggers[s] is not None else None for s in slots]
+            if any(s is not None for s in with_emb):
+                place = placement_rows(masks, with_emb, self.bank.num_slots)
+        with self.bank.routing(one_hot_routing(slots, self.bank.num_slots)), embs.placement(place):
             with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 out = self.pipe.transformer(
                     hidden_states=x_t.to(dev), timestep=(sigma * 1000).to(dev),
@@ -252,15 +297,20 @@ class PackTrainer:
         x_t = noisy_latents(x0, eps, sigma)
         train_slots = [c.slot for c, n in zip(active, sizes) for _ in range(n)]
 
-        def emb(column: str) -> tuple[torch.Tensor, torch.Tensor]:
-            """(embeds, pooled) of ``column`` for every drawn row, in batch order."""
+        def emb(column: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            """(embeds, pooled, trigger tokens or None) of ``column`` for every drawn row, in batch order."""
             embeds = torch.cat([c.emb[column][0][d.rows] for c, d in zip(active, draws)])
             pooled = torch.cat([c.emb[column][1][d.rows] for c, d in zip(active, draws)])
-            return embeds, pooled
+            masks = None
+            if any(c.masks for c in active):
+                masks = torch.cat([c.masks[column][d.rows] if c.masks
+                                   else torch.zeros(len(d.rows), embeds.shape[1], dtype=torch.bool)
+                                   for c, d in zip(active, draws)])
+            return embeds, pooled, masks
 
         if self.stage == 1:
-            e, p = emb("prompt")
-            v = self._forward(x_t, sigma, e, p, train_slots)
+            e, p, m = emb("prompt")
+            v = self._forward(x_t, sigma, e, p, train_slots, m)
             per = {"loss": stage1_loss(v, x0, eps, sigma, x_t, active[0].job.recipe.precondition)}
         else:
             per = self._stage2(active, draws, x0, eps, x_t, sigma, train_slots, emb)
@@ -271,23 +321,29 @@ class PackTrainer:
         return out
 
     def _stage2(self, active: list[_Concept], draws: list[Draw], x0, eps, x_t, sigma, train_slots: list[int],
-                emb: Callable[[str], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Per-sample stage-2 losses: trainable passes on prompt/base_prompt, extractor on target/""."""
+                emb: Callable[[str], tuple]) -> dict[str, torch.Tensor]:
+        """Per-sample stage-2 losses: trainable passes on prompt/base_prompt, extractor on target/"".
+
+        Embeddings go where the trigger is: the complete caption (``prompt``) and ``target_prompt``;
+        ``base_prompt`` and "" hold no trigger, so those branches get none (no concept slot).
+        """
         b = x_t.shape[0]
-        (ep, pp), (eb, pb), (et, pt) = emb("prompt"), emb("base_prompt"), emb("target_prompt")
+        (ep, pp, mp), (eb, pb, mb), (et, pt, mt) = emb("prompt"), emb("base_prompt"), emb("target_prompt")
+        cat_masks = (lambda *ms: None if ms[0] is None else torch.cat(ms))
         xx, ss = torch.cat([x_t, x_t]), torch.cat([sigma, sigma])
-        v = self._forward(xx, ss, torch.cat([ep, eb]), torch.cat([pp, pb]), train_slots * 2)
+        v = self._forward(xx, ss, torch.cat([ep, eb]), torch.cat([pp, pb]), train_slots * 2, cat_masks(mp, mb))
         ext_slots = [c.extractor_slot for c, d in zip(active, draws) for _ in d.rows]
         e0, p0 = self.empty
         # lambda_mode "extractor" also needs the extractor on prompt and base_prompt: two more passes,
         # in the same batched call, only when a concept of the pack asks for it
-        conds = [(et, pt), (e0.expand(b, -1, -1), p0.expand(b, -1))]
+        m0 = None if mt is None else torch.zeros_like(mt)
+        conds = [(et, pt, mt), (e0.expand(b, -1, -1), p0.expand(b, -1), m0)]
         if any(c.job.recipe.lambda_mode == "extractor" for c in active):
-            conds += [(ep, pp), (eb, pb)]
+            conds += [(ep, pp, mp), (eb, pb, mb)]
         k = len(conds)
         with torch.no_grad():
-            r = self._forward(torch.cat([x_t] * k), torch.cat([sigma] * k), torch.cat([e for e, _ in conds]),
-                              torch.cat([q for _, q in conds]), ext_slots * k)
+            r = self._forward(torch.cat([x_t] * k), torch.cat([sigma] * k), torch.cat([e for e, _, _ in conds]),
+                              torch.cat([q for _, q, _ in conds]), ext_slots * k, cat_masks(*[m for *_, m in conds]))
         r = r.view(k, b, *r.shape[1:])
         parts, start = [], 0  # loss knobs (eta, lambda) may differ per concept
         for c, d in zip(active, draws):
@@ -306,6 +362,7 @@ class PackTrainer:
         """Accumulate ``active``'s gradients for one step into ``storage.grad``; returns the concepts
         still active (those whose loss became non-finite are failed) and their summed metrics."""
         self.bank.storage.grad = None
+        self.bank.embeddings.storage.grad = None
         accum = active[0].job.recipe.grad_accum
         # fp16: each concept's loss carries its own scale, so one concept's overflow never changes another's
         scale = {c.job.concept_id: c.loss_scale if fp16 else 1.0 for c in active}
@@ -334,7 +391,11 @@ class PackTrainer:
     def _grad_finite(self, active: list[_Concept]) -> list[bool]:
         """Per concept: is its slot's gradient finite (one host sync)?"""
         idx = torch.tensor([c.slot for c in active], device=self.bank.storage.device)
-        return torch.isfinite(self.bank.storage.grad.index_select(0, idx)).all(dim=1).tolist()
+        ok = torch.isfinite(self.bank.storage.grad.index_select(0, idx)).all(dim=1)
+        grad = self.bank.embeddings.storage.grad
+        if grad is not None:      # a concept training embeddings: theirs must be finite too
+            ok = ok & torch.isfinite(grad.index_select(0, idx)).all(dim=1)
+        return ok.tolist()
 
     def _finite_gradients(self, active: list[_Concept], fp16: bool) -> tuple[list[_Concept], dict]:
         """``_gradients`` with every concept whose own gradient is non-finite failed.
@@ -369,6 +430,7 @@ class PackTrainer:
                             c.job.recipe.weight_decay, c.job.recipe.max_grad_norm) for c in active]
         norms = self.optim.step([c.slot for c in active], hypers,
                                 grad_scale=[c.loss_scale for c in active] if fp16 else None)
+        emb_ok = self._embedding_step(active, fp16)
         # one device->host transfer per step for every metric (each float() would be a sync)
         keys = list(sums[active[0].job.concept_id])
         values = torch.stack([torch.stack([sums[c.job.concept_id][k] for k in keys] + [norms[i]])
@@ -378,7 +440,8 @@ class PackTrainer:
             if fp16:
                 metrics["loss_scale"] = c.loss_scale
                 self._update_scale(c, finite=math.isfinite(row[-1]))
-            elif not math.isfinite(row[-1]):     # finite gradient, non-finite update: the optimiser refused it
+            elif not math.isfinite(row[-1]) or not emb_ok.get(c.job.concept_id, True):
+                # finite gradient, non-finite update: the optimiser refused it
                 self._fail(c, "update")
                 continue
             c.step += 1
@@ -388,6 +451,18 @@ class PackTrainer:
                                  "total": c.total, "grad_norm": row[-1], "lr": c.job.recipe.lr, **metrics,
                                  "loss_curve": c.curve})
 
+    def _embedding_step(self, active: list[_Concept], fp16: bool) -> dict[str, bool]:
+        """One AdamW step of the embeddings of the concepts that train them (their own lr, no weight
+        decay, clipped at the recipe's norm); per concept whether the update was finite."""
+        train = [c for c in active if c.trains_embeddings]
+        if not train or self.bank.embeddings.storage.grad is None:
+            return {}
+        hypers = [SlotHyper(c.job.recipe.embedding_lr, c.job.recipe.betas, c.job.recipe.adam_eps, 0.0,
+                            c.job.recipe.max_grad_norm) for c in train]
+        norms = self.emb_optim.step([c.slot for c in train], hypers,
+                                    grad_scale=[c.loss_scale for c in train] if fp16 else None)
+        return {c.job.concept_id: ok for c, ok in zip(train, torch.isfinite(norms).tolist())}
+
     def _fail(self, c: _Concept, what: str) -> None:
         """Take a diverged concept out of the pack: it stops training, its slot is zeroed and never
         routed again (``slot_of`` refuses it), its optimiser state is reset; the rest go on."""
@@ -396,6 +471,7 @@ class PackTrainer:
         self.failures[c.job.concept_id] = err
         self.bank.clear_slot(c.slot)
         self.optim.reset_slot(c.slot)
+        self.emb_optim.reset_slot(c.slot)
 
     @staticmethod
     def _update_scale(c: _Concept, *, finite: bool) -> None:
@@ -468,8 +544,11 @@ class PackTrainer:
     def save_checkpoint(self, concept_id: str, folder: str | Path) -> Path:
         """Write the concept's adapter, optimiser state and step into ``folder`` (state.json last)."""
         c, folder = self.concepts[concept_id], Path(folder)
-        opt = self.optim.slot_state(c.slot)
-        atomic_save_tensors(folder / CKPT_TENSORS, {"adapter": self.bank.read_slot(c.slot).float(), **opt})
+        tensors = {"adapter": self.bank.read_slot(c.slot).float(), **self.optim.slot_state(c.slot)}
+        if c.job.recipe.embeddings != "none":
+            tensors["embeddings"] = self.bank.embeddings.read_slot(c.slot).float()
+            tensors.update({f"embeddings.{k}": v for k, v in self.emb_optim.slot_state(c.slot).items()})
+        atomic_save_tensors(folder / CKPT_TENSORS, tensors)
         state = {"concept_id": concept_id, "stage": self.stage, "step": c.step, "total": c.total,
                  "seed": c.job.seed, "job_key": c.job.key, "loss_curve": c.curve.to_dict(),
                  "loss_scale": c.loss_scale, "scale_good_steps": c.scale_good_steps, "recipe": c.job.recipe.to_dict(),
@@ -488,7 +567,17 @@ class PackTrainer:
             if state.get(key, "" if key == "job_key" else None) != want:
                 raise CheckpointError(f"checkpoint {folder}: {key} is {state.get(key)!r}, expected {want!r}")
         t = load_tensors(folder / CKPT_TENSORS)
-        self.bank.load_slot(c.slot, t["adapter"].to(self.bank.storage.dtype))
+        has_emb = c.job.recipe.embeddings != "none"
+        if has_emb != ("embeddings" in t):
+            raise CheckpointError(f"checkpoint {folder}: {'lacks' if has_emb else 'has'} embeddings, "
+                                  f"the recipe's embeddings are {c.job.recipe.embeddings!r}")
+        if has_emb:
+            self.bank.load_slot(c.slot, t["adapter"].to(self.bank.storage.dtype), emb=t["embeddings"],
+                                trigger=c.job.trigger)
+            self.emb_optim.load_slot_state(c.slot, {k[len("embeddings."):]: v for k, v in t.items()
+                                                    if k.startswith("embeddings.")})
+        else:
+            self.bank.load_slot(c.slot, t["adapter"].to(self.bank.storage.dtype))
         self.optim.load_slot_state(c.slot, t)
         c.step, c.curve = int(state["step"]), LossCurve.from_dict(state.get("loss_curve", {}))
         c.loss_scale = float(state.get("loss_scale", FP16_INIT_SCALE))
@@ -503,7 +592,8 @@ class PackTrainer:
             rank=self.bank.rank, alpha=self.bank.alpha, targets=[], base_fingerprint=self.fingerprint,
             max_sequence_length=c.job.recipe.max_sequence_length, mixed_precision=c.job.recipe.mixed_precision,
             metrics={**self.summary(concept_id), "loss_curve": c.curve.to_dict(), **(metrics or {})})
-        return export_slot(self.bank, self.bank.read_slot(c.slot), dest, manifest)
+        emb = self.bank.embeddings.read_slot(c.slot) if c.job.recipe.embeddings != "none" else None
+        return export_slot(self.bank, self.bank.read_slot(c.slot), dest, manifest, emb=emb)
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:

@@ -6,8 +6,9 @@
       -> AdapterSlots: which concept sits in which row of the bank's storage, who holds it,
          LRU eviction
 
-Hot-loading a concept is one flat copy of its vector into a free row (``AdapterBank.load_slot``):
-the base weights are never re-read and no module is re-wrapped.
+Hot-loading a concept is one flat copy of its vector into a free row (``AdapterBank.load_slot``),
+and one more of its layer-wise embeddings when it has them: the base weights are never re-read and
+no module is re-wrapped.
 
 Concurrency: ``AdapterSlots`` lives on the replica's event loop. Its bookkeeping runs between
 awaits, so it needs no lock; file reads and device copies run in worker threads. Invariants:
@@ -38,7 +39,7 @@ from typing import Sequence
 
 import torch
 
-from purecc.adapter_files import DIFFUSERS_WEIGHTS, AdapterFileError, AdapterManifest, load_flat
+from purecc.adapter_files import DIFFUSERS_WEIGHTS, AdapterFileError, AdapterManifest, load_concept
 from purecc.bank import AdapterBank
 from purecc.registry import AdapterRegistry
 
@@ -53,10 +54,11 @@ def adapter_version(manifest: AdapterManifest) -> str:
 
 @dataclass(frozen=True)
 class HostAdapter:
-    """One verified adapter in host memory: its manifest and flat vector."""
+    """One verified adapter in host memory: its manifest, flat vector and embeddings."""
 
     manifest: AdapterManifest
     flat: torch.Tensor          # (P,) in the bank's dtype; pinned when the bank is on CUDA
+    emb: torch.Tensor | None = None   # (blocks, dim) layer-wise embeddings, when the concept has them
 
 
 class HostAdapterCache:
@@ -179,14 +181,17 @@ class HostAdapterCache:
                 raise ConceptUnreadable(concept_id, f"its files cannot be read now ({type(exc).__name__})") \
                     from None
             try:
-                manifest, flat = load_flat(self.bank, folder, base_fingerprint=self.base_fingerprint,
-                                           concept_id=concept_id)
+                manifest, flat, emb = load_concept(self.bank, folder, base_fingerprint=self.base_fingerprint,
+                                                   concept_id=concept_id)
             except AdapterFileError as exc:
                 raise ConceptUnloadable(concept_id, str(exc)) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         flat = flat.to(self.bank.storage.dtype).contiguous()
-        return HostAdapter(manifest, flat.pin_memory() if self.pin else flat)
+        if emb is not None:
+            emb = emb.to(self.bank.storage.dtype).contiguous()
+            emb = emb.pin_memory() if self.pin else emb
+        return HostAdapter(manifest, flat.pin_memory() if self.pin else flat, emb)
 
     def close(self) -> None:
         """Drop the host copies and remove the cache's own folder (a given ``cache_dir`` stays); idempotent."""
@@ -365,7 +370,7 @@ class AdapterSlots:
         started = time.perf_counter()
         try:
             item, in_host = await asyncio.to_thread(self.host.lookup, entry.concept_id, entry.version)
-            await asyncio.to_thread(self._copy, entry.slot, item.flat)
+            await asyncio.to_thread(self._copy, entry.slot, item)
         except BaseException as exc:
             if self._slots[entry.slot] is entry:
                 self._slots[entry.slot] = None
@@ -383,14 +388,16 @@ class AdapterSlots:
         metrics.adapter_loaded("host_cache" if in_host else "storage", time.perf_counter() - started)
         entry.ready.set_result(None)
 
-    def _copy(self, slot: int, flat: torch.Tensor) -> None:
+    def _copy(self, slot: int, item: HostAdapter) -> None:
+        def load() -> None:
+            self.bank.load_slot(slot, item.flat, emb=item.emb, trigger=item.manifest.trigger)
         if self._stream is None:
-            self.bank.load_slot(slot, flat)
+            load()
             return
         # a side stream, synchronised before the slot is marked ready: the next pass (on the
         # default stream) is launched only after the copy has landed
         with torch.cuda.stream(self._stream):
-            self.bank.load_slot(slot, flat)
+            load()
         self._stream.synchronize()
 
     # ----- introspection -------------------------------------------------------------------

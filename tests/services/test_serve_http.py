@@ -5,6 +5,10 @@ Three applications share one Serve instance:
 - ``tight`` at /tight : 1 slot, 1 request in a replica and 1 queued, 1 s timeout (the 503 cases);
 - ``pair`` at /pair : 2 generator replicas (concept-affinity routing).
 
+The two trained concepts and ``r0`` carry layer-wise concept embeddings (the other random ones do
+not), so every comparison also checks that embeddings are hot-loaded with their slot and placed per
+sample at each concept's own trigger.
+
 Image comparisons decode the PNGs and allow a difference of at most ``TOLERANCE`` (1) level out
 of 255, not byte equality: the replica runs torch with one thread and this process with two, a
 batch of 8 runs other matmul shapes than a batch of 1, and the service's bank has more slots than
@@ -82,7 +86,8 @@ class Service:
 
 
 def _train_concepts(model: Path, manifests: dict, dest: Path) -> dict[str, Path]:
-    recipe = stage_recipe(1, steps=6, resolution=64, grad_accum=1, lr=3e-2)
+    # with layer-wise embeddings: every comparison below routes them per sample too
+    recipe = stage_recipe(1, steps=6, resolution=64, grad_accum=1, lr=3e-2, embeddings="layerwise", embedding_lr=0.5)
     jobs = [ConceptJob(cid, trig, manifests[cid], recipe, seed=i) for i, (cid, trig) in enumerate(TRAINED.items())]
     trainer = PackTrainer(load_pipeline(str(model)), jobs)
     trainer.setup()
@@ -112,7 +117,7 @@ def service(tiny_model_dir, sample_manifests, adapter_factory, tmp_path_factory)
     for cid, folder in _train_concepts(tiny_model_dir, sample_manifests, work / "trained").items():
         registry.publish(cid, folder)
     for i, cid in enumerate(RANDOM):
-        adapter_factory.publish(registry, cid, seed=10 + i)
+        adapter_factory.publish(registry, cid, seed=10 + i, embeddings=i == 0)
     temp_dir = Path(f"/tmp/pcsvc-{os.getpid()}")
     ray = start_local_ray(2, temp_dir=temp_dir)
     from ray import serve
@@ -229,7 +234,9 @@ CONCEPT_SETS = [[], [("checkered-star", 1.0)], [("striped-circle", 1.0)], [("r0"
 
 
 def test_concurrent_requests_are_batched_and_match_sequential(service):
-    bodies = [body("a shape on a plain background", cs, seed=20 + i) for i, cs in enumerate(CONCEPT_SETS)]
+    # each concept's trigger in the prompt, so the ones with embeddings place them at its tokens
+    bodies = [body(" and ".join(["a shape"] + [f"a <{c}>" for c, _ in cs]) + " on a plain background", cs, seed=20 + i)
+              for i, cs in enumerate(CONCEPT_SETS)]
     alone = [served(service.post(b))[0] for b in bodies]
     with ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(service.post, bodies))
