@@ -70,6 +70,8 @@ def main_batch(ray_address, tmp_path_factory, tiny_model_dir, sample_manifests):
                         "stage1": {"steps": S1_STEPS, "grad_accum": 1, "checkpoint_every": CKPT_EVERY},
                         "stage2": {"steps": S2_STEPS, "checkpoint_every": 4}}
     data["concepts"][3]["trigger"] = "bxj"
+    # dotted-diamond learns layer-wise embeddings (its pack-mate does not): the whole Ray Train path with them
+    next(c for c in data["concepts"] if c["id"] == "dotted-diamond")["overrides"] = {"embeddings": "layerwise"}
     data["concepts"][4]["overrides"] = {"stage1": {"steps": 2000}}
     batch = write_batch(root / "batch.yaml", data)
     fault = {"concept_id": "checkered-star", "stage": 1, "step": KILL_STEP}
@@ -190,8 +192,9 @@ def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_weights(main_b
 
 def test_purecc_train_and_ray_train_give_bit_identical_adapters(main_batch, tiny_model_dir, sample_manifests,
                                                                  tmp_path):
-    """One pack recipe: dotted-diamond trained alone (its pack-mate's data is broken) by the Ray Train
-    worker in both stages, and by ``purecc train``'s runner here, ends with the same bits."""
+    """One pack recipe: dotted-diamond (with layer-wise embeddings) trained alone (its pack-mate's data is
+    broken) by the Ray Train worker in both stages, and by ``purecc train``'s runner here, ends with the
+    same bits, its embeddings included."""
     from purecc.local_train import train_concepts
 
     with _ledger(main_batch) as led:
@@ -200,11 +203,12 @@ def test_purecc_train_and_ray_train_give_bit_identical_adapters(main_batch, tiny
     torch.set_num_threads(1)
     out = tmp_path / "local"
     train_concepts(model=str(tiny_model_dir), concepts=[("dotted-diamond", "bxj", str(sample_manifests["dotted-diamond"]))],
-                   out=out, steps={1: S1_STEPS, 2: S2_STEPS}, overrides={"resolution": 64, "grad_accum": 1},
+                   out=out, steps={1: S1_STEPS, 2: S2_STEPS},
+                   overrides={"resolution": 64, "grad_accum": 1, "embeddings": "layerwise"},
                    progress=False)
     for stage, got in ((1, _served(main_batch["storage"] / "work" / "stage1", "dotted-diamond")),
                        (2, _served(main_batch["storage"], "dotted-diamond"))):
-        for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
+        for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "purecc_embeddings.safetensors"):
             want, have = load_file(out / "dotted-diamond" / f"stage{stage}" / name), load_file(got / name)
             assert want.keys() == have.keys()
             assert all(torch.equal(want[k], have[k]) for k in want), (stage, name)
