@@ -411,9 +411,9 @@ def write_section(path: Path, body: str) -> None:
 # ---------------------------------------------------------------- main
 
 def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, reader_dir: Path | None = None,
-        methods: Sequence[Method] = METHODS) -> str:
+        methods: Sequence[Method] = METHODS, threads: int = 1) -> str:
     t0 = time.monotonic()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     base = base or world_base_path()
     verify_world_base(base)
     reader = load_reader(reader_dir)
@@ -444,7 +444,7 @@ def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, rea
                "base model, trigger prompts": {k: f"{v:.3f}" for k, v in base_row.items()}}
     extra_b = {"base model (by definition)": {k: ("0" if not k.endswith("agreement") else "1")
                                               for k, _ in COLUMNS_B}}
-    body = report(cfg, setup, rows, extra_a, extra_b, ceiling, timings, time.monotonic() - t0)
+    body = report(cfg, setup, rows, extra_a, extra_b, ceiling, timings, time.monotonic() - t0, threads)
     if write:
         grid_image(scorer, grid_imgs, GRID)
         write_section(RESULTS, body)
@@ -467,7 +467,7 @@ def setup_lines(base: Path, reader_dir: Path | None, recall: dict[str, float]) -
 
 
 def report(cfg: BenchConfig, setup: list[str], rows, extra_a, extra_b, ceiling: dict[str, float],
-           timings: dict[str, float], total: float) -> str:
+           timings: dict[str, float], total: float, threads: int = 1) -> str:
     times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
     reference = METHODS[0].name
     paired = (["### Paired per-seed differences to DreamBooth", "",
@@ -476,10 +476,10 @@ def report(cfg: BenchConfig, setup: list[str], rows, extra_a, extra_b, ceiling: 
                paired_table(rows, reference), ""] if len(rows) > 1 else [])
     return "\n".join([
         SECTION, "", *setup,
-        f"`nice -n 19 python bench/quality.py` on the committed world base (`purecc/testbed/assets/world-base`), "
+        f"`{' '.join(['python bench/quality.py', *sys.argv[1:]])}` on the committed world base (`purecc/testbed/assets/world-base`), "
         f"scored by the committed world reader (`purecc/testbed/assets/world-metric`). "
         f"Config: `{asdict(cfg)}`. Wall time {total / 60:.1f} min on this machine ({times}), "
-        f"1 CPU thread, torch {torch.__version__}. Mean ± standard deviation over the "
+        f"{threads} CPU thread{'s' if threads > 1 else ''} (training: 1 per process), torch {torch.__version__}. Mean ± standard deviation over the "
         f"{len(cfg.seeds)} training seeds (each cell first averaged over the {len(SAMPLE_CONCEPTS)} sample "
         f"concepts and their {cfg.concept_prompts} held-out prompts each; 2-concept columns over the "
         f"{len(SAMPLE_CONCEPTS) * (len(SAMPLE_CONCEPTS) - 1) // 2} pairs).", "",
@@ -511,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where adapters are trained (finished runs are reused)")
     parser.add_argument("--base", type=Path, default=None, help="model folder (default: the world base)")
     parser.add_argument("--reader", type=Path, default=None, help="reader folder (default: the packaged one)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (scoring)")
     parser.add_argument("--no-write", action="store_true", help="print the section; leave RESULTS.md alone")
     parser.add_argument("--train-only", action="store_true",
                         help="train the seeds' adapters into --work and stop (several such runs can share "
@@ -530,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_methods(args.base or world_base_path(), args.work, seed, cfg, methods)
         return 0
     print(run(cfg, args.work, write=not (args.no_write or args.quick), base=args.base, reader_dir=args.reader,
-              methods=methods))
+              methods=methods, threads=args.threads))
     return 0
 
 

@@ -215,3 +215,33 @@ def test_recipe_fields_carry_embeddings_to_both_stages():
         stage_recipe(1, embeddings="token")
     with pytest.raises(ValueError, match="train_embeddings"):
         stage_recipe(1, embeddings="layerwise", train_embeddings=False)
+
+
+def test_purecc_train_and_generate_carry_the_embeddings(tiny_model_dir, sample_manifests, tmp_path):
+    """``purecc train --embeddings layerwise``: both stages' folders hold them; ``purecc generate``
+    renders the stage-2 concept with them (a different image than its LoRA alone)."""
+    from purecc.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--concept", "checkered-star", "zqx",
+                 str(sample_manifests["checkered-star"]), "--stage", "both", "--out", str(out), "--steps1", "3",
+                 "--steps2", "2", "--resolution", "64", "--embeddings", "layerwise", "--set", "stage1.embedding_lr=0.5",
+                 "--quiet"]) == 0
+    for stage in (1, 2):
+        assert read_adapter_manifest(out / "checkered-star" / f"stage{stage}").embeddings == "layerwise"
+    s1 = load_tensors(out / "checkered-star" / "stage1" / EMBEDDINGS)["layerwise"]
+    s2 = load_tensors(out / "checkered-star" / "stage2" / EMBEDDINGS)["layerwise"]
+    assert s1.abs().sum() > 0 and torch.equal(s1, s2)            # stage 2 kept stage 1's (frozen)
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "a zqx star", "--seed", "3", "--steps", "3",
+            "--width", "64", "--height", "64", "--concept", f"{out / 'checkered-star' / 'stage2'}:1.0"]
+    assert main(args + ["--out", str(tmp_path / "with")]) == 0
+    import shutil
+
+    bare = shutil.copytree(out / "checkered-star" / "stage2", tmp_path / "lora-only")
+    (bare / EMBEDDINGS).unlink()
+    data = json.loads((bare / MANIFEST).read_text())
+    data["files"].pop(EMBEDDINGS)
+    data["embeddings"] = "none"
+    (bare / MANIFEST).write_text(json.dumps(data))
+    assert main(args[:-1] + [f"{bare}:1.0", "--out", str(tmp_path / "without")]) == 0
+    assert (tmp_path / "with" / "image_3.png").read_bytes() != (tmp_path / "without" / "image_3.png").read_bytes()
