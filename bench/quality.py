@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw
 from purecc.generate import RenderSettings, Sample, generate, load_concepts
 from purecc.local_train import train_concepts
 from purecc.model import ModelConfig, load_pipeline
+from purecc.recipe import stage_recipe
 from purecc.testbed import verify_world_base, world_base_path
 from purecc.testbed.facts import caption_facts
 from purecc.testbed.metrics import (concept_fidelity, concept_identity, concept_references, drift_unrelated,
@@ -65,6 +66,7 @@ from purecc.testbed.world import BACKGROUNDS, POSITION_PHRASES, sample_scene, wo
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS, GRID = ROOT / "bench" / "RESULTS.md", ROOT / "bench" / "quality_grid.png"
+SCORES = ROOT / "bench" / "results" / "quality_scores.json"     # every method's per-seed scores
 SECTION = "## Quality (bench/quality.py)"
 NOISE_SEED0 = 50_000          # image noise seeds: the same for every model and training seed
 UNRELATED_SEED = 424_242      # world captions for drift
@@ -80,6 +82,18 @@ class Method:
     extractor: str = "stage1"
     lambda_mode: str = "fixed"
     embeddings: str = "none"      # "layerwise": stage 1 learns them, stage 2 uses that stage 1's
+
+    @property
+    def is_default(self) -> bool:
+        """Whether this is what ``purecc train``, batch specs and the demo run by default (both stages)."""
+        s1, s2 = stage_recipe(1), stage_recipe(2)
+        return (self.stage == 2 and self.embeddings == s1.embeddings == s2.embeddings
+                and (self.extractor, self.lambda_mode) == (s2.extractor, s2.lambda_mode))
+
+    @property
+    def label(self) -> str:
+        """The row's first cell: the name, marked ``(default)`` for the shipped recipe."""
+        return f"{self.name} (default)" if self.is_default else self.name
 
     @property
     def stage1_folder(self) -> str:
@@ -437,18 +451,32 @@ def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, rea
             print(f"seed {seed} {method}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if "/" not in k),
                   file=sys.stderr)
     timings["score"] = time.monotonic() - t
-    base_row = scorer.base_row()
-    ceiling = scorer.reference_ceiling()
-    setup = setup_lines(base, reader_dir, scorer.base_fact_recall())
+    record = {"command": " ".join(["python bench/quality.py", *sys.argv[1:]]), "config": asdict(cfg),
+              "threads": threads, "methods": [m.folder for m in methods], "scores": rows,
+              "base_row": scorer.base_row(), "ceiling": scorer.reference_ceiling(),
+              "setup": setup_lines(base, reader_dir, scorer.base_fact_recall()),
+              "timings": timings, "total": time.monotonic() - t0}
+    body = report_from(record)
+    if write:
+        SCORES.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        grid_image(scorer, grid_imgs, GRID)
+        write_section(RESULTS, body)
+    return body
+
+
+def report_from(record: dict) -> str:
+    """The RESULTS.md section from a scoring run's record (``--report-only`` rebuilds it from SCORES, so
+    that the ``(default)`` mark follows the recipe shipped now)."""
+    methods = [m for m in METHODS if m.folder in record["methods"]]
+    rows = {m.label: record["scores"][m.name] for m in methods}
+    ceiling, base_row = record["ceiling"], record["base_row"]
     extra_a = {"reference images (leave-one-out)": {"fidelity": f"{np.mean(list(ceiling.values())):.3f}"},
                "base model, trigger prompts": {k: f"{v:.3f}" for k, v in base_row.items()}}
     extra_b = {"base model (by definition)": {k: ("0" if not k.endswith("agreement") else "1")
                                               for k, _ in COLUMNS_B}}
-    body = report(cfg, setup, rows, extra_a, extra_b, ceiling, timings, time.monotonic() - t0, threads)
-    if write:
-        grid_image(scorer, grid_imgs, GRID)
-        write_section(RESULTS, body)
-    return body
+    return report(BenchConfig(**{**record["config"], "seeds": tuple(record["config"]["seeds"])}), record["setup"],
+                  rows, extra_a, extra_b, ceiling, record["timings"], record["total"], record["threads"],
+                  record["command"])
 
 
 def setup_lines(base: Path, reader_dir: Path | None, recall: dict[str, float]) -> list[str]:
@@ -467,16 +495,16 @@ def setup_lines(base: Path, reader_dir: Path | None, recall: dict[str, float]) -
 
 
 def report(cfg: BenchConfig, setup: list[str], rows, extra_a, extra_b, ceiling: dict[str, float],
-           timings: dict[str, float], total: float, threads: int = 1) -> str:
+           timings: dict[str, float], total: float, threads: int = 1, command: str = "python bench/quality.py") -> str:
     times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
-    reference = METHODS[0].name
+    reference = METHODS[0].label
     paired = (["### Paired per-seed differences to DreamBooth", "",
                f"Mean over training seeds of (method − DreamBooth) on the same seed, with its 95% t interval; "
                f"`*` where the interval excludes 0 ({len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}).", "",
                paired_table(rows, reference), ""] if len(rows) > 1 else [])
     return "\n".join([
         SECTION, "", *setup,
-        f"`{' '.join(['python bench/quality.py', *sys.argv[1:]])}` on the committed world base (`purecc/testbed/assets/world-base`), "
+        f"`{command}` on the committed world base (`purecc/testbed/assets/world-base`), "
         f"scored by the committed world reader (`purecc/testbed/assets/world-metric`). "
         f"Config: `{asdict(cfg)}`. Wall time {total / 60:.1f} min on this machine ({times}), "
         f"{threads} CPU thread{'s' if threads > 1 else ''} (training: 1 per process), torch {torch.__version__}. Mean ± standard deviation over the "
@@ -512,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, default=None, help="model folder (default: the world base)")
     parser.add_argument("--reader", type=Path, default=None, help="reader folder (default: the packaged one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (scoring)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the RESULTS.md section from the last run's bench/results/quality_scores.json")
     parser.add_argument("--no-write", action="store_true", help="print the section; leave RESULTS.md alone")
     parser.add_argument("--train-only", action="store_true",
                         help="train the seeds' adapters into --work and stop (several such runs can share "
@@ -519,6 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=[m.folder for m in METHODS], default=None,
                         help="train and score only these (DreamBooth, the reference, is always included)")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_section(RESULTS, report_from(json.loads(SCORES.read_text())))
+        return 0
     cfg = QUICK if args.quick else BenchConfig()
     over = {k: v for k, v in (("seeds", tuple(args.seeds) if args.seeds else None),
                               ("stage1_steps", args.stage1_steps), ("stage2_steps", args.stage2_steps),

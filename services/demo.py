@@ -27,7 +27,7 @@ import yaml
 
 DEMO_OWNER = "demo"
 QUICK = {"steps1": 6, "steps2": 4, "checkpoint_every": 3, "render_steps": 4}
-FULL = {"steps1": 60, "steps2": 40, "checkpoint_every": 20, "render_steps": 20}
+FULL = {"steps1": 300, "steps2": 150, "checkpoint_every": 100, "render_steps": 20}
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def write_batch(plan: DemoPlan, model: Path) -> Path:
         "name": "demo", "base_model": str(model), "storage": str(plan.out / "storage"),
         "resources": {"gpus_per_worker": 0, "cpus_per_worker": 0.5, "concepts_per_pack": 1,
                       "max_concurrent": 2, "max_failures": 1, "max_attempts": 1},
-        "defaults": {"resolution": plan.resolution,
+        "defaults": {"resolution": plan.resolution, "embeddings": "layerwise",
                      "stage1": {"steps": k["steps1"], "checkpoint_every": k["checkpoint_every"],
                                 "grad_accum": 1, "lr": 2e-3},
                      "stage2": {"steps": k["steps2"], "checkpoint_every": k["checkpoint_every"], "lr": 1e-3}},
