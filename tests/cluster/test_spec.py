@@ -9,6 +9,7 @@ import pytest
 
 from cluster import api
 from cluster.spec import BatchSpecError, ValidatedBatch, load_batch, validate_batch
+from purecc.recipe import stage_recipe
 
 from cluster_helpers import batch_dict, copy_concept, write_batch
 
@@ -22,15 +23,15 @@ def problems_of(path: Path) -> list:
 
 def test_valid_batch_resolves_paths_and_merges_defaults(tmp_path, tiny_model_dir, sample_manifests):
     data = batch_dict(tiny_model_dir, Path("store"), sample_manifests)
-    data["concepts"][0]["overrides"] = {"lambda_mode": "adaptive", "stage2": {"steps": 9}, "seed": 3}
+    data["concepts"][0]["overrides"] = {"lambda_mode": "increment", "stage2": {"steps": 9}, "seed": 3}
     spec = load_batch(write_batch(tmp_path / "b.yaml", data))
     assert spec.storage == str(tmp_path / "store") and spec.ledger_path == f"{tmp_path}/store/ledger.sqlite"
     jobs = {j.concept_id: j for j in spec.jobs()}
     z = jobs["checkered-star"]
-    assert z.recipe(2).lambda_mode == "adaptive" and z.recipe(2).steps == 9
+    assert z.recipe(2).lambda_mode == "increment" and z.recipe(2).steps == 9
     assert z.recipe(2).checkpoint_every == 2 and z.recipe(1).steps == 6   # from defaults
     assert z.recipe(1).resolution == z.recipe(2).resolution == 64 and z.seed == 3
-    assert jobs["striped-circle"].recipe(2).lambda_mode == "fixed"
+    assert jobs["striped-circle"].recipe(2).lambda_mode == stage_recipe(2).lambda_mode != "increment"
 
 
 def test_json_batch_and_content_hash(tmp_path, tiny_model_dir, sample_manifests):

@@ -99,7 +99,8 @@ def test_stage2_pack_with_embeddings_matches_alone_and_freezes_or_trains_them(st
 
 
 def test_stage2_with_embeddings_needs_a_stage1_adapter_with_them(tiny_model_dir, sample_manifests, tmp_path):
-    plain = _train(tiny_model_dir, _jobs(sample_manifests, stage_recipe(1, steps=1, resolution=64, grad_accum=1))[:1])
+    plain = _train(tiny_model_dir, _jobs(sample_manifests, stage_recipe(1, steps=1, resolution=64, grad_accum=1,
+                                                                  embeddings="none"))[:1])
     folder = plain.export("checkered-star", tmp_path / "plain")
     rec = stage_recipe(2, steps=1, resolution=64, embeddings="layerwise")
     with pytest.raises(ValueError, match="extractor_adapter"):
@@ -144,7 +145,8 @@ def test_resume_with_embeddings_in_a_fresh_process_is_exact(tiny_model_dir, samp
     # a checkpoint without embeddings does not resume a recipe with them
     plain = PackTrainer(load_pipeline(str(tiny_model_dir)), [ConceptJob("checkered-star", "zqx",
                         sample_manifests["checkered-star"], stage_recipe(1, steps=8, resolution=64, grad_accum=2,
-                                                                         checkpoint_every=4), seed=3)])
+                                                                         checkpoint_every=4, embeddings="none"),
+                        seed=3)])
     plain.setup()
     with pytest.raises(CheckpointError, match="has embeddings"):
         plain.load_checkpoint("checkered-star", tmp_path / "ckpt" / "checkered-star")
@@ -210,7 +212,7 @@ def test_recipe_fields_carry_embeddings_to_both_stages():
     r = RecipeFields.model_validate({"embeddings": "layerwise", "stage2": {"train_embeddings": True}})
     assert r.stage(1).embeddings == r.stage(2).embeddings == "layerwise"
     assert r.stage(1).train_embeddings and r.stage(2).train_embeddings
-    assert not stage_recipe(2).train_embeddings and stage_recipe(1).embeddings == "none"
+    assert not stage_recipe(2).train_embeddings and stage_recipe(1).embeddings == stage_recipe(2).embeddings
     with pytest.raises(ValueError, match="embeddings"):
         stage_recipe(1, embeddings="token")
     with pytest.raises(ValueError, match="train_embeddings"):

@@ -15,7 +15,8 @@ SETTINGS = RenderSettings(steps=4, guidance=4.0, width=64, height=64)
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, sample_manifests, tmp_path_factory):
     """Three concepts trained for a few steps at a high learning rate, exported as adapter folders."""
-    recipe = stage_recipe(1, steps=15, resolution=64, grad_accum=1, lr=2e-2)
+    # the LoRA alone (what stock peft/diffusers load): these tests compare with them
+    recipe = stage_recipe(1, steps=15, resolution=64, grad_accum=1, lr=2e-2, embeddings="none")
     jobs = [ConceptJob(cid, trig, sample_manifests[cid], recipe, seed=i) for i, (cid, trig) in enumerate(IDS.items())]
     t = PackTrainer(load_pipeline(str(tiny_model_dir)), jobs)
     t.setup()

@@ -25,12 +25,12 @@ def test_malformed_set_is_refused(item):
 
 def test_file_then_flags_then_sets(tmp_path):
     f = tmp_path / "r.yaml"
-    f.write_text("resolution: 32\nstage1: {lr: 0.002, steps: 50}\nstage2: {eta: 1.5}\nlambda_mode: adaptive\n")
+    f.write_text("resolution: 32\nstage1: {lr: 0.002, steps: 50}\nstage2: {eta: 1.5}\nlambda_mode: increment\n")
     r = build_recipe(f, ["stage1.steps=7", "stage2.resolution=48"], [(["stage1", "steps"], 9)])
     s1, s2 = r.stage(1), r.stage(2)
     assert (s1.lr, s1.steps, s1.resolution, s1.grad_accum) == (0.002, 7, 32, 4)
-    assert (s2.eta, s2.lambda_mode, s2.resolution, s2.lr) == (1.5, "adaptive", 48, 1e-4)
-    assert s1.lambda_mode == "fixed"                  # the stage-2 knobs at the top leave stage 1 alone
+    assert (s2.eta, s2.lambda_mode, s2.resolution, s2.lr) == (1.5, "increment", 48, 1e-4)
+    assert s1.lambda_mode == stage_recipe(1).lambda_mode   # the stage-2 knobs at the top leave stage 1 alone
     assert build_recipe().stage(2) == stage_recipe(2)  # nothing given: the seed's recipe
 
 
