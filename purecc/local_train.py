@@ -40,13 +40,13 @@ class _StepHook:
 
 
 def stage_recipe_for(stage: int, *, steps: int | None = None, overrides: dict | None = None,
-                     extractor: str = "stage1", lambda_mode: str = "fixed") -> StageRecipe:
-    """The recipe ``purecc train`` uses for ``stage``: the seed's, with the command line's overrides."""
+                     extractor: str | None = None, lambda_mode: str | None = None) -> StageRecipe:
+    """The recipe of ``stage``: the default one, with the given overrides (None: the recipe default)."""
     extra = dict(overrides or {})
     if steps:
         extra["steps"] = steps
     if stage == 2:
-        extra.update(extractor=extractor, lambda_mode=lambda_mode)
+        extra.update({k: v for k, v in (("extractor", extractor), ("lambda_mode", lambda_mode)) if v is not None})
     return stage_recipe(stage, **extra)
 
 
@@ -62,7 +62,7 @@ def local_plan(model: str, concepts: Sequence[tuple[str, str, str]], recipe: Sta
 
 def train_concepts(*, model: str, concepts: Sequence[tuple[str, str, str]], out: Path,
                    stages: Sequence[int] = (1, 2), steps: dict | None = None, overrides: dict | None = None,
-                   extractor: str = "stage1", lambda_mode: str = "fixed", seed: int = 0,
+                   extractor: str | None = None, lambda_mode: str | None = None, seed: int = 0,
                    progress: bool = True, pipe=None, recipes: Mapping[int, StageRecipe] | None = None,
                    validation_prompts: Sequence[str] = (), validation_every: int = 0,
                    validation: ValidationSettings = ValidationSettings(),
