@@ -147,7 +147,7 @@ def trigger_positions(pipe, prompts: Sequence[str], trigger: str, max_sequence_l
         out[b, _find(list(seq), want)] = True
     t5 = getattr(pipe, "tokenizer_3", None)
     if t5 is not None and getattr(pipe, "text_encoder_3", None) is not None:
-        want = [t for t in t5(trigger, add_special_tokens=False).input_ids]
+        want = t5(trigger, add_special_tokens=False).input_ids
         ids = t5(list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True).input_ids
         for b, seq in enumerate(ids):
             out[b, [CLIP_TOKENS + p for p in _find(list(seq), want)]] = True
