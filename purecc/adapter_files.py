@@ -156,6 +156,21 @@ class AdapterManifest:
         """Build from parsed JSON, validated by ``ManifestSchema`` (``ManifestInvalid`` if it breaks it)."""
         return _validated_manifest(data, label="adapter")
 
+    @property
+    def served_version(self) -> str:
+        """What a server loads, as one hash: it changes exactly when a loaded concept would change.
+
+        A LoRA-only concept is its diffusers weights, so this is their sha256. A concept with
+        embeddings is also its embeddings file and the trigger that places them, so this is the
+        sha256 of those three together; republishing new embeddings beside the same LoRA is a
+        new served version, and a server never keeps the old embeddings under it.
+        """
+        weights = self.files.get(DIFFUSERS_WEIGHTS, "")
+        if self.embeddings == "none":
+            return weights
+        parts = (weights, self.embeddings, self.files.get(EMBEDDINGS, ""), self.trigger)
+        return sha256_bytes("\n".join(parts).encode())
+
 
 class ManifestSchema(BaseModel):
     """What a manifest may hold; keys this version does not know are ignored."""

@@ -45,11 +45,32 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its ``__metadata__`` keys in sorted order.
+
+    safetensors (0.8) writes the metadata map in a random per-call order (its upstream issue #584),
+    so two saves of the same tensors and metadata differ in bytes, and every content hash built
+    on them (a file's sha256 in a manifest, a registry version) would differ too. Only the header
+    is rewritten: the tensor entries keep their order and offsets (relative to the data after the
+    header), the header is padded with spaces to 8 bytes as the format asks, and the data is
+    untouched. safetensors itself cannot be told to sort, hence these few lines.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
 def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                         metadata: Mapping[str, str] | None = None) -> Path:
-    """safetensors only: tensors are made contiguous CPU copies before serialising."""
+    """safetensors only: tensors are made contiguous CPU copies before serialising; the bytes are a
+    function of the tensors and metadata alone (``canonical_safetensors``)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write_bytes(path, st_save(flat, metadata=dict(metadata) if metadata else None))
+    data = st_save(flat, metadata=dict(metadata) if metadata else None)
+    return atomic_write_bytes(path, canonical_safetensors(data) if metadata else data)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

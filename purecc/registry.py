@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from .adapter_files import (DIFFUSERS_WEIGHTS, FILE_NAME_PATTERN, MANIFEST, MAX_JSON_FILE_BYTES,
+from .adapter_files import (FILE_NAME_PATTERN, MANIFEST, MAX_JSON_FILE_BYTES,
                             MAX_MANIFEST_BYTES, POINTER, VERSION_PATTERN, AdapterFileError, AdapterManifest,
                             FileMissing, FileTooLarge, HashMismatch, ManifestMissing, RegistryPointer,
                             UnsafeFile, check_publishable, parse_manifest, parse_pointer, parse_weights,
@@ -310,11 +310,11 @@ class AdapterRegistry:
             raise UnknownVersion(concept_id, version)
         return self._manifest_at(concept_id, folder)
 
-    def find_version(self, concept_id: str, weights_sha256: str) -> tuple[str, AdapterManifest] | None:
-        """The version whose diffusers weights have this sha256 (the current one first), or None."""
+    def find_version(self, concept_id: str, served_version: str) -> tuple[str, AdapterManifest] | None:
+        """The version whose ``AdapterManifest.served_version`` is this (the current one first), or None."""
         try:
             version, manifest = self.current(concept_id)
-            if manifest.files.get(DIFFUSERS_WEIGHTS) == weights_sha256:
+            if manifest.served_version == served_version:
                 return version, manifest
         except (KeyError, AdapterFileError):
             version = None
@@ -325,7 +325,7 @@ class AdapterRegistry:
                 m = self.version_manifest(concept_id, v)
             except (KeyError, AdapterFileError):
                 continue
-            if m.files.get(DIFFUSERS_WEIGHTS) == weights_sha256:
+            if m.served_version == served_version:
                 return v, m
         return None
 

@@ -39,7 +39,7 @@ from typing import Sequence
 
 import torch
 
-from purecc.adapter_files import DIFFUSERS_WEIGHTS, AdapterFileError, AdapterManifest, load_concept
+from purecc.adapter_files import AdapterFileError, AdapterManifest, load_concept
 from purecc.bank import AdapterBank
 from purecc.registry import AdapterRegistry
 
@@ -48,8 +48,8 @@ from .errors import ConceptUnloadable, ConceptUnreadable, SlotsBusy, TooManyConc
 
 
 def adapter_version(manifest: AdapterManifest) -> str:
-    """The sha256 of the weights file a bank reads: changes exactly when the adapter changes."""
-    return manifest.files.get(DIFFUSERS_WEIGHTS, "")
+    """The version a request pins and the host cache keys on: ``AdapterManifest.served_version``."""
+    return manifest.served_version
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class HostAdapterCache:
         self.hits = self.misses = 0
 
     def get(self, concept_id: str, version: str | None = None) -> HostAdapter:
-        """The concept's adapter (``version``: its weights' sha256; None = the registry's current one)."""
+        """The concept's adapter (``version``: its served version; None = the registry's current one)."""
         return self.lookup(concept_id, version)[0]
 
     def lookup(self, concept_id: str, version: str | None = None) -> tuple[HostAdapter, bool]:
@@ -148,7 +148,7 @@ class HostAdapterCache:
             raise ConceptUnloadable(key[0], mark[1])
 
     def _resolve(self, concept_id: str, version: str | None) -> tuple[str, AdapterManifest]:
-        """(registry version, manifest) to load: the current one, or the one whose weights are ``version``."""
+        """(registry version, manifest) to load: the current one, or the one served as ``version``."""
         try:
             current = self.registry.current(concept_id)
         except KeyError:
@@ -161,7 +161,7 @@ class HostAdapterCache:
             return current
         found = self.registry.find_version(concept_id, version)
         if found is None:
-            raise UnknownConcept(concept_id, f"has no published version with weights {version[:16]}")
+            raise UnknownConcept(concept_id, f"has no published version {version[:16]}")
         return found
 
     def _read(self, concept_id: str, registry_version: str | None = None) -> HostAdapter:

@@ -48,7 +48,7 @@ class ConceptUse(NamedTuple):
 
     concept_id: str
     weight: float
-    version: str | None = None      # sha256 of the adapter weights; None: the registry's current one
+    version: str | None = None      # AdapterManifest.served_version; None: the registry's current one
 
 
 @dataclass(frozen=True)

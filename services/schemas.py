@@ -87,7 +87,7 @@ class ConceptUsed(BaseModel):
     weight: float = Field(description="Weight applied.")
     trigger: str = Field(description="Trigger word substituted for <id> in the prompt.")
     stage: int = Field(description="Training stage of the served adapter (2: PureCC).")
-    version: str = Field(description="sha256 of the adapter weights served (identifies a publication).")
+    version: str = Field(description="The served version (see ConceptInfo.version).")
     slot: int = Field(description="Adapter slot it occupied on the replica.")
     hot_loaded: bool = Field(description="Whether this request loaded it into its slot.")
 
@@ -128,7 +128,9 @@ class ConceptInfo(BaseModel):
     stage: int = Field(description="Training stage of the published adapter.")
     steps: int = Field(description="Training steps of the published adapter.")
     rank: int = Field(description="LoRA rank.")
-    version: str = Field(description="sha256 of the adapter weights.")
+    version: str = Field(description=(
+        "The served version: the sha256 of the LoRA weights, or for a concept with embeddings the sha256 "
+        "of its weights, embeddings and trigger together; it changes exactly when what is served changes."))
     created: float = Field(description="When the adapter was exported (Unix time).")
 
 

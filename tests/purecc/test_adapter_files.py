@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from purecc.adapter_files import (DIFFUSERS_WEIGHTS, MANIFEST, PEFT_CONFIG, PEFT_WEIGHTS, AdapterFileError,
-                                  AdapterManifest, export_slot, load_flat)
+from purecc.adapter_files import (DIFFUSERS_WEIGHTS, EMBEDDINGS, MANIFEST, PEFT_CONFIG, PEFT_WEIGHTS, AdapterFileError,
+                                  AdapterManifest, export_slot, load_concept, load_flat)
 from purecc.bank import attach_bank
 from purecc.model import base_fingerprint
 
@@ -96,3 +96,20 @@ def test_a_non_finite_slot_is_never_exported(exported, tmp_path):
     with pytest.raises(NonFiniteAdapter, match="export c"):
         export_slot(bank, bad, tmp_path / "bad", AdapterManifest("c", "sks", 2, 10, 4, 4.0, [], fp))
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_same_concept_exported_twice_is_the_same_bytes(exported, tmp_path):
+    """Content hashes (manifest sha256s, registry versions) must depend on the content alone: safetensors
+    writes metadata in a random order per call, which the writer has to undo."""
+    bank, flat, fp, folder = exported
+    emb = torch.randn(bank.embeddings.shape, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for i in range(6):
+        m = AdapterManifest("c", "sks", 2, 10, 4, 4.0, [], fp, created=1.0)
+        out = export_slot(bank, flat, tmp_path / f"again{i}", m, emb=emb)
+        runs.append({p.name: p.read_bytes() for p in out.iterdir()})
+    assert all(r == runs[0] for r in runs[1:])
+    with safe_open(str(tmp_path / "again0" / EMBEDDINGS), "pt") as f:     # still a valid file, metadata kept
+        assert f.metadata()["trigger"] == "sks" and torch.equal(f.get_tensor("layerwise"), emb)
+    _, back, back_emb = load_concept(bank, tmp_path / "again0", base_fingerprint=fp)
+    assert torch.equal(back, flat) and torch.equal(back_emb, emb)

@@ -53,16 +53,20 @@ class AdapterFactory:
     def flat(self, seed: int, scale: float = 0.15) -> torch.Tensor:
         return torch.randn(self.bank.params_per_slot, generator=torch.Generator().manual_seed(seed)) * scale
 
+    def embeddings(self, seed: int) -> torch.Tensor:
+        return torch.randn(self.bank.embeddings.shape, generator=torch.Generator().manual_seed(seed)) * 2.0
+
     def write(self, concept_id: str, seed: int, *, trigger: str | None = None, scale: float = 0.15,
-              fingerprint: str | None = None, embeddings: bool = False) -> Path:
-        """A random adapter (and, with ``embeddings``, random layer-wise embeddings) for ``concept_id``."""
+              fingerprint: str | None = None, embeddings: bool = False, emb_seed: int | None = None) -> Path:
+        """A random adapter (and, with ``embeddings``, random layer-wise embeddings drawn from ``emb_seed``,
+        by default ``seed + 1``) for ``concept_id``."""
         manifest = AdapterManifest(concept_id=concept_id, trigger=trigger or f"t{seed}x", stage=2, steps=1,
                                    rank=self.bank.rank, alpha=self.bank.alpha, targets=[],
                                    base_fingerprint=fingerprint or self.fingerprint)
-        dest = self.staging / f"{concept_id}-{seed}"
+        dest = self.staging / f"{concept_id}-{seed}-{emb_seed}"
         emb = None
         if embeddings:
-            emb = torch.randn(self.bank.embeddings.shape, generator=torch.Generator().manual_seed(seed + 1)) * 2.0
+            emb = self.embeddings(seed + 1 if emb_seed is None else emb_seed)
         return export_slot(self.bank, self.flat(seed, scale), dest, manifest, emb=emb)
 
     def publish(self, registry: AdapterRegistry, concept_id: str, seed: int, **kwargs) -> Path:

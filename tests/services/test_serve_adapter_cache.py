@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from purecc.adapter_files import MANIFEST
+from purecc.adapter_files import DIFFUSERS_WEIGHTS, MANIFEST
 from purecc.bank import attach_bank
 from purecc.model import base_fingerprint, load_pipeline
 from purecc.registry import AdapterRegistry
@@ -151,6 +151,32 @@ def test_republished_concept_loads_the_new_version_beside_the_held_old_one(tiny_
         latest = await slots.acquire([("e", None)], timeout=1)   # None: whatever is resident and current
         assert latest.slot_of == new.slot_of
         latest.release()
+    run(main())
+
+
+def test_new_embeddings_beside_the_same_lora_are_a_new_served_version(tiny_model_dir, adapter_factory, tmp_path):
+    """Republishing a concept with the same LoRA and other embeddings must not serve the old embeddings
+    from host memory or a slot: the served version covers the embeddings, and either version loads."""
+    reg = AdapterRegistry(tmp_path / "reg")
+    adapter_factory.publish(reg, "e", seed=300, trigger="zq", embeddings=True, emb_seed=1)
+    m1 = reg.manifest("e")
+    adapter_factory.publish(reg, "e", seed=300, trigger="zq", embeddings=True, emb_seed=2)
+    m2 = reg.manifest("e")
+    assert m1.files[DIFFUSERS_WEIGHTS] == m2.files[DIFFUSERS_WEIGHTS]
+    v1, v2 = adapter_version(m1), adapter_version(m2)
+    assert v1 != v2 and len(v1) == len(v2) == 64
+    assert reg.find_version("e", v1)[1].files == m1.files and reg.find_version("e", v2)[1].files == m2.files
+
+    async def main():
+        slots = make_slots(tiny_model_dir, reg, 2)
+        old = await slots.acquire([("e", v1)], timeout=1)
+        new = await slots.acquire([("e", v2)], timeout=1)
+        assert new.slot_of != old.slot_of and new.hot_loaded == ("e",)
+        emb = slots.bank.embeddings
+        assert torch.equal(emb.read_slot(old.slot_of["e"]), adapter_factory.embeddings(1))
+        assert torch.equal(emb.read_slot(new.slot_of["e"]), adapter_factory.embeddings(2))
+        old.release()
+        new.release()
     run(main())
 
 
