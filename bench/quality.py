@@ -82,13 +82,19 @@ class Method:
     extractor: str = "stage1"
     lambda_mode: str = "fixed"
     embeddings: str = "none"      # "layerwise": stage 1 learns them, stage 2 uses that stage 1's
+    eta: float | None = None      # stage 2's weight of L_pure (None: the recipe's)
 
     @property
     def is_default(self) -> bool:
         """Whether this is what ``purecc train``, batch specs and the demo run by default (both stages)."""
         s1, s2 = stage_recipe(1), stage_recipe(2)
         return (self.stage == 2 and self.embeddings == s1.embeddings == s2.embeddings
-                and (self.extractor, self.lambda_mode) == (s2.extractor, s2.lambda_mode))
+                and (self.extractor, self.lambda_mode) == (s2.extractor, s2.lambda_mode)
+                and self.eta in (None, s2.eta))
+
+    @property
+    def stage2_overrides(self) -> dict:
+        return {} if self.eta is None else {"eta": self.eta}
 
     @property
     def label(self) -> str:
@@ -107,6 +113,10 @@ METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
                   "layerwise"),
            Method("PureCC (paper), λ (C) extractor", "purecc-paper-extractor", 2, "stage1", "extractor",
                   "layerwise"),
+           Method("PureCC (paper), eta 1", "purecc-paper-eta1", 2, "stage1", "adaptive", "layerwise", eta=1.0),
+           Method("PureCC (paper), eta 0.5", "purecc-paper-eta05", 2, "stage1", "adaptive", "layerwise", eta=0.5),
+           Method("stage 2 without L_pure (eta 0; a control, not PureCC)", "stage2-eta0", 2, "stage1", "adaptive",
+                  "layerwise", eta=0.0),
            Method("PureCC, extractor=stage1", "purecc-stage1", 2, "stage1"),
            Method("PureCC, extractor=base", "purecc-base", 2, "base"),
            Method("PureCC, extractor=stage1, adaptive λ", "purecc-stage1-adaptive", 2, "stage1", "adaptive"),
@@ -195,7 +205,7 @@ def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig,
             if not (run / i / "stage1").is_dir():
                 shutil.copytree(stage1 / i / "stage1", run / i / "stage1")
         train_concepts(out=run, stages=(2,), steps={2: cfg.stage2_steps},
-                       overrides={**keep, "lr": cfg.stage2_lr, "embeddings": m.embeddings},
+                       overrides={**keep, "lr": cfg.stage2_lr, "embeddings": m.embeddings, **m.stage2_overrides},
                        extractor=m.extractor, lambda_mode=m.lambda_mode, **common)
         out[m.name] = [run / i / "stage2" for i in ids]
     return {m.name: out[m.name] for m in methods}

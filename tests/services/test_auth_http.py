@@ -150,6 +150,7 @@ def auth_service(tiny_model_dir, sample_manifests, tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.service
 def test_a_second_token_cannot_read_replace_or_cancel_the_first_tokens_batches(auth_service, adapter_factory):
     svc = auth_service
     resp = svc.call("alice", "POST", "/v1/batches", json=batch("alice-shapes"))
@@ -216,6 +217,7 @@ def test_a_second_token_cannot_read_replace_or_cancel_the_first_tokens_batches(a
 
 
 @pytest.mark.ray
+@pytest.mark.service
 def test_401_and_403_answers(auth_service):
     svc = auth_service
     for who, path in ((None, "/v1/concepts"), (None, "/v1/batches")):
@@ -236,6 +238,7 @@ def test_401_and_403_answers(auth_service):
 
 
 @pytest.mark.ray
+@pytest.mark.service
 def test_rate_limit_and_quota_answer_429_with_retry_after(auth_service):
     svc = auth_service
     codes = [svc.call("dave", "GET", "/tight/v1/batches") for _ in range(3)]

@@ -26,7 +26,7 @@ from PIL import Image
 from service_helpers import bearer, free_port, make_token, roomy_auth
 from services.client import ServiceClient, ServiceError
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.service]
 
 UPLOAD_LIMIT = 20 * 1024 * 1024
 DEFAULTS = {"resolution": 64, "stage1": {"steps": 4, "checkpoint_every": 2, "grad_accum": 1, "lr": 2e-3},

@@ -13,6 +13,7 @@ from purecc.testbed.samples import DEMO_CONCEPTS
 
 @pytest.mark.integration
 @pytest.mark.ray
+@pytest.mark.service
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "purecc.cli", "demo", "--quick", "--out", str(out)],

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request     # module level: this module's annotatio
 from service_helpers import bearer, make_token, roomy_auth
 from services.limits import ENV_SETTINGS, LimitSettings, proxy_environment
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.service]
 
 AUTH: dict[str, str] = {}     # the bearer header of the fixture's token, once it has one
 LIMITS = LimitSettings(body_timeout_s=4.0)

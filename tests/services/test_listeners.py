@@ -23,7 +23,7 @@ import requests
 from services.app import build_app        # imports ray before the loopback settings, as a full test run does
 from services.limits import LimitSettings, proxy_environment
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.service]
 
 
 def free_port() -> int:

@@ -81,6 +81,7 @@ def metrics_node():
         shutil.rmtree(f"/tmp/pcmet-{os.getpid()}", ignore_errors=True)
 
 
+@pytest.mark.service
 def test_replica_metrics_are_scraped_from_the_node(metrics_node, tiny_model_dir, adapter_factory, tmp_path):
     ray, port = metrics_node
     from services.config import ServiceConfig

@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
 
 from service_helpers import bearer, free_port, make_token, roomy_auth
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.service]
 
 EXAMPLES = {"POST /v1/generate": 50}      # renders cost most; every other operation gets DEFAULT_EXAMPLES
 DEFAULT_EXAMPLES = 60

@@ -23,7 +23,7 @@ import requests
 from service_helpers import bearer, free_port, make_token, roomy_auth
 from services.client import ServiceClient, ServiceError
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.service]
 
 TRIGGERS = {"checkered-star": "zqx", "striped-circle": "vlk"}
 DEFAULTS = {"resolution": 64, "stage1": {"steps": 4, "checkpoint_every": 2, "grad_accum": 1, "lr": 2e-3},

@@ -73,7 +73,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.service
 @pytest.mark.integration
 @pytest.mark.ray
 def test_purecc_serve_starts_prints_the_url_and_stops_on_ctrl_c(tiny_model_dir, tmp_path):

@@ -23,7 +23,7 @@ from purecc.fileio import sha256_bytes
 from purecc.registry import AdapterRegistry
 from service_helpers import bearer, make_token, roomy_auth
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.service]
 
 AUTH: dict[str, str] = {}     # the bearer header of the fixture's token
 
