@@ -66,8 +66,9 @@ class Overrides(_Strict):
 
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Seed of data order, noise and init.")
-    embeddings: EmbeddingForm | None = Field(None, description="Concept embeddings: none, or layerwise (one "
-                                             "learned vector per transformer block at the trigger's tokens).")
+    embeddings: EmbeddingForm | None = Field(None, description="Concept embeddings: none, layerwise (one "
+                                             "learned vector per transformer block at the trigger's tokens), or "
+                                             "clip-token (a learned token in CLIP-L and CLIP-G).")
     eta: float | None = Field(None, ge=0, description="stage 2: weight of L_pure")
     lambda_mode: LambdaMode | None = Field(None, description="Stage 2: how lambda* is chosen (fixed, "
                                                             "adaptive, increment or extractor).")

@@ -3,10 +3,13 @@
 A concept folder holds:
   adapter_config.json + adapter_model.safetensors   PEFT format: ``PeftModel.from_pretrained(transformer, dir)``
   pytorch_lora_weights.safetensors                  diffusers format: ``pipe.load_lora_weights(dir)``
-  purecc_embeddings.safetensors                     the concept's layer-wise embeddings, when its recipe
-                                                    learns them: one tensor ``layerwise`` (blocks, dim),
+  purecc_embeddings.safetensors                     the concept's embeddings, when its recipe learns them:
+                                                    "layerwise": one tensor ``layerwise`` (blocks, dim),
                                                     added to the text stream at the trigger's tokens at the
-                                                    input of each block (``purecc.concept_embeddings``)
+                                                    input of each block; "clip-token": ``clip_l`` (dim_l,)
+                                                    and ``clip_g`` (dim_g,), added to CLIP-L's and CLIP-G's
+                                                    input embeddings at the trigger's tokens
+                                                    (``purecc.concept_embeddings``)
   purecc_adapter.json                               our manifest: id, trigger, stage, steps, rank, targets,
                                                     embeddings form, base fingerprint, sha256 of every
                                                     weight file, metrics
@@ -44,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as st_load
 
 from .bank import AdapterBank
+from .concept_embeddings import CLIP_KEYS
 from .fileio import atomic_save_tensors, atomic_write_json, sha256_bytes, sha256_file
 from .ids import CONCEPT_ID_PATTERN, validate_concept_id
 
@@ -147,7 +151,7 @@ class AdapterManifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     max_sequence_length: int = 77            # T5 tokens training encoded prompts with (serving matches it)
     mixed_precision: str = "auto"            # the recipe's autocast setting in training
-    embeddings: str = "none"                 # "layerwise": the folder holds EMBEDDINGS (blocks, dim)
+    embeddings: str = "none"                 # "layerwise" / "clip-token": the folder holds EMBEDDINGS
     created: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 
@@ -189,7 +193,7 @@ class ManifestSchema(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     max_sequence_length: int = Field(77, ge=1, le=4096)
     mixed_precision: str = Field("auto", max_length=16)
-    embeddings: Literal["none", "layerwise"] = "none"
+    embeddings: Literal["none", "layerwise", "clip-token"] = "none"
     created: float = Field(default_factory=time.time, allow_inf_nan=False)
     format_version: int = Field(FORMAT_VERSION, ge=1, le=FORMAT_VERSION)
 
@@ -203,8 +207,8 @@ class ManifestSchema(BaseModel):
                 out.append(f"files: the sha256 of {name} is not 64 lowercase hex digits")
         if DIFFUSERS_WEIGHTS not in self.files:
             out.append(f"files: must list {DIFFUSERS_WEIGHTS}")
-        if (self.embeddings == "layerwise") != (EMBEDDINGS in self.files):
-            out.append(f"files: {EMBEDDINGS} must be listed exactly when embeddings is 'layerwise'")
+        if (self.embeddings != "none") != (EMBEDDINGS in self.files):
+            out.append(f"files: {EMBEDDINGS} must be listed exactly when embeddings is not 'none'")
         for t in self.targets[:8]:
             if not (0 < len(t) <= 256 and all(c.isalnum() or c in "._" for c in t)):
                 out.append(f"targets: {t[:80]!r} is not a module name")
@@ -286,7 +290,12 @@ def parse_pointer(data: bytes, *, label: str, expected_id: str) -> RegistryPoint
 def check_safetensors(data: bytes, *, label: str, name: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """The tensors a safetensors file holds, {key: (dtype, shape)}, after checking its layout by hand."""
     where = f"{label}: {name}"
-    if data[:1] == b"\x80" or data[:2] == b"PK":
+    # a pickle starts with 0x80 and a zip with "PK", but so does a safetensors file whose header length
+    # ends in those bytes (a 128-byte header is 80 00 00 ...): only a file whose first 8 bytes are not
+    # followed by a JSON header of that length is named a pickle or a zip
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    looks_safetensors = 0 <= n <= MAX_HEADER_BYTES and data[8:8 + n].lstrip()[:1] == b"{"
+    if not looks_safetensors and (data[:1] == b"\x80" or data[:2] == b"PK"):
         kind = "a pickle" if data[:1] == b"\x80" else "a zip archive (torch.save)"
         raise NotSafetensors(f"{where} is {kind}, not safetensors; it is never unpickled")
     if len(data) < 8:
@@ -485,7 +494,7 @@ def _peft_config(bank: AdapterBank) -> dict:
 def export_slot(bank: AdapterBank, flat: torch.Tensor, dest: str | Path, manifest: AdapterManifest,
                 emb: torch.Tensor | None = None) -> Path:
     """Write one concept's adapter (flat vector in ``bank``'s layout) as PEFT + diffusers files, and
-    its layer-wise embeddings (blocks, dim) when it has them."""
+    its embeddings when it has them: layer-wise (blocks, dim) or CLIP tokens (dim_l + dim_g,)."""
     validate_concept_id(manifest.concept_id)
     check_finite(flat, f"export {manifest.concept_id}")
     if emb is not None:
@@ -505,7 +514,15 @@ def export_slot(bank: AdapterBank, flat: torch.Tensor, dest: str | Path, manifes
     manifest.targets = [s.name for s in bank.specs]
     names = [PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_WEIGHTS]
     manifest.embeddings = "none"
-    if emb is not None:
+    if emb is not None and emb.dim() == 1:          # CLIP tokens (dim_l + dim_g,)
+        if bank.tokens is None:
+            raise ValueError(f"export {manifest.concept_id}: CLIP token embeddings need a bank with token slots")
+        parts = {k: v.detach().float().cpu().contiguous() for k, v in bank.tokens.split(emb).items()}
+        atomic_save_tensors(dest / EMBEDDINGS, parts, {**meta, "trigger": manifest.trigger,
+                                                       "where": "CLIP-L and CLIP-G input embeddings"})
+        names.append(EMBEDDINGS)
+        manifest.embeddings = "clip-token"
+    elif emb is not None:
         atomic_save_tensors(dest / EMBEDDINGS, {EMBEDDINGS_KEY: emb.detach().float().cpu().contiguous()},
                             {**meta, "trigger": manifest.trigger, "stream": "context", "where": "block input"})
         names.append(EMBEDDINGS)
@@ -533,7 +550,7 @@ def _read_weight_files(folder: Path, manifest: AdapterManifest, *, verify: bool)
     if verify:
         files = read_listed_files(folder, manifest, label=label)
         return {k: v for k, v in files.items() if k in (DIFFUSERS_WEIGHTS, EMBEDDINGS)}
-    names = [DIFFUSERS_WEIGHTS] + ([EMBEDDINGS] if manifest.embeddings == "layerwise" else [])
+    names = [DIFFUSERS_WEIGHTS] + ([EMBEDDINGS] if manifest.embeddings != "none" else [])
     return {n: read_regular_file(folder / n, MAX_WEIGHTS_BYTES, label=label, name=n) for n in names}
 
 
@@ -568,8 +585,9 @@ def load_flat(bank: AdapterBank, folder: str | Path, *, base_fingerprint: str | 
 def load_concept(bank: AdapterBank, folder: str | Path, *, base_fingerprint: str | None = None,
                  verify: bool = True, concept_id: str | None = None
                  ) -> tuple[AdapterManifest, torch.Tensor, torch.Tensor | None]:
-    """A whole concept for ``bank``: manifest, flat LoRA vector and its layer-wise embeddings
-    (blocks, dim) or None (checks base, rank, tensors, shapes, hashes, finiteness).
+    """A whole concept for ``bank``: manifest, flat LoRA vector and its embeddings: layer-wise
+    (blocks, dim), CLIP tokens (dim_l + dim_g,), or None (checks base, rank, tensors, shapes, hashes,
+    finiteness).
 
     The manifest is read once, and every weights file checked against that same manifest and parsed
     from the bytes that were hashed. Load it into a slot with ``bank.load_slot(slot, flat, emb=emb,
@@ -597,4 +615,10 @@ def load_concept(bank: AdapterBank, folder: str | Path, *, base_fingerprint: str
         shape = bank.embeddings.shape
         emb = parse_weights(files[EMBEDDINGS], label=label, name=EMBEDDINGS,
                             expected={EMBEDDINGS_KEY: shape})[EMBEDDINGS_KEY].float()
+    elif manifest.embeddings == "clip-token":
+        if bank.tokens is None:
+            raise TensorMismatch(f"{label}: has CLIP token embeddings, this bank has no CLIP token slots")
+        parts = parse_weights(files[EMBEDDINGS], label=label, name=EMBEDDINGS,
+                              expected=dict(zip(CLIP_KEYS, ((d,) for d in bank.tokens.dims))))
+        emb = torch.cat([parts[k].float() for k in CLIP_KEYS])
     return manifest, flat, emb

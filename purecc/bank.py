@@ -26,7 +26,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .concept_embeddings import ConceptEmbeddings, attach_embeddings, detach_embeddings
+from .concept_embeddings import (ConceptEmbeddings, ConceptTokens, attach_embeddings, attach_tokens,
+                                 detach_embeddings, detach_tokens)
 
 DEFAULT_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -105,6 +106,8 @@ class AdapterBank(nn.Module):
         self._grad_parts: tuple[torch.Tensor, ...] | None = None
         # the concepts' layer-wise embeddings, slot for slot (``attach_bank`` adds them)
         self.embeddings: ConceptEmbeddings | None = None
+        # and their CLIP tokens, when the pipeline's text encoders are attached (``attach_clip_tokens``)
+        self.tokens: ConceptTokens | None = None
 
     # ----- routing -------------------------------------------------------------------------
     @property
@@ -186,15 +189,27 @@ class AdapterBank(nn.Module):
     def load_slot(self, slot: int, flat: torch.Tensor, *, emb: torch.Tensor | None = None,
                   trigger: str | None = None) -> None:
         """Copy one concept (a flat vector in this bank's layout) into ``slot``: a single copy, plus its
-        layer-wise embeddings (blocks, dim) and trigger when it has them (without: the slot has none)."""
+        embeddings and trigger when it has them (without: the slot has none). ``emb`` is either form:
+        layer-wise (blocks, dim), or CLIP tokens (dim_l + dim_g,) for a bank with ``tokens``."""
         self._check_slot(slot)
         if flat.shape != (self.params_per_slot,):
             raise ValueError(f"adapter: expected {self.params_per_slot} values, got {tuple(flat.shape)}")
-        if emb is not None and self.embeddings is None:
-            raise ValueError("embeddings: this bank has no embedding slots")
+        token = emb is not None and emb.dim() == 1
+        if emb is not None and (self.tokens if token else self.embeddings) is None:
+            raise ValueError("embeddings: this bank has no " + ("CLIP token slots (its pipeline's text "
+                             "encoders were not attached)" if token else "embedding slots"))
         if self.embeddings is not None:
-            self.embeddings.load_slot(slot, emb, trigger)
+            self.embeddings.load_slot(slot, None if token else emb, trigger)
+        if self.tokens is not None:
+            self.tokens.load_slot(slot, emb if token else None, trigger)
         self.storage[slot].copy_(flat, non_blocking=True)
+
+    def slot_embeddings(self, slot: int, form: str) -> torch.Tensor:
+        """A copy of ``slot``'s embeddings of ``form`` ("layerwise" or "clip-token")."""
+        store = self.tokens if form == "clip-token" else self.embeddings
+        if store is None:
+            raise ValueError(f"embeddings: this bank has no {form} slots")
+        return store.read_slot(slot)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -203,6 +218,8 @@ class AdapterBank(nn.Module):
         self.storage[slot].zero_()
         if self.embeddings is not None:
             self.embeddings.clear_slot(slot)
+        if self.tokens is not None:
+            self.tokens.clear_slot(slot)
 
     @torch.no_grad()
     def init_slot(self, slot: int, generator: torch.Generator) -> None:
@@ -301,7 +318,19 @@ def detach_bank(transformer: nn.Module) -> None:
     bank._hook.remove()
     if bank.embeddings is not None:
         detach_embeddings(bank.embeddings)
+    if bank.tokens is not None:
+        detach_tokens(bank.tokens)
     object.__delattr__(transformer, "adapter_bank")
+
+
+def attach_clip_tokens(pipe, bank: AdapterBank) -> ConceptTokens | None:
+    """Give ``bank`` CLIP token slots on ``pipe``'s CLIP-L and CLIP-G (once; None without those encoders),
+    so that it can hold concepts whose embeddings are ``clip-token``."""
+    if bank.tokens is None:
+        tokens = attach_tokens(pipe, bank.num_slots)
+        if tokens is not None:
+            object.__setattr__(bank, "tokens", tokens)
+    return bank.tokens
 
 
 def one_hot_routing(slots: Sequence[int | None], num_slots: int, weight: float = 1.0) -> torch.Tensor:

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-mode", choices=LAMBDA_MODES, default=None,
                    help="stage 2: how lambda* is chosen (purecc/losses.py: LAMBDA_MODES)")
     p.add_argument("--embeddings", choices=EMBEDDING_FORMS, default=None,
-                   help="concept embeddings: layerwise learns one vector per transformer block at the trigger")
+                   help="concept embeddings: layerwise learns one vector per transformer block at the trigger, "
+                        "clip-token one token for CLIP-L and CLIP-G")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--validation-prompt", action="append", metavar="PROMPT",
                    help="rendered at the end of each stage ([v] becomes the trigger; repeatable)")

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from .adapter_files import AdapterManifest, load_concept, read_adapter_manifest
-from .bank import AdapterBank, attach_bank
-from .concept_embeddings import CLIP_TOKENS, trigger_positions
+from .bank import AdapterBank, attach_bank, attach_clip_tokens
+from .concept_embeddings import CLIP_TOKENS, clip_trigger_positions, trigger_positions
 from .fileio import atomic_write_bytes
 from .model import base_fingerprint
 
@@ -115,6 +115,46 @@ def embedding_placement(pipe, samples: Sequence[Sample], slot_of: Mapping[str, i
     return place
 
 
+def token_placement(pipe, samples: Sequence[Sample], slot_of: Mapping[str, int], bank: AdapterBank,
+                    settings: RenderSettings) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(prompt rows, negative-prompt rows or None without guidance), each (B, 77, S): where each
+    sample's concepts with CLIP tokens put them (None: no such concept in the batch)."""
+    tokens = bank.tokens
+    if tokens is None:
+        return None
+    used = {slot_of[k] for s in samples for k, _ in s.concepts}
+    with_tok = sorted(s for s in used if tokens.triggers[s] is not None)
+    if not with_tok:
+        return None
+    weights = routing_rows(samples, slot_of, bank.num_slots)          # (B, S)
+
+    def rows(texts: list[str]) -> torch.Tensor:
+        place = torch.zeros(len(texts), CLIP_TOKENS, bank.num_slots)
+        for slot in with_tok:
+            masks = clip_trigger_positions(pipe, texts, tokens.triggers[slot]).float()
+            place[:, :, slot] = masks * weights[:, slot:slot + 1]
+        return place
+    negatives = rows([s.negative_prompt for s in samples]) if settings.guidance > 1 else None
+    return rows([s.prompt for s in samples]), negatives
+
+
+def _encoded_prompts(pipe, samples: Sequence[Sample], bank: AdapterBank, settings: RenderSettings,
+                     rows: tuple[torch.Tensor, torch.Tensor | None]) -> dict:
+    """The pipeline's prompt embeddings, encoded here with each sample's CLIP tokens in place (the
+    pipeline would encode prompts and negative prompts in calls of its own, where no per-call
+    placement can be given)."""
+    common = dict(prompt_2=None, prompt_3=None, device=pipe._execution_device, do_classifier_free_guidance=False,
+                  max_sequence_length=sequence_length(pipe, settings))
+    with bank.tokens.placement(rows[0]):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=[s.prompt for s in samples], **common)
+    out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if rows[1] is not None:
+        with bank.tokens.placement(rows[1]):
+            neg, _, neg_pooled, _ = pipe.encode_prompt(prompt=[s.negative_prompt for s in samples], **common)
+        out.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+    return out
+
+
 class RenderCancelled(RuntimeError):
     """``should_stop`` asked a render to stop; raised between denoising steps (or before the first)."""
 
@@ -153,10 +193,12 @@ def generate(pipe, samples: Sequence[Sample], slot_of: Mapping[str, int], settin
     gens = [torch.Generator(device="cpu").manual_seed(s.seed) for s in samples]
     weights = routing_rows(samples, slot_of, bank.num_slots) if bank is not None else None
     place = embedding_placement(pipe, samples, slot_of, bank, settings) if needs_bank else None
+    tokens = token_placement(pipe, samples, slot_of, bank, settings) if needs_bank else None
+    prompts = _encoded_prompts(pipe, samples, bank, settings, tokens) if tokens is not None else \
+        {"prompt": [s.prompt for s in samples], "negative_prompt": [s.negative_prompt for s in samples]}
     with (bank.routing(weights) if bank is not None else nullcontext()), \
             (bank.embeddings.placement(place) if place is not None else nullcontext()):
-        out = pipe(prompt=[s.prompt for s in samples], negative_prompt=[s.negative_prompt for s in samples],
-                   num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+        out = pipe(**prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                    width=settings.width, height=settings.height, generator=gens,
                    latents=_initial_latents(pipe, gens, settings, device), output_type=output_type,
                    max_sequence_length=sequence_length(pipe, settings),
@@ -211,6 +253,7 @@ def load_concepts(pipe, folders: Sequence[str | Path], *, num_slots: int | None 
     fp = base_fingerprint(tr)
     if bank is None:
         bank = attach_bank(tr, max(num_slots or 0, len(keys), 1), dtype=tr.dtype)
+    attach_clip_tokens(pipe, bank)       # concepts whose embeddings are CLIP tokens load into these
     if len(keys) > bank.num_slots:
         raise ValueError(f"concepts: {len(keys)} requested, the bank has {bank.num_slots} slots")
     loaded = LoadedConcepts()

@@ -16,10 +16,10 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 # How stage 2 chooses lambda* (purecc/losses.py says what each candidate computes).
 LAMBDA_MODES = ("fixed", "adaptive", "increment", "extractor")
 LambdaMode = Literal["fixed", "adaptive", "increment", "extractor"]
-# Concept embeddings (purecc/concept_embeddings.py): "none" (the older public recipe) or "layerwise"
-# (the paper's Y^1..Y^L). The public code's learned CLIP token is not implemented.
-EMBEDDING_FORMS = ("none", "layerwise")
-EmbeddingForm = Literal["none", "layerwise"]
+# Concept embeddings (purecc/concept_embeddings.py): "none" (the older public recipe), "layerwise"
+# (the paper's Y^1..Y^L) or "clip-token" (the newer public code's learned token in CLIP-L and CLIP-G).
+EMBEDDING_FORMS = ("none", "layerwise", "clip-token")
+EmbeddingForm = Literal["none", "layerwise", "clip-token"]
 
 
 # Why these defaults (bench/RESULTS.md, "Quality" and "Quality: reading"; issue 13's rule: the best PureCC
@@ -153,7 +153,7 @@ class StageFields(_Strict):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] | None = Field(None, description="autocast")
     max_sequence_length: int | None = Field(None, ge=1, le=512, description="T5 tokens of the prompts")
     latent_sampling: Literal["mean", "sample"] | None = Field(None, description="VAE posterior mean or a draw")
-    embeddings: EmbeddingForm | None = Field(None, description="concept embeddings: none or layerwise")
+    embeddings: EmbeddingForm | None = Field(None, description="concept embeddings: none, layerwise or clip-token")
     embedding_lr: float | None = Field(None, gt=0, le=1.0, description="learning rate of the embeddings")
     train_embeddings: bool | None = Field(None, description="stage 2: train stage 1's embeddings further")
 

@@ -21,9 +21,9 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
-from .adapter_files import AdapterManifest, export_slot, load_concept
-from .bank import AdapterBank, attach_bank, one_hot_routing
-from .concept_embeddings import placement_rows, trigger_positions
+from .adapter_files import AdapterManifest, export_slot, load_concept, read_adapter_manifest
+from .bank import AdapterBank, attach_bank, attach_clip_tokens, one_hot_routing
+from .concept_embeddings import CLIP_ENCODERS, CLIP_TOKENS, placement_rows, trigger_positions
 from .data import ConceptManifest, LatentMoments, Preprocess, concept_latent_moments, read_concept_manifest
 from .fileio import atomic_save_tensors, atomic_write_json, load_tensors, sha256_file
 from .ids import validate_concept_id, validate_trigger
@@ -95,6 +95,7 @@ class _Concept:
     latents: LatentMoments                # posterior mean and std, each (N, 16, h, w)
     emb: dict[str, tuple[torch.Tensor, torch.Tensor]]  # column -> (embeds (N, L, D), pooled (N, P))
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # column -> trigger tokens (N, L) bool
+    prompts: dict[str, list[str]] = field(default_factory=dict)   # column -> prompts (CLIP tokens re-encode)
     step: int = 0
     curve: LossCurve = field(default_factory=LossCurve)
     status: str = "pending"
@@ -113,9 +114,19 @@ class _Concept:
         return self.job.recipe.steps
 
     @property
+    def form(self) -> str:
+        """The concept's embeddings form ("none", "layerwise", "clip-token")."""
+        return self.job.recipe.embeddings
+
+    @property
     def trains_embeddings(self) -> bool:
-        """Whether this stage updates the concept's layer-wise embeddings."""
-        return self.job.recipe.embeddings != "none" and self.job.recipe.train_embeddings
+        """Whether this stage updates the concept's embeddings."""
+        return self.form != "none" and self.job.recipe.train_embeddings
+
+    @property
+    def encodes_per_step(self) -> bool:
+        """CLIP tokens being trained: the complete caption goes through the text encoders every step."""
+        return self.form == "clip-token" and self.job.recipe.train_embeddings
 
 
 class Draw(NamedTuple):
@@ -128,7 +139,8 @@ class Draw(NamedTuple):
 
 
 # latents, per prompt column (embeds, pooled), and optionally per column the trigger's tokens (N, L)
-ConceptTensors = tuple  # (LatentMoments | Tensor, dict[str, (Tensor, Tensor)][, dict[str, Tensor]])
+# and the prompts themselves (concepts with CLIP tokens: their encodings depend on the tokens)
+ConceptTensors = tuple  # (LatentMoments | Tensor, dict[str, (Tensor, Tensor)][, dict[str, Tensor][, dict]])
 MetricsFn = Callable[[dict], None]
 CheckpointFn = Callable[[list[str]], None]
 
@@ -177,7 +189,8 @@ class PackTrainer:
         """Set up from latents and prompt embeddings computed elsewhere (no VAE or text encoder runs).
 
         ``data[cid]``: latents (N, 16, h, w), per prompt column (embeds (N, L, D), pooled (N, P)) and,
-        for concepts with embeddings, per column the trigger's tokens (N, L) bool;
+        for concepts with embeddings, per column the trigger's tokens (N, L) bool, and for CLIP tokens
+        per column the prompts (their columns are encoded again here, with the concept's tokens);
         ``empty``: the embedding of "" as (1, L, D), (1, P).
         """
         if self.bank is None:
@@ -188,33 +201,47 @@ class PackTrainer:
         for i, job in enumerate(self.jobs):
             latents, emb, *rest = data[job.concept_id]
             masks = rest[0] if rest else {}
+            prompts = rest[1] if len(rest) > 1 else {}
             if isinstance(latents, torch.Tensor):      # precomputed means only (benchmarks)
                 latents = LatentMoments(latents, torch.zeros_like(latents))
             self.bank.init_slot(i, rng_for(job.seed, "init", self.stage))
             self.optim.reset_slot(i)
-            self.emb_optim.reset_slot(i)
-            embs.clear_slot(i)
+            for optim in self._emb_optims.values():
+                optim.reset_slot(i)
+            for store in (embs, self.bank.tokens):
+                if store is not None:
+                    store.clear_slot(i)
             ext, stage1_emb = None, None
+            form = job.recipe.embeddings
             if self.stage == 2 and job.extractor_adapter is not None:
+                if form != "none" and read_adapter_manifest(job.extractor_adapter).embeddings != form:
+                    raise ValueError(f"{job.concept_id}: stage 2 with embeddings {form!r} needs a stage-1 adapter "
+                                     f"with embeddings of that form (train stage 1 with embeddings {form!r})")
                 _, flat, stage1_emb = load_concept(self.bank, job.extractor_adapter, base_fingerprint=self.fingerprint)
                 if job.recipe.extractor == "stage1":   # the whole stage-1 model: its LoRA and embeddings
                     self.bank.load_slot(k + i, flat.to(self.bank.storage.dtype), emb=stage1_emb, trigger=job.trigger)
                     ext = k + i
-            if job.recipe.embeddings != "none":
+            if form != "none":
+                store = self._store(form)
                 if self.stage == 1:
-                    embs.load_slot(i, torch.zeros(embs.shape), job.trigger)
-                elif stage1_emb is None:
-                    raise ValueError(f"{job.concept_id}: stage 2 with embeddings needs a stage-1 adapter with "
-                                     "embeddings (train stage 1 with embeddings 'layerwise')")
+                    store.load_slot(i, torch.zeros(store.shape), job.trigger)
+                elif stage1_emb is None or (stage1_emb.dim() == 1) != (form == "clip-token"):
+                    raise ValueError(f"{job.concept_id}: stage 2 with embeddings {form!r} needs a stage-1 adapter "
+                                     f"with embeddings of that form (train stage 1 with embeddings {form!r})")
                 else:
-                    embs.load_slot(i, stage1_emb, job.trigger)
-            uses = job.recipe.embeddings != "none" or (ext is not None and embs.triggers[ext] is not None)
+                    store.load_slot(i, stage1_emb, job.trigger)
+            uses = form != "none" or (ext is not None and stage1_emb is not None)
             if uses and not masks:
                 raise ValueError(f"{job.concept_id}: embeddings need the trigger's token positions of its prompts")
-            self.concepts[job.concept_id] = _Concept(job, i, ext, latents, emb, masks)
+            c = _Concept(job, i, ext, latents, emb, masks, prompts)
+            if form == "clip-token" or (ext is not None and stage1_emb is not None and stage1_emb.dim() == 1):
+                self._encode_token_columns(c)
+            self.concepts[job.concept_id] = c
         self.bank.set_trainable([c.slot for c in self.concepts.values()])
-        trains = [c.slot for c in self.concepts.values() if c.trains_embeddings]
-        embs.storage.requires_grad_(bool(trains))
+        for form, store in (("layerwise", embs), ("clip-token", self.bank.tokens)):
+            if store is not None:
+                store.storage.requires_grad_(any(c.trains_embeddings and c.form == form
+                                                 for c in self.concepts.values()))
 
     def _attach(self) -> None:
         tr = self.pipe.transformer
@@ -228,8 +255,28 @@ class PackTrainer:
             raise ValueError(f"bank: the model's bank has {bank.num_slots} slots of rank {bank.rank}; "
                              f"this pack needs {self._slots_needed()} of rank {rec.rank}")
         self.bank, self.optim = bank, SlotAdamW(bank.storage)
-        self.emb_optim = SlotAdamW(bank.embeddings.storage)
+        self._emb_optims = {"layerwise": SlotAdamW(bank.embeddings.storage)}
+        stage1_forms = {read_adapter_manifest(j.extractor_adapter).embeddings
+                        for j in self.jobs if self.stage == 2 and j.extractor_adapter is not None}
+        if any(j.recipe.embeddings == "clip-token" for j in self.jobs) or "clip-token" in stage1_forms:
+            if attach_clip_tokens(self.pipe, bank) is None:
+                raise ValueError("embeddings: clip-token needs the pipeline's CLIP-L and CLIP-G text encoders")
+            for name in (*CLIP_ENCODERS, "text_encoder_3"):     # the tokens train through them, frozen
+                encoder = getattr(self.pipe, name, None)
+                if encoder is not None:
+                    encoder.requires_grad_(False)
+        if bank.tokens is not None:
+            self._emb_optims["clip-token"] = SlotAdamW(bank.tokens.storage)
         self.sigma_table = shifted_sigmas_table(self.pipe.scheduler)
+
+    def _store(self, form: str):
+        """The bank's store of embeddings of ``form``."""
+        return self.bank.tokens if form == "clip-token" else self.bank.embeddings
+
+    @property
+    def emb_optim(self) -> SlotAdamW:
+        """The layer-wise embeddings' optimiser."""
+        return self._emb_optims["layerwise"]
 
     def _encode_concept(self, job: ConceptJob) -> ConceptTensors:
         rec = job.recipe
@@ -241,7 +288,7 @@ class PackTrainer:
         prompts = {c: [getattr(r, c) for r in manifest.rows] for c in cols}
         emb = {c: self._encode(p) for c, p in prompts.items()}
         masks = {c: trigger_positions(self.pipe, p, job.trigger, rec.max_sequence_length) for c, p in prompts.items()}
-        return latents, emb, masks
+        return latents, emb, masks, prompts
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,6 +296,34 @@ class PackTrainer:
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
             do_classifier_free_guidance=False, max_sequence_length=self.jobs[0].recipe.max_sequence_length)
         return embeds.float().cpu(), pooled.float().cpu()
+
+    def _encode_with_tokens(self, prompts: list[str], masks: torch.Tensor, slot: int,
+                            grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prompts`` encoded with ``slot``'s CLIP tokens on their trigger tokens ``masks`` (B, L);
+        on the device, and differentiable in the tokens when ``grad``."""
+        rows = placement_rows(masks[:, :CLIP_TOKENS], [slot] * len(prompts), self.bank.num_slots)
+        with self.bank.tokens.placement(rows), torch.set_grad_enabled(grad):
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+                do_classifier_free_guidance=False, max_sequence_length=self.jobs[0].recipe.max_sequence_length)
+        return embeds.float(), pooled.float()
+
+    def _encode_token_columns(self, c: _Concept) -> None:
+        """The columns a concept's frozen CLIP tokens change, encoded once with them: ``prompt`` (its
+        trainable slot, unless it trains them: then every step) and ``target_prompt`` with the
+        extractor's tokens, and ``prompt`` once more with those (``prompt_ext``, lambda* (C))."""
+        if not c.prompts:
+            raise ValueError(f"{c.job.concept_id}: CLIP token embeddings need the prompts of its columns "
+                             "(set up from a manifest, not from precomputed embeddings)")
+        todo = []
+        if c.form == "clip-token" and not c.encodes_per_step:
+            todo.append(("prompt", "prompt", c.slot))
+        if c.extractor_slot is not None and self.bank.tokens.triggers[c.extractor_slot] is not None:
+            todo += [("target_prompt", "target_prompt", c.extractor_slot), ("prompt_ext", "prompt", c.extractor_slot)]
+        for key, column, slot in todo:
+            embeds, pooled = self._encode_with_tokens(c.prompts[column], c.masks[column], slot, grad=False)
+            c.emb[key] = (embeds.cpu(), pooled.cpu())
+            c.masks[key] = c.masks[column]
 
     # ----- one step ------------------------------------------------------------------------
     def _draw(self, c: _Concept, micro: int) -> Draw:
@@ -297,14 +372,22 @@ class PackTrainer:
         x_t = noisy_latents(x0, eps, sigma)
         train_slots = [c.slot for c, n in zip(active, sizes) for _ in range(n)]
 
+        def encoded(c: _Concept, d: Draw, column: str) -> tuple[torch.Tensor, torch.Tensor]:
+            if column == "prompt" and c.encodes_per_step:    # its CLIP tokens train: through the encoders
+                return self._encode_with_tokens([c.prompts["prompt"][r] for r in d.rows], c.masks["prompt"][d.rows],
+                                                c.slot, grad=True)
+            e, p = c.emb[column] if column in c.emb else c.emb[column.removesuffix("_ext")]
+            return e[d.rows].to(self.device), p[d.rows].to(self.device)
+
         def emb(column: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            """(embeds, pooled, trigger tokens or None) of ``column`` for every drawn row, in batch order."""
-            embeds = torch.cat([c.emb[column][0][d.rows] for c, d in zip(active, draws)])
-            pooled = torch.cat([c.emb[column][1][d.rows] for c, d in zip(active, draws)])
+            """(embeds, pooled, trigger tokens or None) of ``column`` for every drawn row, in batch order
+            (``prompt_ext``: the complete caption as the extractor's CLIP tokens encode it)."""
+            parts = [encoded(c, d, column) for c, d in zip(active, draws)]
+            embeds, pooled = torch.cat([e for e, _ in parts]), torch.cat([p for _, p in parts])
             masks = None
             if any(c.masks for c in active):
-                masks = torch.cat([c.masks[column][d.rows] if c.masks
-                                   else torch.zeros(len(d.rows), embeds.shape[1], dtype=torch.bool)
+                masks = torch.cat([c.masks[column if column in c.masks else column.removesuffix("_ext")][d.rows]
+                                   if c.masks else torch.zeros(len(d.rows), embeds.shape[1], dtype=torch.bool)
                                    for c, d in zip(active, draws)])
             return embeds, pooled, masks
 
@@ -339,7 +422,7 @@ class PackTrainer:
         m0 = None if mt is None else torch.zeros_like(mt)
         conds = [(et, pt, mt), (e0.expand(b, -1, -1), p0.expand(b, -1), m0)]
         if any(c.job.recipe.lambda_mode == "extractor" for c in active):
-            conds += [(ep, pp, mp), (eb, pb, mb)]
+            conds += [emb("prompt_ext"), (eb, pb, mb)]
         k = len(conds)
         with torch.no_grad():
             r = self._forward(torch.cat([x_t] * k), torch.cat([sigma] * k), torch.cat([e for e, _, _ in conds]),
@@ -362,7 +445,8 @@ class PackTrainer:
         """Accumulate ``active``'s gradients for one step into ``storage.grad``; returns the concepts
         still active (those whose loss became non-finite are failed) and their summed metrics."""
         self.bank.storage.grad = None
-        self.bank.embeddings.storage.grad = None
+        for form in self._emb_optims:
+            self._store(form).storage.grad = None
         accum = active[0].job.recipe.grad_accum
         # fp16: each concept's loss carries its own scale, so one concept's overflow never changes another's
         scale = {c.job.concept_id: c.loss_scale if fp16 else 1.0 for c in active}
@@ -392,9 +476,10 @@ class PackTrainer:
         """Per concept: is its slot's gradient finite (one host sync)?"""
         idx = torch.tensor([c.slot for c in active], device=self.bank.storage.device)
         ok = torch.isfinite(self.bank.storage.grad.index_select(0, idx)).all(dim=1)
-        grad = self.bank.embeddings.storage.grad
-        if grad is not None:      # a concept training embeddings: theirs must be finite too
-            ok = ok & torch.isfinite(grad.index_select(0, idx)).all(dim=1)
+        for form in self._emb_optims:
+            grad = self._store(form).storage.grad
+            if grad is not None:      # a concept training embeddings: theirs must be finite too
+                ok = ok & torch.isfinite(grad.index_select(0, idx)).all(dim=1)
         return ok.tolist()
 
     def _finite_gradients(self, active: list[_Concept], fp16: bool) -> tuple[list[_Concept], dict]:
@@ -454,14 +539,17 @@ class PackTrainer:
     def _embedding_step(self, active: list[_Concept], fp16: bool) -> dict[str, bool]:
         """One AdamW step of the embeddings of the concepts that train them (their own lr, no weight
         decay, clipped at the recipe's norm); per concept whether the update was finite."""
-        train = [c for c in active if c.trains_embeddings]
-        if not train or self.bank.embeddings.storage.grad is None:
-            return {}
-        hypers = [SlotHyper(c.job.recipe.embedding_lr, c.job.recipe.betas, c.job.recipe.adam_eps, 0.0,
-                            c.job.recipe.max_grad_norm) for c in train]
-        norms = self.emb_optim.step([c.slot for c in train], hypers,
-                                    grad_scale=[c.loss_scale for c in train] if fp16 else None)
-        return {c.job.concept_id: ok for c, ok in zip(train, torch.isfinite(norms).tolist())}
+        out = {}
+        for form, optim in self._emb_optims.items():
+            train = [c for c in active if c.trains_embeddings and c.form == form]
+            if not train or self._store(form).storage.grad is None:
+                continue
+            hypers = [SlotHyper(c.job.recipe.embedding_lr, c.job.recipe.betas, c.job.recipe.adam_eps, 0.0,
+                                c.job.recipe.max_grad_norm) for c in train]
+            norms = optim.step([c.slot for c in train], hypers,
+                               grad_scale=[c.loss_scale for c in train] if fp16 else None)
+            out.update({c.job.concept_id: ok for c, ok in zip(train, torch.isfinite(norms).tolist())})
+        return out
 
     def _fail(self, c: _Concept, what: str) -> None:
         """Take a diverged concept out of the pack: it stops training, its slot is zeroed and never
@@ -471,7 +559,8 @@ class PackTrainer:
         self.failures[c.job.concept_id] = err
         self.bank.clear_slot(c.slot)
         self.optim.reset_slot(c.slot)
-        self.emb_optim.reset_slot(c.slot)
+        for optim in self._emb_optims.values():
+            optim.reset_slot(c.slot)
 
     @staticmethod
     def _update_scale(c: _Concept, *, finite: bool) -> None:
@@ -545,9 +634,9 @@ class PackTrainer:
         """Write the concept's adapter, optimiser state and step into ``folder`` (state.json last)."""
         c, folder = self.concepts[concept_id], Path(folder)
         tensors = {"adapter": self.bank.read_slot(c.slot).float(), **self.optim.slot_state(c.slot)}
-        if c.job.recipe.embeddings != "none":
-            tensors["embeddings"] = self.bank.embeddings.read_slot(c.slot).float()
-            tensors.update({f"embeddings.{k}": v for k, v in self.emb_optim.slot_state(c.slot).items()})
+        if c.form != "none":
+            tensors["embeddings"] = self.bank.slot_embeddings(c.slot, c.form).float()
+            tensors.update({f"embeddings.{k}": v for k, v in self._emb_optims[c.form].slot_state(c.slot).items()})
         atomic_save_tensors(folder / CKPT_TENSORS, tensors)
         state = {"concept_id": concept_id, "stage": self.stage, "step": c.step, "total": c.total,
                  "seed": c.job.seed, "job_key": c.job.key, "loss_curve": c.curve.to_dict(),
@@ -572,10 +661,13 @@ class PackTrainer:
             raise CheckpointError(f"checkpoint {folder}: {'lacks' if has_emb else 'has'} embeddings, "
                                   f"the recipe's embeddings are {c.job.recipe.embeddings!r}")
         if has_emb:
+            if tuple(t["embeddings"].shape) != tuple(self._store(c.form).shape):
+                raise CheckpointError(f"checkpoint {folder}: its embeddings have shape {tuple(t['embeddings'].shape)}, "
+                                      f"not those of {c.form!r} {tuple(self._store(c.form).shape)}")
             self.bank.load_slot(c.slot, t["adapter"].to(self.bank.storage.dtype), emb=t["embeddings"],
                                 trigger=c.job.trigger)
-            self.emb_optim.load_slot_state(c.slot, {k[len("embeddings."):]: v for k, v in t.items()
-                                                    if k.startswith("embeddings.")})
+            self._emb_optims[c.form].load_slot_state(c.slot, {k[len("embeddings."):]: v for k, v in t.items()
+                                                              if k.startswith("embeddings.")})
         else:
             self.bank.load_slot(c.slot, t["adapter"].to(self.bank.storage.dtype))
         self.optim.load_slot_state(c.slot, t)
@@ -592,7 +684,7 @@ class PackTrainer:
             rank=self.bank.rank, alpha=self.bank.alpha, targets=[], base_fingerprint=self.fingerprint,
             max_sequence_length=c.job.recipe.max_sequence_length, mixed_precision=c.job.recipe.mixed_precision,
             metrics={**self.summary(concept_id), "loss_curve": c.curve.to_dict(), **(metrics or {})})
-        emb = self.bank.embeddings.read_slot(c.slot) if c.job.recipe.embeddings != "none" else None
+        emb = self.bank.slot_embeddings(c.slot, c.form) if c.form != "none" else None
         return export_slot(self.bank, self.bank.read_slot(c.slot), dest, manifest, emb=emb)
 
 

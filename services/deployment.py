@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from ray import serve
 
-from purecc.bank import attach_bank
+from purecc.bank import attach_bank, attach_clip_tokens
 from purecc.generate import RenderSettings, Sample, generate, png_bytes
 from purecc.model import ModelConfig, base_fingerprint, load_pipeline
 from purecc.registry import AdapterRegistry
@@ -158,6 +158,7 @@ class ConceptGenerator:
         tr = self.pipe.transformer
         self.fingerprint = base_fingerprint(tr)
         self.bank = attach_bank(tr, config.slots, rank=config.rank, dtype=tr.dtype)
+        attach_clip_tokens(self.pipe, self.bank)     # for concepts whose embeddings are CLIP tokens
         host = HostAdapterCache(AdapterRegistry(config.registry), self.bank, base_fingerprint=self.fingerprint,
                                 capacity=config.host_cache)
         self.slots = AdapterSlots(self.bank, host)

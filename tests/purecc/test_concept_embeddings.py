@@ -108,7 +108,7 @@ def test_stage2_with_embeddings_needs_a_stage1_adapter_with_them(tiny_model_dir,
                    embeddings="layerwise"))
     t = PackTrainer(load_pipeline(str(tiny_model_dir)), [ConceptJob("checkered-star", "zqx",
                     sample_manifests["checkered-star"], rec, extractor_adapter=folder)])
-    with pytest.raises(ValueError, match="stage-1 adapter with embeddings"):
+    with pytest.raises(ValueError, match="stage-1 adapter with embeddings of that form"):
         t.setup()
 
 

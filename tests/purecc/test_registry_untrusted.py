@@ -374,3 +374,14 @@ def test_validation_images_are_listed_with_prompts_and_read_only_as_plain_pngs(b
     # a concept published without validation images has none
     reg.publish("plain", write_adapter(bank, fp, tmp_path / "staging" / "plain", "plain", seed=4))
     assert reg.validation_images("plain") == {}
+
+
+@pytest.mark.parametrize("header_bytes", [128, 0x0280, 0x4B50])
+def test_a_safetensors_file_whose_length_bytes_look_like_a_pickle_or_zip_is_read(header_bytes):
+    """A header of 128 bytes starts the file with 80 00 (a pickle's first byte), one of 0x4b50 with
+    "PK" (a zip's): those are ordinary safetensors files and must load."""
+    text = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    text += b" " * (header_bytes - len(text))
+    data = struct.pack("<Q", header_bytes) + text + struct.pack("<f", 1.5)
+    assert data[:1] == b"\x80" or data[:2] == b"PK"
+    assert af.check_safetensors(data, label="adapter c", name="x.safetensors") == {"x": ("F32", (1,))}

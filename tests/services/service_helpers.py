@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from purecc.adapter_files import AdapterManifest, export_slot
-from purecc.bank import attach_bank
+from purecc.bank import attach_bank, attach_clip_tokens
 from purecc.model import base_fingerprint, load_pipeline
 from purecc.registry import AdapterRegistry
 from services.auth import AuthSettings, TokenStore
@@ -48,6 +48,7 @@ class AdapterFactory:
         pipe = load_pipeline(str(model_dir))
         self.fingerprint = base_fingerprint(pipe.transformer)
         self.bank = attach_bank(pipe.transformer, 1)
+        attach_clip_tokens(pipe, self.bank)
         self.staging = staging
 
     def flat(self, seed: int, scale: float = 0.15) -> torch.Tensor:
