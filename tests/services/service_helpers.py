@@ -54,20 +54,22 @@ class AdapterFactory:
     def flat(self, seed: int, scale: float = 0.15) -> torch.Tensor:
         return torch.randn(self.bank.params_per_slot, generator=torch.Generator().manual_seed(seed)) * scale
 
-    def embeddings(self, seed: int) -> torch.Tensor:
-        return torch.randn(self.bank.embeddings.shape, generator=torch.Generator().manual_seed(seed)) * 2.0
+    def embeddings(self, seed: int, form: str = "layerwise") -> torch.Tensor:
+        shape, scale = (self.bank.tokens.shape, 0.5) if form == "clip-token" else (self.bank.embeddings.shape, 2.0)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
 
     def write(self, concept_id: str, seed: int, *, trigger: str | None = None, scale: float = 0.15,
-              fingerprint: str | None = None, embeddings: bool = False, emb_seed: int | None = None) -> Path:
-        """A random adapter (and, with ``embeddings``, random layer-wise embeddings drawn from ``emb_seed``,
-        by default ``seed + 1``) for ``concept_id``."""
+              fingerprint: str | None = None, embeddings: bool | str = False, emb_seed: int | None = None) -> Path:
+        """A random adapter (and, with ``embeddings``, random embeddings drawn from ``emb_seed``, by default
+        ``seed + 1``: layer-wise for True, or the form named) for ``concept_id``."""
         manifest = AdapterManifest(concept_id=concept_id, trigger=trigger or f"t{seed}x", stage=2, steps=1,
                                    rank=self.bank.rank, alpha=self.bank.alpha, targets=[],
                                    base_fingerprint=fingerprint or self.fingerprint)
         dest = self.staging / f"{concept_id}-{seed}-{emb_seed}"
         emb = None
         if embeddings:
-            emb = self.embeddings(seed + 1 if emb_seed is None else emb_seed)
+            emb = self.embeddings(seed + 1 if emb_seed is None else emb_seed,
+                                  embeddings if isinstance(embeddings, str) else "layerwise")
         return export_slot(self.bank, self.flat(seed, scale), dest, manifest, emb=emb)
 
     def publish(self, registry: AdapterRegistry, concept_id: str, seed: int, **kwargs) -> Path:

@@ -5,9 +5,9 @@ Three applications share one Serve instance:
 - ``tight`` at /tight : 1 slot, 1 request in a replica and 1 queued, 1 s timeout (the 503 cases);
 - ``pair`` at /pair : 2 generator replicas (concept-affinity routing).
 
-The two trained concepts and ``r0`` carry layer-wise concept embeddings (the other random ones do
-not), so every comparison also checks that embeddings are hot-loaded with their slot and placed per
-sample at each concept's own trigger.
+The two trained concepts and ``r0`` carry layer-wise concept embeddings and ``r1`` CLIP tokens (the
+other random ones have none), so every comparison also checks that embeddings of both forms are
+hot-loaded with their slot and placed per sample at each concept's own trigger.
 
 Image comparisons decode the PNGs and allow a difference of at most ``TOLERANCE`` (1) level out
 of 255, not byte equality: the replica runs torch with one thread and this process with two, a
@@ -117,7 +117,7 @@ def service(tiny_model_dir, sample_manifests, adapter_factory, tmp_path_factory)
     for cid, folder in _train_concepts(tiny_model_dir, sample_manifests, work / "trained").items():
         registry.publish(cid, folder)
     for i, cid in enumerate(RANDOM):
-        adapter_factory.publish(registry, cid, seed=10 + i, embeddings=i == 0)
+        adapter_factory.publish(registry, cid, seed=10 + i, embeddings={0: True, 1: "clip-token"}.get(i, False))
     temp_dir = Path(f"/tmp/pcsvc-{os.getpid()}")
     ray = start_local_ray(2, temp_dir=temp_dir)
     from ray import serve
@@ -211,8 +211,8 @@ def test_health_is_503_until_the_model_is_loaded(service):
 @pytest.mark.parametrize("case", ["single", "composition"])
 def test_http_matches_local_generate(service, tmp_path, case, monkeypatch):
     monkeypatch.setenv("PURECC_TOKEN", service.token)          # what `purecc generate --url` sends
-    concepts = [("checkered-star", 1.0)] if case == "single" else [("checkered-star", 1.0), ("r0", 0.7)]
-    prompt = "a <checkered-star> star" + (" beside a <r0> thing" if case == "composition" else "")
+    concepts = [("checkered-star", 1.0)] if case == "single" else [("checkered-star", 1.0), ("r0", 0.7), ("r1", 0.9)]
+    prompt = "a <checkered-star> star" + (" beside a <r0> thing and a <r1> one" if case == "composition" else "")
     local = local_generate(service, tmp_path / "local", prompt, concepts, seed=5, num_images=2)
     cli = ["generate", "--url", service.url, "--prompt", prompt, "--seed", "5", "--steps", str(STEPS),
            "--guidance", str(GUIDANCE), "--width", str(SIZE), "--height", str(SIZE), "--num-images", "2",
@@ -223,14 +223,15 @@ def test_http_matches_local_generate(service, tmp_path, case, monkeypatch):
     remote = [(tmp_path / "http" / f"image_{s}.png").read_bytes() for s in (5, 6)]
     diffs = [assert_same(a, b, f"{case} seed {5 + i}") for i, (a, b) in enumerate(zip(local, remote))]
     print(f"{case}: largest pixel difference per image {diffs}")
-    bare = local_generate(service, tmp_path / "bare", prompt.replace("<checkered-star>", "zqx").replace("<r0>", "t10x"),
+    bare = local_generate(service, tmp_path / "bare",
+                          prompt.replace("<checkered-star>", "zqx").replace("<r0>", "t10x").replace("<r1>", "t11x"),
                           [], seed=5)
     assert max_diff(bare[0], local[0]) > 10, "the adapters should change the image"
 
 
-CONCEPT_SETS = [[], [("checkered-star", 1.0)], [("striped-circle", 1.0)], [("r0", 1.0)],
+CONCEPT_SETS = [[], [("checkered-star", 1.0)], [("striped-circle", 1.0)], [("r1", 1.0)],
                 [("checkered-star", 0.5), ("striped-circle", 1.0)], [("r0", 1.2), ("checkered-star", -0.5)],
-                [("striped-circle", 0.8), ("r0", 0.4), ("checkered-star", 1.0)], [("r0", 2.0)]]
+                [("striped-circle", 0.8), ("r0", 0.4), ("checkered-star", 1.0)], [("r0", 2.0), ("r1", 0.6)]]
 
 
 def test_concurrent_requests_are_batched_and_match_sequential(service):
