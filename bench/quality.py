@@ -32,6 +32,10 @@ bench/quality_grid.png.
     python bench/quality.py --methods dreambooth       # the baseline only
     python bench/quality.py --seeds 1 --train-only &   # train seeds in parallel processes first
     python bench/quality.py --quick                    # 1 seed, few steps: a smoke run
+    python bench/quality.py --add --methods purecc-paper-eta1   # one more row, merged into the saved scores
+
+The ablations of stage 2's eta (1, 0.5, and 0: a control without L_pure, not PureCC) run the paper's
+recipe from the same stage-1 adapters.
 """
 
 from __future__ import annotations
@@ -435,12 +439,22 @@ def write_section(path: Path, body: str) -> None:
 # ---------------------------------------------------------------- main
 
 def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, reader_dir: Path | None = None,
-        methods: Sequence[Method] = METHODS, threads: int = 1) -> str:
+        methods: Sequence[Method] = METHODS, threads: int = 1, add: bool = False) -> str:
+    """Train and score ``methods``; ``add``: score only those the saved record lacks and merge them into it
+    (same config; the grid is left as it is)."""
     t0 = time.monotonic()
     torch.set_num_threads(threads)
     base = base or world_base_path()
     verify_world_base(base)
     reader = load_reader(reader_dir)
+    saved = None
+    if add:
+        saved = json.loads(SCORES.read_text())
+        if saved["config"] != json.loads(json.dumps(asdict(cfg))):
+            raise SystemExit(f"--add: the saved scores were made with config {saved['config']}, not {asdict(cfg)}")
+        methods = [m for m in methods if m.folder not in saved["methods"]]
+        if not methods:
+            raise SystemExit("--add: every method named is in the saved scores already")
     timings: dict[str, float] = {}
     folders = {}
     for seed in cfg.seeds:
@@ -461,15 +475,25 @@ def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, rea
             print(f"seed {seed} {method}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if "/" not in k),
                   file=sys.stderr)
     timings["score"] = time.monotonic() - t
-    record = {"command": " ".join(["python bench/quality.py", *sys.argv[1:]]), "config": asdict(cfg),
-              "threads": threads, "methods": [m.folder for m in methods], "scores": rows,
-              "base_row": scorer.base_row(), "ceiling": scorer.reference_ceiling(),
-              "setup": setup_lines(base, reader_dir, scorer.base_fact_recall()),
-              "timings": timings, "total": time.monotonic() - t0}
+    command = " ".join(["python bench/quality.py", *sys.argv[1:]])
+    if saved is not None:
+        done = set(saved["methods"]) | {m.folder for m in methods}
+        record = {**saved, "command": f"{saved['command']}`, then `{command}",
+                  "methods": [m.folder for m in METHODS if m.folder in done],
+                  "scores": {**saved["scores"], **rows},
+                  "timings": {**saved["timings"], **{f"{k} (added)": v for k, v in timings.items()}},
+                  "total": saved["total"] + time.monotonic() - t0}
+    else:
+        record = {"command": command, "config": asdict(cfg),
+                  "threads": threads, "methods": [m.folder for m in methods], "scores": rows,
+                  "base_row": scorer.base_row(), "ceiling": scorer.reference_ceiling(),
+                  "setup": setup_lines(base, reader_dir, scorer.base_fact_recall()),
+                  "timings": timings, "total": time.monotonic() - t0}
     body = report_from(record)
     if write:
         SCORES.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-        grid_image(scorer, grid_imgs, GRID)
+        if saved is None:
+            grid_image(scorer, grid_imgs, GRID)
         write_section(RESULTS, body)
     return body
 
@@ -556,6 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-only", action="store_true",
                         help="train the seeds' adapters into --work and stop (several such runs can share "
                              "the cores; a later run reuses what they trained)")
+    parser.add_argument("--add", action="store_true",
+                        help="score only the --methods that bench/results/quality_scores.json lacks and merge them "
+                             "into it (same config; the grid is kept)")
     parser.add_argument("--methods", nargs="+", choices=[m.folder for m in METHODS], default=None,
                         help="train and score only these (DreamBooth, the reference, is always included)")
     args = parser.parse_args(argv)
@@ -574,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_methods(args.base or world_base_path(), args.work, seed, cfg, methods)
         return 0
     print(run(cfg, args.work, write=not (args.no_write or args.quick), base=args.base, reader_dir=args.reader,
-              methods=methods, threads=args.threads))
+              methods=methods, threads=args.threads, add=args.add))
     return 0
 
 
