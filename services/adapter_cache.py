@@ -7,7 +7,7 @@
          LRU eviction
 
 Hot-loading a concept is one flat copy of its vector into a free row (``AdapterBank.load_slot``),
-and one more of its layer-wise embeddings when it has them: the base weights are never re-read and
+and one more of its embeddings (layer-wise or CLIP tokens) when it has them: the base weights are never re-read and
 no module is re-wrapped.
 
 Concurrency: ``AdapterSlots`` lives on the replica's event loop. Its bookkeeping runs between
@@ -58,7 +58,7 @@ class HostAdapter:
 
     manifest: AdapterManifest
     flat: torch.Tensor          # (P,) in the bank's dtype; pinned when the bank is on CUDA
-    emb: torch.Tensor | None = None   # (blocks, dim) layer-wise embeddings, when the concept has them
+    emb: torch.Tensor | None = None   # layer-wise (blocks, dim) or CLIP tokens (dim_l + dim_g,), when it has them
 
 
 class HostAdapterCache:
