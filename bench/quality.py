@@ -34,8 +34,9 @@ bench/quality_grid.png.
     python bench/quality.py --quick                    # 1 seed, few steps: a smoke run
     python bench/quality.py --add --methods purecc-paper-eta1   # one more row, merged into the saved scores
 
-The ablations of stage 2's eta (1, 0.5, and 0: a control without L_pure, not PureCC) run the paper's
-recipe from the same stage-1 adapters.
+The ablations of stage 2's eta (1, 0.5, and 0: a control without L_pure, not PureCC) and of L_pure
+with no gradient through its base-caption branch (``detach_base``, ours) run the paper's recipe from
+the same stage-1 adapters.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class Method:
     lambda_mode: str = "fixed"
     embeddings: str = "none"      # "layerwise": stage 1 learns them, stage 2 uses that stage 1's
     eta: float | None = None      # stage 2's weight of L_pure (None: the recipe's)
+    detach_base: bool = False     # stage 2 (ours): no gradient through L_pure's base-caption branch
 
     @property
     def is_default(self) -> bool:
@@ -94,11 +96,12 @@ class Method:
         s1, s2 = stage_recipe(1), stage_recipe(2)
         return (self.stage == 2 and self.embeddings == s1.embeddings == s2.embeddings
                 and (self.extractor, self.lambda_mode) == (s2.extractor, s2.lambda_mode)
-                and self.eta in (None, s2.eta))
+                and self.eta in (None, s2.eta) and self.detach_base == s2.detach_base)
 
     @property
     def stage2_overrides(self) -> dict:
-        return {} if self.eta is None else {"eta": self.eta}
+        return {**({} if self.eta is None else {"eta": self.eta}),
+                **({"detach_base": True} if self.detach_base else {})}
 
     @property
     def label(self) -> str:
@@ -121,6 +124,8 @@ METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
            Method("PureCC (paper), eta 0.5", "purecc-paper-eta05", 2, "stage1", "adaptive", "layerwise", eta=0.5),
            Method("stage 2 without L_pure (eta 0; a control, not PureCC)", "stage2-eta0", 2, "stage1", "adaptive",
                   "layerwise", eta=0.0),
+           Method("PureCC (paper), base branch detached (ours)", "purecc-paper-detach", 2, "stage1", "adaptive",
+                  "layerwise", detach_base=True),
            Method("PureCC, extractor=stage1", "purecc-stage1", 2, "stage1"),
            Method("PureCC, extractor=base", "purecc-base", 2, "base"),
            Method("PureCC, extractor=stage1, adaptive λ", "purecc-stage1-adaptive", 2, "stage1", "adaptive"),

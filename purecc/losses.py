@@ -89,8 +89,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def stage2_loss(v_full: torch.Tensor, v_base: torch.Tensor, r_tar: torch.Tensor, r_empty: torch.Tensor,
                 x0: torch.Tensor, eps: torch.Tensor, *, eta: float, lambda_mode: str,
                 lambda_value: float = 1.0, lambda_max: float = 2.0,
-                r_prompt: torch.Tensor | None = None, r_base: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """``L = L_CC + eta * L_pure`` per sample; gradients flow through both ``v_full`` and ``v_base``.
+                r_prompt: torch.Tensor | None = None, r_base: torch.Tensor | None = None,
+                detach_base: bool = False) -> dict[str, torch.Tensor]:
+    """``L = L_CC + eta * L_pure`` per sample; gradients flow through both ``v_full`` and ``v_base``
+    (``detach_base``, ours: through ``v_full`` only, so the base caption's branch is never trained).
 
     ``r_prompt``/``r_base``: the extractor on ``prompt`` and ``base_prompt`` (needed by
     ``lambda_mode="extractor"`` only). Besides the losses and ``lambda`` it returns ``cos_r``, the
@@ -111,7 +113,8 @@ def stage2_loss(v_full: torch.Tensor, v_base: torch.Tensor, r_tar: torch.Tensor,
         lam = _projection(r_prompt - r_base, r, lambda_max)
     else:
         raise ValueError(f"lambda_mode: {lambda_mode!r} must be one of {LAMBDA_MODES}")
-    guided = v_base + lam.view(-1, *([1] * (r.dim() - 1))).to(r.dtype) * r
+    anchor = v_base.detach() if detach_base else v_base
+    guided = anchor + lam.view(-1, *([1] * (r.dim() - 1))).to(r.dtype) * r
     l_cc = per_sample_mse(v_full, target)
     l_pure = per_sample_mse(v_full, guided)
     return {"loss": l_cc + eta * l_pure, "l_cc": l_cc, "l_pure": l_pure, "lambda": lam,

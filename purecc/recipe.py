@@ -49,6 +49,9 @@ class StageRecipe:
     lambda_mode: str = "adaptive"    # stage 2: one of losses.LAMBDA_MODES (what each means: there)
     lambda_value: float = 1.0
     lambda_max: float = 2.0
+    # ours, not the paper's (an ablation): no gradient through the base-caption branch of L_pure, so
+    # that L_pure never trains the LoRA on the caption without the trigger
+    detach_base: bool = False
     extractor: str = "stage1"        # stage 2: "stage1" (base + stage-1 LoRA) or "base"
     resolution: int = 512
     crop: str = "center"
@@ -143,6 +146,8 @@ class StageFields(_Strict):
     lambda_mode: LambdaMode | None = Field(None, description="stage 2: how lambda* is chosen")
     lambda_value: float | None = Field(None, ge=0, description="stage 2: the fixed lambda")
     lambda_max: float | None = Field(None, ge=0, description="stage 2: the adaptive lambda's bound")
+    detach_base: bool | None = Field(None, description="stage 2 (ours, an ablation): no gradient through the "
+                                     "base-caption branch of L_pure")
     extractor: Literal["stage1", "base"] | None = Field(None, description="stage 2: the frozen extractor")
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
     crop: Literal["center", "random"] | None = Field(None, description="crop of the training images")

@@ -436,7 +436,7 @@ class PackTrainer:
             extra = {"r_prompt": r[2][sl], "r_base": r[3][sl]} if k == 4 else {}
             parts.append(stage2_loss(v[:b][sl], v[b:][sl], r[0][sl], r[1][sl], x0[sl], eps[sl],
                                      eta=rc.eta, lambda_mode=rc.lambda_mode, lambda_value=rc.lambda_value,
-                                     lambda_max=rc.lambda_max, **extra))
+                                     lambda_max=rc.lambda_max, detach_base=rc.detach_base, **extra))
             start += n
         # sigma beside lambda and cos_r in the logs, so a reader can see them per noise level
         return {**{k: torch.cat([p[k] for p in parts]) for k in parts[0]}, "sigma": sigma.detach().float()}

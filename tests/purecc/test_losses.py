@@ -158,3 +158,22 @@ def test_stage1_preconditioned_loss_is_sigma_squared_weighted():
     plain = stage1_loss(v, x0, eps, sigma, x_t, precondition=False)
     pre = stage1_loss(v, x0, eps, sigma, x_t, precondition=True)
     assert torch.allclose(pre, sigma ** 2 * plain, rtol=1e-5)
+
+
+def test_detach_base_keeps_the_loss_and_stops_its_gradient_at_the_base_branch():
+    """``detach_base`` (ours): the same loss value; no gradient reaches the base caption's prediction."""
+    from purecc.losses import stage2_loss
+
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 4, 2, 2)
+    x0, eps, r_tar, r_empty = (torch.randn(shape, generator=g) for _ in range(4))
+    grads = {}
+    for detach in (False, True):
+        v_full = torch.randn(shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        v_base = torch.randn(shape, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        out = stage2_loss(v_full, v_base, r_tar, r_empty, x0, eps, eta=2.0, lambda_mode="fixed", detach_base=detach)
+        out["loss"].sum().backward()
+        grads[detach] = (out["loss"].detach(), v_full.grad, v_base.grad)
+    assert torch.equal(grads[False][0], grads[True][0]) and torch.equal(grads[False][1], grads[True][1])
+    assert grads[False][2].abs().sum() > 0 and grads[True][2] is None
+    assert stage_recipe(2, detach_base=True).detach_base and not stage_recipe(2).detach_base
