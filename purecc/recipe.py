@@ -28,7 +28,10 @@ EmbeddingForm = Literal["none", "layerwise", "clip-token"]
 # (LoRA + embeddings) as extractor, lambda* (A) adaptive -- keeps DreamBooth's fidelity and preserves more
 # than the other PureCC variants measured: the public code's (bare-base extractor, lambda = 1) loses 40% of
 # fidelity, and the same recipe without embeddings preserves less on every preservation column. It does not
-# beat DreamBooth on every preservation column (see the paired table), so the claim stops there.
+# beat DreamBooth on every preservation column (see the paired table), so the claim stops there. eta 1 and
+# 0.5 were measured too and differ from eta 2 by less than noise, so the seed's eta 2 stays. eta 0 (stage 2
+# without L_pure: not PureCC, so outside the rule) preserves prompts without the trigger better than every
+# PureCC variant, intervals above zero; users can set it; RESULTS.md's reading says so.
 @dataclass(frozen=True)
 class StageRecipe:
     """One stage's hyper-parameters. Defaults are stage 1's; use ``stage_recipe(2)`` for stage 2."""
