@@ -252,6 +252,7 @@ def test_resubmitting_the_same_batch_changes_nothing(main_batch):
     assert [e["kind"] for e in driver_events] == ["driver-start", "driver-stop"]
 
 
+@pytest.mark.faults
 def test_killed_driver_resumes_every_job_exactly_once(ray_address, tmp_path, tiny_model_dir, sample_manifests):
     ids = ("checkered-star", "striped-circle")
     data = batch_dict(tiny_model_dir, tmp_path / "store", sample_manifests, ids=ids)

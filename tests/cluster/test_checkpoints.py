@@ -22,6 +22,7 @@ STEPS, EVERY, KILL = 12, 2, 9
 
 
 
+@pytest.mark.faults
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(ray_cluster, batch_files, tiny_model_dir, tmp_path):
     path = batch_files(ids=["checkered-star"], defaults={"resolution": 64, "stage1": {
         "steps": STEPS, "grad_accum": 1, "checkpoint_every": EVERY}, "stage2": {"steps": 2, "checkpoint_every": 2}})
@@ -80,6 +81,7 @@ def test_a_packs_whole_life_is_one_run_and_stage1_is_recorded_before_stage2(ray_
     assert runs[0]["ended_at"] <= runs[1]["launched_at"]
 
 
+@pytest.mark.faults
 def test_a_whole_life_run_killed_in_stage2_resumes_stage2_from_its_checkpoint(ray_cluster, batch_files,
                                                                               tiny_model_dir, tmp_path):
     steps2, every2, kill2 = 10, 2, 7

@@ -102,6 +102,7 @@ def test_concurrent_reservations_give_exactly_one_token(ledger_location):
 
 
 @pytest.mark.ray
+@pytest.mark.faults
 def test_ten_concurrent_submissions_start_one_driver(ray_cluster, batch_files):
     path = batch_files(ids=["checkered-star"])
     results, barrier = [], threading.Barrier(10)

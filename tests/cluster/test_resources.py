@@ -69,6 +69,7 @@ def _wait_for(pred, timeout: float, what: str):
 
 
 @pytest.mark.ray
+@pytest.mark.faults
 def test_a_batch_the_cluster_lacks_fails_after_a_bounded_wait_and_holds_nobody_back(
         ray_cluster, tmp_path, tiny_model_dir, sample_manifests):
     ledger = tmp_path / "ledger.sqlite"
@@ -109,6 +110,7 @@ def test_cancel_works_while_a_job_waits_for_resources(ray_cluster, tmp_path, tin
 
 
 @pytest.mark.ray
+@pytest.mark.faults
 def test_a_restarted_service_resumes_unfinished_jobs_by_itself(ray_cluster, tmp_path, batch_files):
     spec = load_batch(batch_files(ids=["checkered-star"]))
     with JobLedger(spec.ledger_path) as led:
