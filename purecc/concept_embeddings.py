@@ -169,7 +169,7 @@ CLIP_ENCODERS = ("text_encoder", "text_encoder_2")      # SD3's CLIP-L and CLIP-
 CLIP_KEYS = ("clip_l", "clip_g")                        # their parts in the embeddings file
 
 
-class ConceptTokens(nn.Module):
+class ConceptTokens(ConceptEmbeddings):
     """Slots of learned trigger tokens for SD3's two CLIP text encoders (recipe ``embeddings: clip-token``).
 
     The newer public code learns one token embedding for CLIP-L and CLIP-G (textual inversion). Here
@@ -185,40 +185,19 @@ class ConceptTokens(nn.Module):
     """
 
     def __init__(self, num_slots: int, dims: tuple[int, int], dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.num_slots, self.dims = num_slots, tuple(int(d) for d in dims)
-        self.storage = nn.Parameter(torch.zeros(num_slots, sum(self.dims), dtype=dtype, device=device),
-                                    requires_grad=False)
-        self.triggers: list[str | None] = [None] * num_slots
-        self._placement: torch.Tensor | None = None
-        self._hooks: list = []
+        # the slot rows, triggers, load_slot and clear_slot are the layer-wise store's: one "block" of width
+        # dim_l + dim_g
+        super().__init__(num_slots, 1, sum(int(d) for d in dims), dtype, device)
+        self.dims = tuple(int(d) for d in dims)
 
     @property
     def shape(self) -> tuple[int]:
         """One concept's tokens: (dim_l + dim_g,)."""
         return (sum(self.dims),)
 
-    @torch.no_grad()
-    def load_slot(self, slot: int, vec: torch.Tensor | None, trigger: str | None) -> None:
-        """Put one concept's (dim_l + dim_g,) token deltas in ``slot`` (None: the slot has none)."""
-        if vec is None:
-            self.storage[slot].zero_()
-            self.triggers[slot] = None
-            return
-        if tuple(vec.shape) != self.shape:
-            raise ValueError(f"clip tokens: expected {self.shape}, got {tuple(vec.shape)}")
-        if not trigger:
-            raise ValueError("clip tokens: a slot with tokens needs its trigger")
-        self.storage[slot].copy_(vec, non_blocking=True)
-        self.triggers[slot] = trigger
-
     def read_slot(self, slot: int) -> torch.Tensor:
         """A detached (dim_l + dim_g,) copy of ``slot``'s tokens."""
         return self.storage[slot].detach().clone()
-
-    def clear_slot(self, slot: int) -> None:
-        """Zero ``slot``'s tokens and forget its trigger."""
-        self.load_slot(slot, None, None)
 
     def split(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
         """A (dim_l + dim_g,) vector as its file parts {"clip_l": (dim_l,), "clip_g": (dim_g,)}."""
