@@ -237,7 +237,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"purecc service ready at http://{args.host}:{args.port}  "
               f"(POST /v1/generate, GET /v1/concepts{batches}, GET /healthz, docs at /docs); Ctrl-C stops it",
               flush=True)
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        # both stop it, whatever the parent left: a shell without job control starts `purecc serve &` with
+        # SIGINT ignored, and Python then installs no Ctrl-C handler of its own (the server never stopped)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _raise_interrupt)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
