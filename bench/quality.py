@@ -120,6 +120,9 @@ METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
                   "layerwise"),
            Method("PureCC (paper), λ (C) extractor", "purecc-paper-extractor", 2, "stage1", "extractor",
                   "layerwise"),
+           Method("PureCC (paper), λ (B) increment", "purecc-paper-increment", 2, "stage1", "increment",
+                  "layerwise"),
+           Method("PureCC (paper), fixed λ = 1", "purecc-paper-fixed", 2, "stage1", "fixed", "layerwise"),
            Method("PureCC (paper), eta 1", "purecc-paper-eta1", 2, "stage1", "adaptive", "layerwise", eta=1.0),
            Method("PureCC (paper), eta 0.5", "purecc-paper-eta05", 2, "stage1", "adaptive", "layerwise", eta=0.5),
            Method("stage 2 without L_pure (eta 0; a control, not PureCC)", "stage2-eta0", 2, "stage1", "adaptive",
@@ -212,7 +215,9 @@ def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig,
         run, stage1 = work / f"seed{seed}" / m.folder, work / f"seed{seed}" / m.stage1_folder
         for i in ids:
             if not (run / i / "stage1").is_dir():
-                shutil.copytree(stage1 / i / "stage1", run / i / "stage1")
+                # without the writers' temporary files: another bench process reusing the same stage-1
+                # run re-exports it (atomic renames) and its temp files come and go while this copies
+                shutil.copytree(stage1 / i / "stage1", run / i / "stage1", ignore=shutil.ignore_patterns(".*.tmp"))
         train_concepts(out=run, stages=(2,), steps={2: cfg.stage2_steps},
                        overrides={**keep, "lr": cfg.stage2_lr, "embeddings": m.embeddings, **m.stage2_overrides},
                        extractor=m.extractor, lambda_mode=m.lambda_mode, **common)
