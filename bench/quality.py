@@ -34,9 +34,10 @@ bench/quality_grid.png.
     python bench/quality.py --quick                    # 1 seed, few steps: a smoke run
     python bench/quality.py --add --methods purecc-paper-eta1   # one more row, merged into the saved scores
 
-The ablations of stage 2's eta (1, 0.5, and 0: a control without L_pure, not PureCC) and of L_pure
-with no gradient through its base-caption branch (``detach_base``, ours) run the paper's recipe from
-the same stage-1 adapters.
+The ablations of the paper's recipe run from the same stage-1 adapters: stage 2's eta (1, 0.5, 0.25,
+0.1, and 0: a control without L_pure, not PureCC), each lambda* candidate with the embeddings ((B),
+(C), and fixed lambda = 1), and L_pure with no gradient through its base-caption branch
+(``detach_base``, ours). ``bench/lambda_trace.py`` shows what each lambda* does along training.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class Method:
     extractor: str = "stage1"
     lambda_mode: str = "fixed"
     embeddings: str = "none"      # "layerwise": stage 1 learns them, stage 2 uses that stage 1's
-    eta: float | None = None      # stage 2's weight of L_pure (None: the recipe's)
+    eta: float = 2.0              # stage 2's weight of L_pure (the seed's 2 unless a row says otherwise)
     detach_base: bool = False     # stage 2 (ours): no gradient through L_pure's base-caption branch
 
     @property
@@ -96,12 +97,11 @@ class Method:
         s1, s2 = stage_recipe(1), stage_recipe(2)
         return (self.stage == 2 and self.embeddings == s1.embeddings == s2.embeddings
                 and (self.extractor, self.lambda_mode) == (s2.extractor, s2.lambda_mode)
-                and self.eta in (None, s2.eta) and self.detach_base == s2.detach_base)
+                and self.eta == s2.eta and self.detach_base == s2.detach_base)
 
     @property
     def stage2_overrides(self) -> dict:
-        return {**({} if self.eta is None else {"eta": self.eta}),
-                **({"detach_base": True} if self.detach_base else {})}
+        return {"eta": self.eta, **({"detach_base": True} if self.detach_base else {})}
 
     @property
     def label(self) -> str:
@@ -116,7 +116,7 @@ class Method:
 
 METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
            Method("DreamBooth LoRA + layer-wise embeddings (stage 1)", "dreambooth-emb", 1, embeddings="layerwise"),
-           Method("PureCC (paper): embeddings, extractor=stage1, adaptive λ", "purecc-paper", 2, "stage1", "adaptive",
+           Method("PureCC (paper): embeddings, extractor=stage1, adaptive λ, eta 2", "purecc-paper", 2, "stage1", "adaptive",
                   "layerwise"),
            Method("PureCC (paper), λ (C) extractor", "purecc-paper-extractor", 2, "stage1", "extractor",
                   "layerwise"),
@@ -125,6 +125,8 @@ METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
            Method("PureCC (paper), fixed λ = 1", "purecc-paper-fixed", 2, "stage1", "fixed", "layerwise"),
            Method("PureCC (paper), eta 1", "purecc-paper-eta1", 2, "stage1", "adaptive", "layerwise", eta=1.0),
            Method("PureCC (paper), eta 0.5", "purecc-paper-eta05", 2, "stage1", "adaptive", "layerwise", eta=0.5),
+           Method("PureCC (paper), eta 0.25", "purecc-paper-eta025", 2, "stage1", "adaptive", "layerwise", eta=0.25),
+           Method("PureCC (paper), eta 0.1", "purecc-paper-eta01", 2, "stage1", "adaptive", "layerwise", eta=0.1),
            Method("stage 2 without L_pure (eta 0; a control, not PureCC)", "stage2-eta0", 2, "stage1", "adaptive",
                   "layerwise", eta=0.0),
            Method("PureCC (paper), base branch detached (ours)", "purecc-paper-detach", 2, "stage1", "adaptive",
