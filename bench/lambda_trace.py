@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -30,9 +29,10 @@ import numpy as np
 import torch
 
 from purecc.local_train import train_concepts
-from purecc.recipe import LAMBDA_MODES, stage_recipe
+from purecc.recipe import LAMBDA_MODES
 from purecc.testbed import world_base_path
-from purecc.testbed.samples import PACKAGED_SAMPLES_DIR, SAMPLE_CONCEPTS
+from purecc.testbed.samples import SAMPLE_CONCEPTS
+from quality import TRAIN_KEEP, Method, copy_stage1, sample_concept_specs   # bench/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,16 +65,13 @@ def summarise(rows: Sequence[dict], eta: float) -> dict:
     return out
 
 
-def trace(mode: str, stage1: Path, seed: int, steps: int, work: Path) -> list[dict]:
-    concepts = [(c.concept_id, c.trigger_word, str(PACKAGED_SAMPLES_DIR / c.concept_id / "manifest.csv"))
-                for c in SAMPLE_CONCEPTS]
+def trace(mode: str, stage1: Path, seed: int, steps: int, eta: float, work: Path) -> list[dict]:
     run = work / mode
     for c in SAMPLE_CONCEPTS:
-        shutil.copytree(stage1 / c.concept_id / "stage1", run / c.concept_id / "stage1",
-                        ignore=shutil.ignore_patterns(".*.tmp"))
+        copy_stage1(stage1, run, c.concept_id)
     log = Collect()
-    train_concepts(model=str(world_base_path()), concepts=concepts, out=run, stages=(2,), steps={2: steps},
-                   overrides={"resolution": 64, "checkpoint_every": 10 ** 6, "embeddings": "layerwise"},
+    train_concepts(model=str(world_base_path()), concepts=sample_concept_specs(), out=run, stages=(2,),
+                   steps={2: steps}, overrides={**TRAIN_KEEP, "embeddings": "layerwise", "eta": eta},
                    extractor="stage1", lambda_mode=mode, seed=seed, progress=False, logger=log)
     return log.rows
 
@@ -85,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--modes", nargs="+", choices=LAMBDA_MODES, default=["adaptive", "increment", "extractor"])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--eta", type=float, default=Method.eta,
+                        help="stage 2's weight of L_pure (default: the bench rows' %(default)s, as recorded)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,10 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --work: no stage-1 run at {stage1} (python bench/quality.py --train-only --seeds "
               f"{args.seed} --methods dreambooth-emb)", file=sys.stderr)
         return 2
-    eta, t0, result = stage_recipe(2).eta, time.perf_counter(), {}
+    eta, t0, result = args.eta, time.perf_counter(), {}
     with tempfile.TemporaryDirectory(prefix="lambda-trace-") as tmp:
         for mode in args.modes:
-            result[mode] = summarise(trace(mode, stage1, args.seed, args.steps, Path(tmp)), eta)
+            result[mode] = summarise(trace(mode, stage1, args.seed, args.steps, eta, Path(tmp)), eta)
     seconds = time.perf_counter() - t0
     print(f"stage 2 of the 5 sample concepts, seed {args.seed}, {args.steps} steps each, eta {eta} "
           f"({seconds / 60:.1f} min)")

@@ -195,17 +195,32 @@ def composition_prompts(a: SampleConcept, b: SampleConcept, n: int) -> list[tupl
 
 # ---------------------------------------------------------------- training
 
+TRAIN_KEEP = {"resolution": 64, "checkpoint_every": 10 ** 6}    # every bench run: 64 px, no mid-run checkpoint
+
+
+def sample_concept_specs() -> list[tuple[str, str, str]]:
+    """The five sample concepts as ``train_concepts`` takes them: (id, trigger, manifest)."""
+    return [(c.concept_id, c.trigger_word, str(PACKAGED_SAMPLES_DIR / c.concept_id / "manifest.csv"))
+            for c in SAMPLE_CONCEPTS]
+
+
+def copy_stage1(src: Path, dst: Path, concept_id: str) -> None:
+    """Copy one concept's stage-1 adapter from run ``src`` to run ``dst`` (the stage-2 run's extractor).
+
+    Without the writers' temporary files: another bench process reusing the same stage-1 run re-exports
+    it (atomic renames) and its temp files come and go while this copies."""
+    shutil.copytree(src / concept_id / "stage1", dst / concept_id / "stage1", ignore=shutil.ignore_patterns(".*.tmp"))
+
+
 def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig,
                   methods: Sequence[Method] = METHODS) -> dict[str, list[Path]]:
     """Train every method for one seed (finished runs are reused); method name -> adapter folders.
 
     Stage 1 is trained once; each PureCC variant gets its own folder holding a copy of the
     stage-1 adapters (its extractor) and its stage-2 adapters."""
-    concepts = [(c.concept_id, c.trigger_word, str(PACKAGED_SAMPLES_DIR / c.concept_id / "manifest.csv"))
-                for c in SAMPLE_CONCEPTS]
     ids = [c.concept_id for c in SAMPLE_CONCEPTS]
-    common = dict(model=str(base), concepts=concepts, seed=seed, progress=False)
-    keep = {"resolution": 64, "checkpoint_every": 10 ** 6}
+    common = dict(model=str(base), concepts=sample_concept_specs(), seed=seed, progress=False)
+    keep = TRAIN_KEEP
     out = {}
     needed = {m.folder for m in methods if m.stage == 1} | {m.stage1_folder for m in methods if m.stage == 2}
     for m in (m for m in METHODS if m.stage == 1 and m.folder in needed):
@@ -217,9 +232,7 @@ def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig,
         run, stage1 = work / f"seed{seed}" / m.folder, work / f"seed{seed}" / m.stage1_folder
         for i in ids:
             if not (run / i / "stage1").is_dir():
-                # without the writers' temporary files: another bench process reusing the same stage-1
-                # run re-exports it (atomic renames) and its temp files come and go while this copies
-                shutil.copytree(stage1 / i / "stage1", run / i / "stage1", ignore=shutil.ignore_patterns(".*.tmp"))
+                copy_stage1(stage1, run, i)
         train_concepts(out=run, stages=(2,), steps={2: cfg.stage2_steps},
                        overrides={**keep, "lr": cfg.stage2_lr, "embeddings": m.embeddings, **m.stage2_overrides},
                        extractor=m.extractor, lambda_mode=m.lambda_mode, **common)
