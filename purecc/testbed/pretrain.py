@@ -14,15 +14,22 @@ The result is written through ``save_pretrained`` (safetensors; transformer and 
 fp16 to keep the folder small), with ``pretrain.json`` (config, step counts, losses, times) and
 ``CHECKSUMS.sha256`` (``sha256sum -c`` format). It loads with ``purecc.model.load_pipeline(folder)``.
 
-    python -m purecc.testbed.pretrain OUT_DIR [--preset cpu|gpu] [--minutes N] [--seed S]
+    python -m purecc.testbed.pretrain OUT_DIR [--preset NAME] [--minutes N] [--seed S] [--init DIR]
 
-Presets: ``cpu`` (default) is sized for one CPU thread (about 30 CPU-minutes; its base draws
-backgrounds, positions and sizes but shapes only at chance); ``gpu`` gave the committed base
-(``--preset gpu --minutes 7`` on one H200; its pretrain.json holds the step counts). ``cpu-4x`` and
-``gpu-4x`` train its successor on a 4x VAE (64 image tokens; ``WORLD_BASE_4X_MODEL``).
-``--minutes N`` times a few steps of each phase first and sets the step counts so the whole
-run fits N minutes on this machine; the planned counts are recorded, and
-``--vae-steps/--vae-full-steps/--steps`` with them reproduce the run. Same machine, same
+Presets: ``gpu-4x`` gave the committed base (``WORLD_BASE_MODEL``: a 4x VAE, 16x16 latents, 64 image
+tokens) in two runs on one H200, the second continuing the first's transformer:
+
+    python -m purecc.testbed.pretrain A --preset gpu-4x --vae-steps 2024 --vae-full-steps 337 --steps 1941
+    python -m purecc.testbed.pretrain OUT --preset gpu-4x --init A --vae-steps 0 --vae-full-steps 0 \
+        --steps 1800 --lr 1e-3
+
+(the first was planned by ``--minutes 8``: 6.6 min; the second took 4.2 min; their reports are
+``bench/results/world_base_4x_gpu_run1_pretrain.json`` and the base's own ``pretrain.json``).
+``cpu-4x`` is the same model sized for this project's 2-core machine (an hour; far too little, see
+bench/RESULTS.md). ``cpu`` and ``gpu`` train the previous base (``WORLD_BASE_8X_MODEL``, 8x VAE, 16 image
+tokens; ``--preset gpu --minutes 7`` on one H200 gave it). ``--minutes N`` times a few steps of each phase
+first and sets the step counts so the whole run fits N minutes on this machine; the planned counts are
+recorded, and ``--vae-steps/--vae-full-steps/--steps`` with them reproduce the run. Same machine, same
 counts, same thread count: the same weights on CPU (on CUDA, as close as cuDNN allows).
 """
 
@@ -51,17 +58,16 @@ from .world_base import write_checksums
 
 REPORT = "pretrain.json"
 
-# The committed base: 64 px -> 8x8x16 latents -> 16 image tokens; hidden 128 (4 heads x 32), 4 blocks,
+# The previous base: 64 px -> 8x8x16 latents -> 16 image tokens; hidden 128 (4 heads x 32), 4 blocks,
 # one with attn2. Its VAE is what limits it: the VAE's round trip alone reads pattern 0.42 (2 px stripes
 # are a quarter of an 8 px latent cell), and the base draws patterns at 0.41.
+WORLD_BASE_8X_MODEL = TinyConfig(seed=0, num_layers=4, dual_attention_layers=(0,), heads=4, head_dim=32,
+                                 clip_hidden=32, clip_layers=2, vae_channels=(16, 16, 32, 64))
+# The committed base: the same transformer on a 4x VAE, 16x16x16 latents -> 8x8 = 64 image tokens (a 4x
+# VAE's round trip reads pattern 0.79, shape 0.97). A training step on CPU costs ~1.2x the 8x base's (the
+# 154 text tokens dominate), rendering ~2x (the VAE decodes at more resolution).
 WORLD_BASE_MODEL = TinyConfig(seed=0, num_layers=4, dual_attention_layers=(0,), heads=4, head_dim=32,
-                              clip_hidden=32, clip_layers=2, vae_channels=(16, 16, 32, 64))
-# Its successor: the same transformer on a 4x VAE, 16x16x16 latents -> 8x8 = 64 image tokens (its VAE's
-# round trip reads pattern 0.79, shape 0.97). Per sample it costs ~1.3x the committed base (text tokens,
-# 154 of them, dominate), so the ``gpu-4x`` preset fits a lent GPU's minutes; one hour on this 2-core
-# machine (``cpu-4x``) is far too little (bench/RESULTS.md, "World base").
-WORLD_BASE_4X_MODEL = TinyConfig(seed=0, num_layers=4, dual_attention_layers=(0,), heads=4, head_dim=32,
-                                 clip_hidden=32, clip_layers=2, vae_channels=(16, 32, 64), max_image_size=256)
+                              clip_hidden=32, clip_layers=2, vae_channels=(16, 32, 64), max_image_size=256)
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class PretrainConfig:
     """Data, VAE and transformer schedules of the world base (the ``cpu`` preset by default)."""
 
     seed: int = 0
-    model: TinyConfig = field(default_factory=lambda: WORLD_BASE_MODEL)
+    model: TinyConfig = field(default_factory=lambda: WORLD_BASE_8X_MODEL)
     device: str = "cpu"
     images: int = 16384               # world images, rendered once (data seed = seed)
     vae_steps: int = 2400             # on vae_crop x vae_crop crops (convolutions do not care)
@@ -90,6 +96,9 @@ class PretrainConfig:
     # Leave the sample concepts' looks (world.CONCEPT_LOOKS) out of the data. Off for the committed
     # base's presets, which were trained before those looks were reserved (so they reproduce it).
     reserve_concept_looks: bool = False
+    # Continue from this saved base (its VAE and transformer; same model config) instead of a fresh
+    # initialisation: a second run with ``vae_steps = vae_full_steps = 0`` trains its transformer further.
+    init: str = ""
 
     def __post_init__(self) -> None:
         checks = {"images": self.images >= self.batch, "vae_steps": self.vae_steps >= 0,
@@ -106,18 +115,20 @@ class PretrainConfig:
 
 PRESETS: dict[str, PretrainConfig] = {
     "cpu": PretrainConfig(),
-    # Larger batches, more data, more steps. The committed base: this preset planned to 7 minutes
-    # on one H200 (`--preset gpu --minutes 7`; its pretrain.json holds the step counts).
+    # Larger batches, more data, more steps. The previous (8x) base: this preset planned to 7 minutes
+    # on one H200 (`--preset gpu --minutes 7`; step counts in bench/results/world_base_8x_pretrain.json).
     "gpu": PretrainConfig(device="cuda", images=65536, vae_steps=6000, vae_full_steps=1000, vae_batch=64,
                           steps=8000, batch=256, warmup=300, ema_decay=0.999),
-    # The 4x-VAE successor. ``cpu-4x``: 59 min on this project's 2-core machine (2 threads); its base
+    # The 4x-VAE model. ``cpu-4x``: 59 min on this project's 2-core machine (2 threads); its base
     # draws patterns and backgrounds but shapes at 0.25 (bench/RESULTS.md). ``gpu-4x``: the committed
-    # base's GPU schedule on the new model, for a lent GPU (``--minutes`` plans the counts to fit).
-    "cpu-4x": PretrainConfig(model=WORLD_BASE_4X_MODEL, images=32768, vae_steps=2400, vae_full_steps=400,
+    # base (two runs on one H200, module docstring).
+    "cpu-4x": PretrainConfig(model=WORLD_BASE_MODEL, images=32768, vae_steps=2400, vae_full_steps=400,
                              steps=1800, threads=2, reserve_concept_looks=True),
-    "gpu-4x": PretrainConfig(model=WORLD_BASE_4X_MODEL, device="cuda", images=65536, vae_steps=6000,
-                             vae_full_steps=1000, vae_batch=64, steps=8000, batch=256, warmup=300, ema_decay=0.999,
-                             reserve_concept_looks=True),
+    # Batch 1024 (the 8x base's 32 ms steps at 256 looked launch-bound): 105 ms a step on an H200, so
+    # 3.3x the time for 4x the samples; lr raised a little with the batch.
+    "gpu-4x": PretrainConfig(model=WORLD_BASE_MODEL, device="cuda", images=65536, vae_steps=6000,
+                             vae_full_steps=1000, vae_batch=64, steps=8000, batch=1024, lr=1.5e-3, warmup=300,
+                             ema_decay=0.999, reserve_concept_looks=True),
 }
 
 
@@ -325,11 +336,15 @@ def pretrain_world_base(out: str | Path, cfg: PretrainConfig = PretrainConfig(),
         raise FileExistsError(f"out: {out} exists and is not empty; refusing to overwrite it")
     quiet_libraries()
     torch.set_num_threads(cfg.threads)
-    if cfg.device == "cuda":  # as reproducible as cuDNN allows
+    if cfg.device == "cuda":  # as reproducible as cuDNN allows; TF32 matmuls (the H200's fp32 path)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        torch.backends.cuda.matmul.allow_tf32 = True
     start, cpu_start = time.monotonic(), time.process_time()
     device = torch.device(cfg.device)
-    pipe = build_tiny_pipeline(cfg.model).to(device)
+    pipe = build_tiny_pipeline(cfg.model)
+    if cfg.init:
+        _load_init(pipe, Path(cfg.init))
+    pipe = pipe.to(device)
     pixels, captions = world_pixels(cfg.seed, cfg.images, cfg.model.sample_size, cfg.reserve_concept_looks)
     pixels = pixels.to(device)
     if minutes:
@@ -353,6 +368,28 @@ def pretrain_world_base(out: str | Path, cfg: PretrainConfig = PretrainConfig(),
               "vae_loss_last100": _tail_mean(vae_losses), "loss_last100": _tail_mean(tr_losses),
               "torch": torch.__version__, "device_name": _device_name(device)}
     return _save(pipe.to("cpu"), out, report)
+
+
+def _load_init(pipe, folder: Path) -> None:
+    """Load a saved base's VAE and transformer (as fp32) into ``pipe``, built from the same model config;
+    its text encoders must equal ``pipe``'s (they are not trained, only rebuilt from the seed)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"init: {folder} is not a saved world base (no model_index.json)")
+    for name, cls in (("transformer", SD3Transformer2DModel), ("vae", AutoencoderKL)):
+        saved = cls.from_pretrained(folder, subfolder=name, torch_dtype=torch.float32)
+        try:
+            getattr(pipe, name).load_state_dict(saved.state_dict())
+        except RuntimeError as exc:
+            raise ValueError(f"init: {folder}'s {name} does not match the preset's model config") from exc
+        if name == "vae":
+            pipe.vae.register_to_config(shift_factor=saved.config.shift_factor,
+                                        scaling_factor=saved.config.scaling_factor)
+    from transformers import CLIPTextModelWithProjection
+    te = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32)
+    if any(not torch.equal(a, b) for a, b in zip(te.state_dict().values(), pipe.text_encoder.state_dict().values())):
+        raise ValueError(f"init: {folder}'s text encoder differs from the one this config builds (another seed?)")
 
 
 def _device_name(device: torch.device) -> str:
@@ -393,8 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vae-full-steps", type=int, default=None, help="VAE steps on whole images")
     parser.add_argument("--steps", type=int, default=None, help="transformer steps")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the preset's)")
+    parser.add_argument("--lr", type=float, default=None, help="transformer peak learning rate")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this saved base (use with --vae-steps 0 --vae-full-steps 0)")
     args = parser.parse_args(argv)
-    counts = {"vae_steps": args.vae_steps, "vae_full_steps": args.vae_full_steps, "steps": args.steps}
+    counts = {"vae_steps": args.vae_steps, "vae_full_steps": args.vae_full_steps, "steps": args.steps,
+              "lr": args.lr, "init": str(args.init) if args.init else None}
     cfg = replace(PRESETS[args.preset], seed=args.seed, threads=args.threads or PRESETS[args.preset].threads,
                   **{k: v for k, v in counts.items() if v is not None})
     t0 = time.monotonic()

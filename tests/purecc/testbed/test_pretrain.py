@@ -100,3 +100,22 @@ def test_pretrain_refuses_a_non_empty_folder_and_bad_config(tmp_path):
         pretrain_world_base(tmp_path / "x", _tiny_cfg(), progress=False)
     with pytest.raises(ValueError, match="vae_crop"):
         replace(_tiny_cfg(), vae_crop=20)
+
+
+def test_pretrain_continues_from_a_saved_base_and_refuses_another_model(tmp_path):
+    """``init``: a second run starts from the first one's weights (the committed base was made so)."""
+    first = pretrain_world_base(tmp_path / "a", _tiny_cfg(), progress=False)
+    cont = replace(_tiny_cfg(), init=str(first), vae_steps=0, vae_full_steps=0, steps=1, lr=1e-12, ema_decay=0.0)
+    second = pretrain_world_base(tmp_path / "b", cont, progress=False)
+    # no VAE steps: the VAE is the first run's, byte for byte; at lr 1e-12 the transformer barely moves
+    assert sha256_file(first / WEIGHTS[1]) == sha256_file(second / WEIGHTS[1])
+    a, b = (load_pipeline(ModelConfig(path=str(p))).transformer.state_dict() for p in (first, second))
+    assert all(np.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+    fresh = pretrain_world_base(tmp_path / "c", replace(cont, init=""), progress=False)
+    c = load_pipeline(ModelConfig(path=str(fresh))).transformer.state_dict()
+    assert not all(np.allclose(a[k].float(), c[k].float(), atol=1e-3) for k in a)
+    other = replace(cont, model=replace(TinyConfig(), vae_channels=(8, 8, 8)))
+    with pytest.raises(ValueError, match="init: .* does not match"):
+        pretrain_world_base(tmp_path / "d", other, progress=False)
+    with pytest.raises(FileNotFoundError, match="init: .* not a saved world base"):
+        pretrain_world_base(tmp_path / "e", replace(cont, init=str(tmp_path)), progress=False)
