@@ -160,7 +160,7 @@ def test_fact_recall_and_total_variation():
 # A short stage 1 (DreamBooth LoRA) on the world base must draw its concept closer to the
 # references than the base does with the same prompts and noise: reader-embedding fidelity.
 FIDELITY_STEPS = 60
-FIDELITY_MIN_GAIN = 0.3  # measured: 0.027 -> 0.719 when committed
+FIDELITY_MIN_GAIN = 0.5  # measured: 0.066 -> 0.947 on the 4x base (0.027 -> 0.719 on the 8x one)
 
 
 def test_customised_model_scores_higher_fidelity_than_the_base(reader, tmp_path):
