@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from purecc.testbed.facts import caption_facts, concept_positions, parse_prompt, scene_facts
@@ -17,10 +18,10 @@ from purecc.testbed.train_reader import EVAL_SEED0, TRAIN_SEED0, ReaderTraining,
 from purecc.testbed.world import POSITION_PHRASES, world_batch
 
 # Accuracy of the committed reader on world images it never saw (seeds far from training's).
-# Measured when committed (256 images): background 1.0, present 1.0, shape 0.995, colour 0.998,
-# pattern 0.918, size 0.998; patterns are the hard part (small dotted vs solid objects).
+# Measured when committed (256 images): background, present, shape, colour and size 1.0, pattern 0.998
+# (the reader before, 2400 steps without the continuation: pattern 0.918, mostly striped vs checkered).
 READER_MIN_ACCURACY = {"background": 0.97, "present": 0.97, "shape": 0.97, "color": 0.97,
-                       "pattern": 0.88, "size": 0.97}
+                       "pattern": 0.97, "size": 0.97}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,19 @@ def test_reader_refuses_tampered_weights(tmp_path):
     (folder / "reader.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         load_reader(folder)
+
+
+def test_reader_training_continues_a_saved_reader(reader):
+    from purecc.testbed.train_reader import train_reader
+
+    # at lr 0 the continued reader is the saved one, weight for weight; at a real lr it moves away
+    kept, losses = train_reader(ReaderTraining(steps=2, batch=4, lr=0.0, seed=1, init=str(world_metric_path())),
+                                progress=False)
+    moved, _ = train_reader(ReaderTraining(steps=2, batch=4, lr=1e-3, seed=1, init=str(world_metric_path())),
+                            progress=False)
+    saved = reader.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in kept.state_dict().items()) and len(losses) == 2
+    assert any(not torch.equal(v, saved[k]) for k, v in moved.state_dict().items())
 
 
 # ---------------------------------------------------------------- metrics
@@ -160,7 +174,7 @@ def test_fact_recall_and_total_variation():
 # A short stage 1 (DreamBooth LoRA) on the world base must draw its concept closer to the
 # references than the base does with the same prompts and noise: reader-embedding fidelity.
 FIDELITY_STEPS = 60
-FIDELITY_MIN_GAIN = 0.5  # measured: 0.066 -> 0.947 on the 4x base (0.027 -> 0.719 on the 8x one)
+FIDELITY_MIN_GAIN = 0.5  # measured: 0.148 -> 0.961 on the 4x base (0.027 -> 0.719 on the 8x base, earlier reader)
 
 
 def test_customised_model_scores_higher_fidelity_than_the_base(reader, tmp_path):
