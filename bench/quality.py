@@ -543,13 +543,15 @@ def setup_lines(base: Path, reader_dir: Path | None, recall: dict[str, float]) -
     pre = json.loads((base / "pretrain.json").read_text())
     acc = json.loads(((reader_dir or world_metric_path()) / "reader.json").read_text())["report"]["accuracy_clean"]
     c = pre["config"]
-    continued = (f" continuing an earlier run's base (`--init`; the committed base's first run is "
-                 f"`bench/results/world_base_4x_gpu_run1_pretrain.json`)" if c.get("init") else "")
+    first_run = ("; the committed base's first run is `bench/results/world_base_4x_gpu_run1_pretrain.json`"
+                 if base.resolve() == world_base_path().resolve() else "")
+    continued = f" continuing an earlier run's base (`--init`{first_run})" if c.get("init") else ""
     return [
         f"World base: {c['steps']} transformer steps (batch {c['batch']}) and {c['vae_steps']}+"
         f"{c['vae_full_steps']} VAE steps on {c['images']} world images{continued}, "
-        f"{pre['seconds']['total'] / 60:.1f} min on {pre['device_name']}. What it draws for fresh world captions (share of facts the reader sees as "
-        "asked; chance is about 1/7 background, 1/6 shape, 1/7 colour, 1/4 pattern, 1/2 size): "
+        f"{pre['seconds']['total'] / 60:.1f} min on {pre['device_name']}. "
+        "What it draws for fresh world captions (share of facts the reader sees as asked; "
+        "chance is about 1/7 background, 1/6 shape, 1/7 colour, 1/4 pattern, 1/2 size): "
         + ", ".join(f"{k} {v:.2f}" for k, v in recall.items()) + ".",
         "World reader accuracy on fresh world renders: " + ", ".join(
             f"{k} {v:.3f}" for k, v in sorted(acc.items()) if k != "all_facts") + ".", ""]

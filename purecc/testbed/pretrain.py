@@ -65,7 +65,7 @@ WORLD_BASE_8X_MODEL = TinyConfig(seed=0, num_layers=4, dual_attention_layers=(0,
                                  clip_hidden=32, clip_layers=2, vae_channels=(16, 16, 32, 64))
 # The committed base: the same transformer on a 4x VAE, 16x16x16 latents -> 8x8 = 64 image tokens (a 4x
 # VAE's round trip reads pattern 0.79, shape 0.97). A training step on CPU costs ~1.2x the 8x base's (the
-# 154 text tokens dominate), rendering ~2x (the VAE decodes at more resolution).
+# 154 text tokens dominate), rendering 1.3x (bench/RESULTS.md, "World base").
 WORLD_BASE_MODEL = TinyConfig(seed=0, num_layers=4, dual_attention_layers=(0,), heads=4, head_dim=32,
                               clip_hidden=32, clip_layers=2, vae_channels=(16, 32, 64), max_image_size=256)
 

@@ -20,7 +20,7 @@ from purecc.tiny import TinyConfig
 # The committed base must draw what a caption asks: the share of a caption's facts (shape,
 # colour, pattern, size, position of every object, and the background) that the committed
 # reader sees in the base's picture, over 16 world captions it was not trained on.
-BASE_MIN_ALIGNMENT = 0.82  # measured 0.940 on the committed 4x base (0.921 with the earlier reader; 0.819 on the 8x base)
+BASE_MIN_ALIGNMENT = 0.82  # measured 0.940 on the 4x base (0.921 with the earlier reader; 0.819 on the 8x base)
 # ...and with the captions shuffled between pictures the same score must collapse.
 BASE_MAX_SHUFFLED = 0.2  # measured 0.069 (0.076 on the 8x base)
 
