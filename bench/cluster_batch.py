@@ -3,7 +3,8 @@
     1x1   one training at a time, one concept per pack      (4 concepts)
     2x1   two trainings at a time, one concept per pack     (4 concepts)
     1x4   one training at a time, the 4 concepts in a pack  (4 concepts)
-    demo  the demo's batch: 3 concepts, one per pack, two at a time, 60 + 40 steps (services/demo.py)
+    demo  the demo's own batch (services/demo.py: its world base, 3 concepts, one per pack, two at a
+          time, its steps and learning rates)
     12x   12 concepts, packs of 4, two at a time
 
     .venv/bin/python bench/cluster_batch.py [--steps 30] [--num-cpus 2] [--mode both|whole|per-stage]
@@ -35,8 +36,6 @@ from pathlib import Path
 
 # name -> (max concurrent runs, concepts per pack, concepts)
 CONFIGS = {"1x1": (1, 1, 4), "2x1": (2, 1, 4), "1x4": (1, 4, 4), "demo": (2, 1, 3), "12x": (2, 4, 12)}
-# the demo's own knobs (services/demo.py, FULL): steps per stage, checkpoints, half a CPU per worker
-DEMO = {"steps1": 60, "steps2": 40, "checkpoint_every": 20, "cpus_per_worker": 0.5}
 
 
 def make_data(root: Path) -> tuple[Path, list[dict]]:
@@ -54,16 +53,24 @@ def make_data(root: Path) -> tuple[Path, list[dict]]:
     return model, concepts
 
 
-def batch(model: Path, storage: Path, concepts: list[dict], concurrent: int, pack: int, steps: int,
-          demo: bool = False) -> dict:
+def batch(model: Path, storage: Path, concepts: list[dict], concurrent: int, pack: int, steps: int) -> dict:
     every = max(1, steps // 3)
-    s1, s2, cpus = (DEMO["steps1"], DEMO["steps2"], DEMO["cpus_per_worker"]) if demo else (steps, steps, 1)
-    every = DEMO["checkpoint_every"] if demo else every
     return {"name": "bench", "base_model": str(model), "storage": str(storage),
-            "resources": {"cpus_per_worker": cpus, "concepts_per_pack": pack, "max_concurrent": concurrent},
-            "defaults": {"resolution": 64, "stage1": {"steps": s1, "grad_accum": 1, "checkpoint_every": every},
-                         "stage2": {"steps": s2, "checkpoint_every": every}},
+            "resources": {"cpus_per_worker": 1, "concepts_per_pack": pack, "max_concurrent": concurrent},
+            "defaults": {"resolution": 64, "stage1": {"steps": steps, "grad_accum": 1, "checkpoint_every": every},
+                         "stage2": {"steps": steps, "checkpoint_every": every}},
             "concepts": concepts}
+
+
+def demo_batch(root: Path) -> dict:
+    """What ``purecc demo`` submits, written by the demo itself (its base model, concepts and knobs)."""
+    import yaml
+
+    from services.demo import DemoPlan, _base_model, write_batch
+
+    plan = DemoPlan(out=root, quick=False, port=0)
+    model, _ = _base_model(root)
+    return yaml.safe_load(write_batch(plan, model).read_text())
 
 
 def run_config(name: str, root: Path, model: Path, concepts: list[dict], steps: int,
@@ -74,8 +81,11 @@ def run_config(name: str, root: Path, model: Path, concepts: list[dict], steps: 
 
     concurrent, pack, n = CONFIGS[name]
     os.environ["PURECC_RUN_PER_STAGE"] = "1" if mode == "per-stage" else "0"
-    spec = validate_batch(batch(model, root / f"store-{name}-{mode}", concepts[:n], concurrent, pack, steps,
-                                 demo=name == "demo"))
+    storage = root / f"store-{name}-{mode}"
+    if name == "demo":
+        spec = validate_batch({**demo_batch(root / f"demo-{mode}"), "storage": str(storage)})
+    else:
+        spec = validate_batch(batch(model, storage, concepts[:n], concurrent, pack, steps))
     t0 = time.perf_counter()
     result = api.submit(spec)
     wall = time.perf_counter() - t0

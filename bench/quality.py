@@ -90,6 +90,8 @@ class Method:
     embeddings: str = "none"      # "layerwise": stage 1 learns them, stage 2 uses that stage 1's
     eta: float = 2.0              # stage 2's weight of L_pure (the seed's 2 unless a row says otherwise)
     detach_base: bool = False     # stage 2 (ours): no gradient through L_pure's base-caption branch
+    stage2_steps: int | None = None       # stage 2's steps and accumulation, where not the bench's (800 x 1)
+    stage2_grad_accum: int | None = None
 
     @property
     def is_default(self) -> bool:
@@ -97,11 +99,13 @@ class Method:
         s1, s2 = stage_recipe(1), stage_recipe(2)
         return (self.stage == 2 and self.embeddings == s1.embeddings == s2.embeddings
                 and (self.extractor, self.lambda_mode) == (s2.extractor, s2.lambda_mode)
-                and self.eta == s2.eta and self.detach_base == s2.detach_base)
+                and self.eta == s2.eta and self.detach_base == s2.detach_base
+                and self.stage2_steps is None and self.stage2_grad_accum is None)
 
     @property
     def stage2_overrides(self) -> dict:
-        return {"eta": self.eta, **({"detach_base": True} if self.detach_base else {})}
+        return {"eta": self.eta, **({"detach_base": True} if self.detach_base else {}),
+                **({"grad_accum": self.stage2_grad_accum} if self.stage2_grad_accum else {})}
 
     @property
     def label(self) -> str:
@@ -131,6 +135,10 @@ METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
                   "layerwise", eta=0.0),
            Method("PureCC (paper), base branch detached (ours)", "purecc-paper-detach", 2, "stage1", "adaptive",
                   "layerwise", detach_base=True),
+           Method("PureCC (paper), eta 0.1, base branch detached (ours)", "purecc-paper-eta01-detach", 2, "stage1",
+                  "adaptive", "layerwise", eta=0.1, detach_base=True),
+           Method("PureCC (paper), eta 0.1, stage 2 at stage 1's budget (1000 x 4)", "purecc-paper-eta01-long", 2,
+                  "stage1", "adaptive", "layerwise", eta=0.1, stage2_steps=1000, stage2_grad_accum=4),
            Method("PureCC, extractor=stage1", "purecc-stage1", 2, "stage1"),
            Method("PureCC, extractor=base", "purecc-base", 2, "base"),
            Method("PureCC, extractor=stage1, adaptive λ", "purecc-stage1-adaptive", 2, "stage1", "adaptive"),
@@ -233,7 +241,9 @@ def train_methods(base: Path, work: Path, seed: int, cfg: BenchConfig,
         for i in ids:
             if not (run / i / "stage1").is_dir():
                 copy_stage1(stage1, run, i)
-        train_concepts(out=run, stages=(2,), steps={2: cfg.stage2_steps},
+        # a row's own budget holds at the bench's default steps; --quick or --stage2-steps set every row's
+        own = m.stage2_steps and cfg.stage2_steps == BenchConfig.stage2_steps
+        train_concepts(out=run, stages=(2,), steps={2: m.stage2_steps if own else cfg.stage2_steps},
                        overrides={**keep, "lr": cfg.stage2_lr, "embeddings": m.embeddings, **m.stage2_overrides},
                        extractor=m.extractor, lambda_mode=m.lambda_mode, **common)
         out[m.name] = [run / i / "stage2" for i in ids]
@@ -565,6 +575,12 @@ def report(cfg: BenchConfig, setup: list[str], rows, extra_a, extra_b, ceiling: 
                f"Mean over training seeds of (method − DreamBooth) on the same seed, with its 95% t interval; "
                f"`*` where the interval excludes 0 ({len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}).", "",
                paired_table(rows, reference), ""] if len(rows) > 1 else [])
+    default = next((name for name in rows if name.endswith("(default)")), None)
+    if default is not None and len(rows) > 2:   # the rule picks the default among the rows: how each compares
+        paired += ["### Paired per-seed differences to the default", "",
+                   "Mean over training seeds of (method − the shipped default) on the same seed, with its 95% t "
+                   "interval; `*` where the interval excludes 0.", "",
+                   paired_table(rows, default), ""]
     return "\n".join([
         SECTION, "", *setup,
         f"`{command}` on the committed world base (`purecc/testbed/assets/world-base`), "
