@@ -36,8 +36,10 @@ bench/quality_grid.png.
 
 The ablations of the paper's recipe run from the same stage-1 adapters: stage 2's eta (1, 0.5, 0.25,
 0.1, and 0: a control without L_pure, not PureCC), each lambda* candidate with the embeddings ((B),
-(C), and fixed lambda = 1), and L_pure with no gradient through its base-caption branch
-(``detach_base``, ours). ``bench/lambda_trace.py`` shows what each lambda* does along training.
+(C), and fixed lambda = 1), L_pure with no gradient through its base-caption branch
+(``detach_base``, ours; at eta 2 and at eta 0.1), and eta 0.1 with stage 2 given stage 1's budget
+(1000 steps x 4 where the seed gives 800 x 1). ``bench/lambda_trace.py`` shows what each lambda* does
+along training.
 """
 
 from __future__ import annotations
