@@ -92,7 +92,8 @@ def stage2_loss(v_full: torch.Tensor, v_base: torch.Tensor, r_tar: torch.Tensor,
                 r_prompt: torch.Tensor | None = None, r_base: torch.Tensor | None = None,
                 detach_base: bool = False) -> dict[str, torch.Tensor]:
     """``L = L_CC + eta * L_pure`` per sample; gradients flow through both ``v_full`` and ``v_base``
-    (``detach_base``, ours: through ``v_full`` only, so the base caption's branch is never trained).
+    as the paper's loss reads (``detach_base``, ours and the recipe's default: through ``v_full`` only, so
+    the base caption's branch is never trained).
 
     ``r_prompt``/``r_base``: the extractor on ``prompt`` and ``base_prompt`` (needed by
     ``lambda_mode="extractor"`` only). Besides the losses and ``lambda`` it returns ``cos_r``, the

@@ -23,22 +23,25 @@ EmbeddingForm = Literal["none", "layerwise", "clip-token"]
 
 
 # Why these defaults (bench/RESULTS.md, "Quality" and "Quality: reading"; issue 13's rule: the best PureCC
-# variant by preservation among those whose fidelity is at least 0.95x DreamBooth's). Measured on the previous
-# (8x) world base, 3 training seeds; on the committed 4x base eta 0.1 again beats eta 2 on preservation (b)
-# (paired: unrelated +0.044 [+0.008, +0.079], class word +0.061 [+0.046, +0.076]) at fidelity 0.99x
-# DreamBooth's, and again does not beat DreamBooth itself (every paired interval spans 0). The paper's
-# reading -- layer-wise embeddings learned in stage 1, the whole stage-1 model (LoRA + embeddings) as
-# extractor, lambda* (A) adaptive -- keeps DreamBooth's fidelity and preserves more than the other PureCC
-# variants measured: the public code's (bare-base extractor, lambda = 1) loses 40% of
-# fidelity, and the same recipe without embeddings preserves less on every preservation column. It does not
-# beat DreamBooth on every preservation column (see the paired table), so the claim stops there. Its eta
-# is 0.1, not the seed's 2: measured at 2, 1, 0.5, 0.25 and 0.1 from the same stage-1 adapters, preservation
-# (b) rises as eta falls, and eta 0.1 preserves prompts without the trigger better than eta 2 (paired, 3
-# seeds: unrelated +0.029 [+0.021, +0.037], class word +0.044 [+0.014, +0.073]) at the same fidelity (+0.004
-# [-0.012, +0.020]) and (a) (facts +0.007 [-0.015, +0.029], PSNR -0.46 [-1.12, +0.19] dB). lambda* (B) and (C)
-# measure within noise of (A) (lambda* is clamped to 0 on 54-72% of steps, bench/lambda_trace.py), fixed
-# lambda = 1 loses 26% of fidelity. eta 0 (stage 2 without L_pure: not PureCC, so outside the rule) preserves
-# prompts without the trigger better still; users can set it; RESULTS.md's reading says so.
+# variant by preservation among those whose fidelity is at least 0.95x DreamBooth's). Measured on the committed
+# 4x world base, 3 training seeds, paired per seed. The paper's reading -- layer-wise embeddings learned in
+# stage 1, the whole stage-1 model (LoRA + embeddings) as extractor, lambda* (A) adaptive -- with two changes:
+# - eta 0.1, not the seed's 2: eta 0.1 preserves prompts without the trigger better than eta 2 (unrelated
+#   +0.044 [+0.008, +0.079], class word +0.061 [+0.046, +0.076]; on the 8x base too, with eta 1, 0.5, 0.25
+#   between them) at the same fidelity;
+# - detach_base (ours, not the paper's): no gradient through L_pure's base-caption branch. With it, eta 0.1
+#   preserves more than with the paper's gradient (class word +0.100 [+0.072, +0.128], unrelated +0.072
+#   [-0.015, +0.158]) at the same fidelity (-0.005 [-0.021, +0.010]) and (a) (-0.001 [-0.079, +0.077]), and
+#   more than DreamBooth (unrelated +0.103 [+0.010, +0.197], class word +0.129 [+0.096, +0.162]) at 0.99x its
+#   fidelity. Why: lambda* is clamped to 0 on most steps (bench/lambda_trace.py), so L_pure is nearly
+#   ||v_full - v_base||^2, and its gradient through v_base trains the LoRA on the caption without the trigger
+#   towards the concept's prediction. (At eta 2, detach_base learned the concept at 0.68x DreamBooth's fidelity
+#   on the 8x base: the pull of v_full towards the base is then too strong.)
+# It measures like the eta-0 control (stage 2 without L_pure, not PureCC) on every column: on this testbed
+# L_pure at this weight adds nothing measurable, and preservation (a) is level with DreamBooth's, so issue 13's
+# bar is not met. On the previous 8x base: the public code's recipe (bare-base extractor, lambda = 1) lost 40%
+# of fidelity, fixed lambda = 1 with the stage-1 extractor 26%, and lambda* (B) and (C) measured like (A).
+# `detach_base: false` gives the paper's gradient back, `eta: 2` the seed's weight.
 @dataclass(frozen=True)
 class StageRecipe:
     """One stage's hyper-parameters. Defaults are stage 1's; use ``stage_recipe(2)`` for stage 2."""
@@ -59,9 +62,9 @@ class StageRecipe:
     lambda_mode: str = "adaptive"    # stage 2: one of losses.LAMBDA_MODES (what each means: there)
     lambda_value: float = 1.0
     lambda_max: float = 2.0
-    # ours, not the paper's (an ablation): no gradient through the base-caption branch of L_pure, so
-    # that L_pure never trains the LoRA on the caption without the trigger
-    detach_base: bool = False
+    # ours, not the paper's: no gradient through the base-caption branch of L_pure, so that L_pure never
+    # trains the LoRA on the caption without the trigger (why it is the default: above)
+    detach_base: bool = True
     extractor: str = "stage1"        # stage 2: "stage1" (base + stage-1 LoRA) or "base"
     resolution: int = 512
     crop: str = "center"
@@ -122,7 +125,7 @@ STAGE2_DEFAULTS = dict(stage=2, steps=800, lr=1e-4, grad_accum=1, precondition=F
 
 def stage_recipe(stage: int, **overrides) -> StageRecipe:
     """The seed's recipe for ``stage`` (1: lr 4e-4, 1000 steps, 1 x 4; 2: lr 1e-4, 800 steps; eta 0.1
-    where the seed has 2: the comment above ``StageRecipe`` says why)."""
+    where the seed has 2, and L_pure's base branch detached: the comment above ``StageRecipe`` says why)."""
     base = StageRecipe() if stage == 1 else StageRecipe(**STAGE2_DEFAULTS)
     if "betas" in overrides:
         overrides["betas"] = tuple(overrides["betas"])
@@ -157,8 +160,8 @@ class StageFields(_Strict):
     lambda_mode: LambdaMode | None = Field(None, description="stage 2: how lambda* is chosen")
     lambda_value: float | None = Field(None, ge=0, description="stage 2: the fixed lambda")
     lambda_max: float | None = Field(None, ge=0, description="stage 2: the adaptive lambda's bound")
-    detach_base: bool | None = Field(None, description="stage 2 (ours, an ablation): no gradient through the "
-                                     "base-caption branch of L_pure")
+    detach_base: bool | None = Field(None, description="stage 2 (ours; default true): no gradient through the "
+                                     "base-caption branch of L_pure (false: the paper's gradient)")
     extractor: Literal["stage1", "base"] | None = Field(None, description="stage 2: the frozen extractor")
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
     crop: Literal["center", "random"] | None = Field(None, description="crop of the training images")
