@@ -106,7 +106,8 @@ class Method:
 
     @property
     def stage2_overrides(self) -> dict:
-        return {"eta": self.eta, **({"detach_base": True} if self.detach_base else {}),
+        # detach_base always named: a row without it is the paper's gradient, whatever the recipe's default
+        return {"eta": self.eta, "detach_base": self.detach_base,
                 **({"grad_accum": self.stage2_grad_accum} if self.stage2_grad_accum else {})}
 
     @property
