@@ -37,8 +37,11 @@ bench/quality_grid.png.
 The ablations of the paper's recipe run from the same stage-1 adapters: stage 2's eta (1, 0.5, 0.25,
 0.1, and 0: a control without L_pure, not PureCC), each lambda* candidate with the embeddings ((B),
 (C), and fixed lambda = 1), L_pure with no gradient through its base-caption branch
-(``detach_base``, ours; at eta 2 and at eta 0.1), and eta 0.1 with stage 2 given stage 1's budget
-(1000 steps x 4 where the seed gives 800 x 1). ``bench/lambda_trace.py`` shows what each lambda* does
+(``detach_base``, ours; at eta 2, 0.5 and 0.1, and at 0.1 with the embeddings trained further in stage
+2), R taken against the target caption without the trigger (``r_reference: class``, ours: R then carries
+what the concept adds to its class word, not the class's shape or a background; fixed lambda = 1 at eta 1
+and 0.25, detached), and eta 0.1 with stage 2 given stage 1's budget (1000 steps x 4 where the seed gives
+800 x 1). ``bench/lambda_trace.py`` shows what each lambda* does
 along training.
 """
 
@@ -94,6 +97,8 @@ class Method:
     detach_base: bool = False     # stage 2 (ours): no gradient through L_pure's base-caption branch
     stage2_steps: int | None = None       # stage 2's steps and accumulation, where not the bench's (800 x 1)
     stage2_grad_accum: int | None = None
+    train_embeddings: bool = False        # stage 2: stage 1's embeddings trained further (the recipe's default: frozen)
+    r_reference: str = "empty"            # stage 2: R against "" (the paper's) or the class caption (ours)
 
     @property
     def is_default(self) -> bool:
@@ -102,12 +107,15 @@ class Method:
         return (self.stage == 2 and self.embeddings == s1.embeddings == s2.embeddings
                 and (self.extractor, self.lambda_mode) == (s2.extractor, s2.lambda_mode)
                 and self.eta == s2.eta and self.detach_base == s2.detach_base
+                and self.train_embeddings == s2.train_embeddings and self.r_reference == s2.r_reference
                 and self.stage2_steps is None and self.stage2_grad_accum is None)
 
     @property
     def stage2_overrides(self) -> dict:
         # detach_base always named: a row without it is the paper's gradient, whatever the recipe's default
         return {"eta": self.eta, "detach_base": self.detach_base,
+                **({"train_embeddings": True} if self.train_embeddings else {}),
+                **({"r_reference": self.r_reference} if self.r_reference != "empty" else {}),
                 **({"grad_accum": self.stage2_grad_accum} if self.stage2_grad_accum else {})}
 
     @property
@@ -142,6 +150,17 @@ METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
                   "adaptive", "layerwise", eta=0.1, detach_base=True),
            Method("PureCC (paper), eta 0.1, stage 2 at stage 1's budget (1000 x 4)", "purecc-paper-eta01-long", 2,
                   "stage1", "adaptive", "layerwise", eta=0.1, stage2_steps=1000, stage2_grad_accum=4),
+           Method("PureCC (paper), eta 0.5, base branch detached (ours)", "purecc-paper-eta05-detach", 2, "stage1",
+                  "adaptive", "layerwise", eta=0.5, detach_base=True),
+           Method("PureCC (paper), eta 0.1, base branch detached, embeddings trained in stage 2",
+                  "purecc-paper-eta01-detach-emb", 2, "stage1", "adaptive", "layerwise", eta=0.1, detach_base=True,
+                  train_embeddings=True),
+           Method("PureCC, R against the class caption (ours), fixed λ = 1, eta 1, base branch detached",
+                  "purecc-classr-fixed-eta1", 2, "stage1", "fixed", "layerwise", eta=1.0, detach_base=True,
+                  r_reference="class"),
+           Method("PureCC, R against the class caption (ours), fixed λ = 1, eta 0.25, base branch detached",
+                  "purecc-classr-fixed-eta025", 2, "stage1", "fixed", "layerwise", eta=0.25, detach_base=True,
+                  r_reference="class"),
            Method("PureCC, extractor=stage1", "purecc-stage1", 2, "stage1"),
            Method("PureCC, extractor=base", "purecc-base", 2, "base"),
            Method("PureCC, extractor=stage1, adaptive λ", "purecc-stage1-adaptive", 2, "stage1", "adaptive"),

@@ -48,6 +48,9 @@ class ConceptRow:
     base_prompt: str
     target_prompt: str
     instance_word: str
+    # ``target_prompt`` without the placeholder: what the extractor's R is taken against when a stage-2
+    # recipe asks for ``r_reference: class`` (derived, so the content hash does not need it)
+    class_prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ def _parse_row(path: Path, i: int, raw: dict, trigger: str, max_pixels: int) -> 
         return text.replace(PLACEHOLDER, trigger)
 
     return ConceptRow(image_path=image, prompt=sub(raw["prompt"]), base_prompt=sub(raw["base_prompt"]),
-                      target_prompt=sub(raw["target_prompt"]), instance_word=sub(raw["instance_word"]))
+                      target_prompt=sub(raw["target_prompt"]), instance_word=sub(raw["instance_word"]),
+                      class_prompt=" ".join(raw["target_prompt"].replace(PLACEHOLDER, " ").split()))
 
 
 def _image_path(manifest: Path, value: str) -> Path:

@@ -19,6 +19,7 @@ LambdaMode = Literal["fixed", "adaptive", "increment", "extractor"]
 # Concept embeddings (purecc/concept_embeddings.py): "none" (the older public recipe), "layerwise"
 # (the paper's Y^1..Y^L) or "clip-token" (the newer public code's learned token in CLIP-L and CLIP-G).
 EMBEDDING_FORMS = ("none", "layerwise", "clip-token")
+R_REFERENCES = ("empty", "class")
 EmbeddingForm = Literal["none", "layerwise", "clip-token"]
 
 
@@ -65,6 +66,10 @@ class StageRecipe:
     # ours, not the paper's: no gradient through the base-caption branch of L_pure, so that L_pure never
     # trains the LoRA on the caption without the trigger (why it is the default: above)
     detach_base: bool = True
+    # what R subtracts from the extractor on the target caption: "empty", the paper's R = v_ext(y_tar) -
+    # v_ext(""); or "class" (ours): v_ext(y_tar) - v_ext(y_tar without the trigger), so R carries only what
+    # the concept adds to its class word, not the class's shape or a background
+    r_reference: str = "empty"
     extractor: str = "stage1"        # stage 2: "stage1" (base + stage-1 LoRA) or "base"
     resolution: int = 512
     crop: str = "center"
@@ -92,7 +97,7 @@ class StageRecipe:
         checks = {
             "stage": self.stage in (1, 2), "steps": self.steps >= 1, "lr": self.lr > 0,
             "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
-            "lambda_mode": self.lambda_mode in LAMBDA_MODES,
+            "lambda_mode": self.lambda_mode in LAMBDA_MODES, "r_reference": self.r_reference in R_REFERENCES,
             "extractor": self.extractor in ("stage1", "base"), "eta": self.eta >= 0,
             "resolution": self.resolution >= 16 and self.resolution % 16 == 0,
             "rank": self.rank >= 1, "checkpoint_every": self.checkpoint_every >= 1,
@@ -162,6 +167,9 @@ class StageFields(_Strict):
     lambda_max: float | None = Field(None, ge=0, description="stage 2: the adaptive lambda's bound")
     detach_base: bool | None = Field(None, description="stage 2 (ours; default true): no gradient through the "
                                      "base-caption branch of L_pure (false: the paper's gradient)")
+    r_reference: Literal["empty", "class"] | None = Field(
+        None, description="stage 2: what R subtracts, the extractor on the empty caption (the paper's) or on the "
+                          "target caption without the trigger (ours)")
     extractor: Literal["stage1", "base"] | None = Field(None, description="stage 2: the frozen extractor")
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=16, description="training resolution")
     crop: Literal["center", "random"] | None = Field(None, description="crop of the training images")

@@ -200,6 +200,9 @@ class PackTrainer:
         embs = self.bank.embeddings
         for i, job in enumerate(self.jobs):
             latents, emb, *rest = data[job.concept_id]
+            if self.stage == 2 and job.recipe.r_reference == "class" and "class_prompt" not in emb:
+                raise ValueError(f"{job.concept_id}: r_reference 'class' needs the embeddings of the "
+                                 "class_prompt column (the target caption without the trigger)")
             masks = rest[0] if rest else {}
             prompts = rest[1] if len(rest) > 1 else {}
             if isinstance(latents, torch.Tensor):      # precomputed means only (benchmarks)
@@ -285,6 +288,8 @@ class PackTrainer:
         pre = Preprocess(resolution=rec.resolution, crop=rec.crop, flip_prob=rec.flip_prob)
         latents = concept_latent_moments(manifest, self.pipe.vae, pre, seed=job.seed, cache_dir=self.cache_dir)
         cols = ("prompt", "base_prompt", "target_prompt") if self.stage == 2 else ("prompt",)
+        if self.stage == 2 and rec.r_reference == "class":
+            cols += ("class_prompt",)
         prompts = {c: [getattr(r, c) for r in manifest.rows] for c in cols}
         emb = {c: self._encode(p) for c, p in prompts.items()}
         masks = {c: trigger_positions(self.pipe, p, job.trigger, rec.max_sequence_length) for c, p in prompts.items()}
@@ -413,28 +418,53 @@ class PackTrainer:
         b = x_t.shape[0]
         (ep, pp, mp), (eb, pb, mb), (et, pt, mt) = emb("prompt"), emb("base_prompt"), emb("target_prompt")
         cat_masks = (lambda *ms: None if ms[0] is None else torch.cat(ms))
-        xx, ss = torch.cat([x_t, x_t]), torch.cat([sigma, sigma])
-        v = self._forward(xx, ss, torch.cat([ep, eb]), torch.cat([pp, pb]), train_slots * 2, cat_masks(mp, mb))
         ext_slots = [c.extractor_slot for c, d in zip(active, draws) for _ in d.rows]
+        # when every concept detaches the base caption's branch, that branch needs no graph: it joins the
+        # extractor's no-grad call (routed to the trainable slots, row by row), and the backward pass covers
+        # the complete caption's rows only, a quarter less stage-2 compute; a pack that mixes the two
+        # gradients keeps both branches in the graph (stage2_loss detaches per concept)
+        base_in_graph = not all(c.job.recipe.detach_base for c in active)
+        if base_in_graph:
+            v = self._forward(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([ep, eb]),
+                              torch.cat([pp, pb]), train_slots * 2, cat_masks(mp, mb))
+            v_full, v_base = v[:b], v[b:]
+        else:
+            v_full = self._forward(x_t, sigma, ep, pp, train_slots, mp)
         e0, p0 = self.empty
+
+        def reference(c: _Concept, d: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+            """What R subtracts, per row: "" (the paper's), or the target caption without the trigger."""
+            if c.job.recipe.r_reference == "class":
+                e, q = c.emb["class_prompt"]
+                return e[d.rows].to(self.device), q[d.rows].to(self.device)
+            return e0.expand(len(d.rows), -1, -1), p0.expand(len(d.rows), -1)
+
+        refs = [reference(c, d) for c, d in zip(active, draws)]
         # lambda_mode "extractor" also needs the extractor on prompt and base_prompt: two more passes,
         # in the same batched call, only when a concept of the pack asks for it
         m0 = None if mt is None else torch.zeros_like(mt)
-        conds = [(et, pt, mt), (e0.expand(b, -1, -1), p0.expand(b, -1), m0)]
-        if any(c.job.recipe.lambda_mode == "extractor" for c in active):
+        conds = [(et, pt, mt), (torch.cat([e for e, _ in refs]), torch.cat([q for _, q in refs]), m0)]
+        with_ext = any(c.job.recipe.lambda_mode == "extractor" for c in active)
+        if with_ext:
             conds += [emb("prompt_ext"), (eb, pb, mb)]
+        slots = ext_slots * len(conds)
+        if not base_in_graph:
+            conds.append((eb, pb, mb))
+            slots += train_slots
         k = len(conds)
         with torch.no_grad():
             r = self._forward(torch.cat([x_t] * k), torch.cat([sigma] * k), torch.cat([e for e, _, _ in conds]),
-                              torch.cat([q for _, q, _ in conds]), ext_slots * k, cat_masks(*[m for *_, m in conds]))
+                              torch.cat([q for _, q, _ in conds]), slots, cat_masks(*[m for *_, m in conds]))
         r = r.view(k, b, *r.shape[1:])
+        if not base_in_graph:
+            v_base = r[-1]
         parts, start = [], 0  # loss knobs (eta, lambda) may differ per concept
         for c, d in zip(active, draws):
             n = len(d.rows)
             sl = slice(start, start + n)
             rc = c.job.recipe
-            extra = {"r_prompt": r[2][sl], "r_base": r[3][sl]} if k == 4 else {}
-            parts.append(stage2_loss(v[:b][sl], v[b:][sl], r[0][sl], r[1][sl], x0[sl], eps[sl],
+            extra = {"r_prompt": r[2][sl], "r_base": r[3][sl]} if with_ext else {}
+            parts.append(stage2_loss(v_full[sl], v_base[sl], r[0][sl], r[1][sl], x0[sl], eps[sl],
                                      eta=rc.eta, lambda_mode=rc.lambda_mode, lambda_value=rc.lambda_value,
                                      lambda_max=rc.lambda_max, detach_base=rc.detach_base, **extra))
             start += n

@@ -32,7 +32,7 @@ def _peft_extractor(tiny_model_dir, adapter):
     return tr
 
 
-def _naive_loss(trainer, c, extractor, detach_base=False):
+def _naive_loss(trainer, c, extractor, detach_base=False, r_reference="empty"):
     """Four separate passes at batch 1 and the method's formulas, one sample at a time."""
     rows, x0, eps, sigma = trainer._draw(c, 0)
     tr, bank, rec = trainer.pipe.transformer, trainer.bank, c.job.recipe
@@ -41,7 +41,10 @@ def _naive_loss(trainer, c, extractor, detach_base=False):
     t = sigma * 1000
 
     def run(model, col, route):
-        e, p = (c.emb[col][0][i:i + 1], c.emb[col][1][i:i + 1]) if col else trainer.empty
+        if col == "class_prompt" and col not in c.emb:      # the target caption without the trigger
+            e, p = trainer._encode([" ".join(c.prompts["target_prompt"][i].replace(c.job.trigger, " ").split())])
+        else:
+            e, p = (c.emb[col][0][i:i + 1], c.emb[col][1][i:i + 1]) if col else trainer.empty
         with bank.routing(one_hot_routing([route], bank.num_slots)):
             return model(hidden_states=x_t, timestep=t, encoder_hidden_states=e, pooled_projections=p).sample
 
@@ -50,7 +53,8 @@ def _naive_loss(trainer, c, extractor, detach_base=False):
     if detach_base:
         v_base = v_base.detach()
     with torch.no_grad():
-        r_tar, r_empty = run(extractor, "target_prompt", None), run(extractor, None, None)
+        r_tar = run(extractor, "target_prompt", None)
+        r_empty = run(extractor, "class_prompt" if r_reference == "class" else None, None)
     R = r_tar - r_empty
     target = eps - x0
     if rec.lambda_mode == "fixed":
@@ -67,19 +71,25 @@ def _naive_loss(trainer, c, extractor, detach_base=False):
         lam = min(max(lam, 0.0), rec.lambda_max)
     l_cc = ((v_full - target) ** 2).mean()
     l_pure = ((v_full - (v_base + lam * R)) ** 2).mean()
-    return l_cc + rec.eta * l_pure
+    inc = (v_full - v_base).detach().flatten()
+    cos = float(inc @ R.flatten() / (inc.norm() * R.norm() + 1e-12))
+    return l_cc + rec.eta * l_pure, cos
 
 
 @pytest.mark.parametrize("extractor", ["stage1", "base"])
-@pytest.mark.parametrize("lambda_mode,detach_base", [("fixed", False), ("adaptive", False), ("increment", False),
-                                                     ("extractor", False), ("adaptive", True), ("fixed", True)])
+@pytest.mark.parametrize("lambda_mode,detach_base,r_reference", [
+    ("fixed", False, "empty"), ("adaptive", False, "empty"), ("increment", False, "empty"),
+    ("extractor", False, "empty"), ("adaptive", True, "empty"), ("fixed", True, "empty"),
+    ("extractor", True, "empty"), ("increment", True, "empty"), ("fixed", True, "class"),
+    ("adaptive", False, "class")])
 def test_stage2_loss_matches_naive_reference(tiny_model_dir, sample_manifests, stage1_adapter, extractor,
-                                             lambda_mode, detach_base):
+                                             lambda_mode, detach_base, r_reference):
     """The trainer's batched stage-2 loss and its gradient equal four separate passes and the formulas, with
-    the paper's gradient (through both trainable branches) and with the default ``detach_base``."""
+    the paper's gradient (through both trainable branches) and with the default ``detach_base``, and with R
+    taken against "" (the paper's) or against the target caption without the trigger (``r_reference: class``)."""
     pipe = load_pipeline(str(tiny_model_dir))
     recipe = stage_recipe(2, steps=3, resolution=64, extractor=extractor, lambda_mode=lambda_mode, embeddings="none",
-                          detach_base=detach_base)
+                          detach_base=detach_base, r_reference=r_reference, eta=2.0)
     job = ConceptJob("zig", "zqx", sample_manifests["checkered-star"], recipe, seed=5,
                      extractor_adapter=stage1_adapter if extractor == "stage1" else None)
     trainer = PackTrainer(pipe, [job])
@@ -91,17 +101,18 @@ def test_stage2_loss_matches_naive_reference(tiny_model_dir, sample_manifests, s
 
     storage = trainer.bank.storage
     storage.grad = None
-    ours = trainer._micro_step([c], 0)["zig"]["loss"]
+    step = trainer._micro_step([c], 0)["zig"]
+    ours, cos_ours = step["loss"], float(step["cos_r"])
     ours.backward()
     g_ours = storage.grad[c.slot].clone()
 
     storage.grad = None
-    naive = _naive_loss(trainer, c, ref_model, detach_base=detach_base)
+    naive, cos_naive = _naive_loss(trainer, c, ref_model, detach_base=detach_base, r_reference=r_reference)
     naive.backward()
     g_naive = storage.grad[c.slot].clone()
 
     storage.grad = None
-    _naive_loss(trainer, c, ref_model, detach_base=not detach_base).backward()
+    _naive_loss(trainer, c, ref_model, detach_base=not detach_base, r_reference=r_reference)[0].backward()
     g_other = storage.grad[c.slot].clone()
 
     assert torch.allclose(ours, naive, rtol=1e-5, atol=1e-6), (ours.item(), naive.item())
@@ -109,6 +120,12 @@ def test_stage2_loss_matches_naive_reference(tiny_model_dir, sample_manifests, s
     # the paper's gradient reaches the LoRA through v_full and through v_base; detach_base cuts the second
     assert g_ours.norm() > 0 and g_other.norm() > 0
     assert (g_naive - g_other).norm() > 1e-3 * g_naive.norm()
+    # R's direction (the cosine with the concept increment, free of lambda and eta) tells the two references
+    # apart: the one the recipe names is the one the trainer subtracts
+    assert cos_ours == pytest.approx(cos_naive, abs=1e-4)
+    other = _naive_loss(trainer, c, ref_model, detach_base=detach_base,
+                        r_reference="empty" if r_reference == "class" else "class")[1]
+    assert abs(other - cos_naive) > 2e-3, (other, cos_naive)    # 20x the match tolerance
 
 
 def test_lambda_candidates_and_cos_r_from_their_formulas():
