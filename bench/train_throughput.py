@@ -105,7 +105,7 @@ def extractor_adapter(pipe, root: Path) -> Path:
     return export_slot(bank, flat, root / "ext", AdapterManifest("ext", "sks", 1, 1, bank.rank, bank.alpha, [], fp))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run (a), (b) and (c) and print their rates and ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--packs", default="1,2,4,8")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny ops: 1 is fastest)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     latent = args.resolution // 8
     cfg = TinyConfig(max_image_size=max(512, args.resolution))
