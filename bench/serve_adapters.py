@@ -115,12 +115,16 @@ def request_body(concepts, seed: int, steps: int) -> dict:
             "steps": steps, "guidance": 5.0, "width": SIZE, "height": SIZE}
 
 
+# the bench's bearer token (run_service issues one; the service refuses requests without)
+AUTH: dict[str, str] = {}
+
+
 def post(url: str, body: dict) -> tuple[int, float, dict]:
     """POST ``body`` to ``/v1/generate``: (status code, seconds taken, the JSON answer or {} on an error)."""
     import requests
 
     start = time.perf_counter()
-    resp = requests.post(url + "/v1/generate", json=body, timeout=300)
+    resp = requests.post(url + "/v1/generate", json=body, headers=AUTH, timeout=300)
     took = time.perf_counter() - start
     return resp.status_code, took, resp.json() if resp.status_code == 200 else {}
 
@@ -234,13 +238,18 @@ def run_service(model: Path, registry: AdapterRegistry, root: Path, args, in_pro
     from ray import serve
 
     from services.app import build_app
+    from services.auth import AuthSettings, TokenStore
     from services.config import ServiceConfig
 
     port = args.port or free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        tokens = root / "tokens.json"
+        AUTH["Authorization"] = "Bearer " + TokenStore(tokens).create("bench", ["generate"])[1]
+        # rate limits above the load test's own bounds: the bench measures the service, not the limiter
+        auth = AuthSettings(tokens=str(tokens), requests_per_minute=60_000, burst=1_000)
         cfg = ServiceConfig(model=str(model), registry=str(registry.root), slots=NUM_CONCEPTS, cpus_per_replica=1.0,
-                            max_batch_images=8, max_ongoing_requests=16, max_queued_requests=64)
+                            max_batch_images=8, max_ongoing_requests=16, max_queued_requests=64, auth=auth)
         serve.run(build_app(cfg), name="bench", route_prefix="/")
         report_service(f"http://127.0.0.1:{port}", cfg, args, in_process)
     finally:
