@@ -35,14 +35,14 @@ bench/quality_grid.png.
     python bench/quality.py --add --methods purecc-paper-eta1   # one more row, merged into the saved scores
 
 The ablations of the paper's recipe run from the same stage-1 adapters: stage 2's eta (1, 0.5, 0.25,
-0.1, and 0: a control without L_pure, not PureCC), each lambda* candidate with the embeddings ((B),
-(C), and fixed lambda = 1), L_pure with no gradient through its base-caption branch
-(``detach_base``, ours; at eta 2, 0.5 and 0.1, and at 0.1 with the embeddings trained further in stage
-2), R taken against the target caption without the trigger (``r_reference: class``, ours: R then carries
-what the concept adds to its class word, not the class's shape or a background; fixed lambda = 1 at eta 1
-and 0.25, detached), and eta 0.1 with stage 2 given stage 1's budget (1000 steps x 4 where the seed gives
-800 x 1). ``bench/lambda_trace.py`` shows what each lambda* does
-along training.
+0.1, and 0: a control without L_pure, not PureCC), each lambda* candidate with the embeddings ((B), (C),
+and fixed lambda = 1), L_pure with no gradient through its base-caption branch (``detach_base``, ours;
+at eta 2, 0.5 and 0.1, and at 0.1 with the embeddings trained further in stage 2), R taken against the
+target caption without the trigger (``r_reference: class``, ours: R then carries what the concept adds
+to its class word, not the class's shape or a background; fixed lambda = 1 at eta 1 and 0.25, detached),
+lambda* (A) with a floor of 0.5 (ours; eta 0.1, detached), and eta 0.1 with stage 2 given stage 1's
+budget (1000 steps x 4 where the seed gives 800 x 1). ``bench/lambda_trace.py`` shows what each lambda*
+does along training.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class Method:
     stage2_grad_accum: int | None = None
     train_embeddings: bool = False        # stage 2: stage 1's embeddings trained further (the recipe's default: frozen)
     r_reference: str = "empty"            # stage 2: R against "" (the paper's) or the class caption (ours)
+    lambda_min: float = 0.0               # stage 2 (ours above 0): the adaptive lambda's floor
 
     @property
     def is_default(self) -> bool:
@@ -108,6 +109,7 @@ class Method:
                 and (self.extractor, self.lambda_mode) == (s2.extractor, s2.lambda_mode)
                 and self.eta == s2.eta and self.detach_base == s2.detach_base
                 and self.train_embeddings == s2.train_embeddings and self.r_reference == s2.r_reference
+                and self.lambda_min == s2.lambda_min
                 and self.stage2_steps is None and self.stage2_grad_accum is None)
 
     @property
@@ -116,6 +118,7 @@ class Method:
         return {"eta": self.eta, "detach_base": self.detach_base,
                 **({"train_embeddings": True} if self.train_embeddings else {}),
                 **({"r_reference": self.r_reference} if self.r_reference != "empty" else {}),
+                **({"lambda_min": self.lambda_min} if self.lambda_min else {}),
                 **({"grad_accum": self.stage2_grad_accum} if self.stage2_grad_accum else {})}
 
     @property
@@ -155,6 +158,8 @@ METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
            Method("PureCC (paper), eta 0.1, base branch detached, embeddings trained in stage 2",
                   "purecc-paper-eta01-detach-emb", 2, "stage1", "adaptive", "layerwise", eta=0.1, detach_base=True,
                   train_embeddings=True),
+           Method("PureCC (paper), eta 0.1, base branch detached, λ* floor 0.5 (ours)",
+                  "purecc-paper-eta01-detach-floor", 2, "stage1", "adaptive", "layerwise", eta=0.1, detach_base=True, lambda_min=0.5),
            Method("PureCC, R against the class caption (ours), fixed λ = 1, eta 1, base branch detached",
                   "purecc-classr-fixed-eta1", 2, "stage1", "fixed", "layerwise", eta=1.0, detach_base=True,
                   r_reference="class"),

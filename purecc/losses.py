@@ -57,19 +57,19 @@ def stage1_loss(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, sigma: tor
     return per_sample_mse(v, eps - x0)
 
 
-def _projection(delta: torch.Tensor, r: torch.Tensor, lambda_max: float) -> torch.Tensor:
-    """Per sample ``<delta, R> / (||R||^2 + 1e-6)`` clamped to [0, lambda_max], with no gradient."""
+def _projection(delta: torch.Tensor, r: torch.Tensor, lambda_max: float, lambda_min: float = 0.0) -> torch.Tensor:
+    """Per sample ``<delta, R> / (||R||^2 + 1e-6)`` clamped to [lambda_min, lambda_max], with no gradient."""
     with torch.no_grad():
         num = (delta.float() * r.float()).flatten(1).sum(1)
         den = r.float().pow(2).flatten(1).sum(1) + 1e-6
-        return (num / den).clamp(0.0, lambda_max)
+        return (num / den).clamp(lambda_min, lambda_max)
 
 
 def adaptive_lambda(target: torch.Tensor, v_base: torch.Tensor, r: torch.Tensor,
-                    lambda_max: float) -> torch.Tensor:
+                    lambda_max: float, lambda_min: float = 0.0) -> torch.Tensor:
     """Candidate (A): least squares of the noisy target, ``<target - v_base, R> / (||R||^2 + 1e-6)``
-    clamped to [0, lambda_max], with no gradient."""
-    return _projection(target - v_base, r, lambda_max)
+    clamped to [lambda_min, lambda_max], with no gradient."""
+    return _projection(target - v_base, r, lambda_max, lambda_min)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -83,12 +83,13 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # fixed: the recipe's lambda_value (the public code: 1); adaptive: (A) above; increment: (B) the
 # projection of the trainable model's own concept increment, sg(<v_full - v_base, R> / ||R||^2);
 # extractor: (C) the extractor's concept increment, <r_prompt - r_base, R> / ||R||^2, which costs two
-# more extractor passes (on prompt and base_prompt). (A)-(C) are clamped to [0, lambda_max].
+# more extractor passes (on prompt and base_prompt). (A)-(C) are clamped to [lambda_min, lambda_max]: the
+# floor (0 by default; ours above it) keeps R in L_pure's target on steps where the projection is negative.
 
 
 def stage2_loss(v_full: torch.Tensor, v_base: torch.Tensor, r_tar: torch.Tensor, r_empty: torch.Tensor,
                 x0: torch.Tensor, eps: torch.Tensor, *, eta: float, lambda_mode: str,
-                lambda_value: float = 1.0, lambda_max: float = 2.0,
+                lambda_value: float = 1.0, lambda_max: float = 2.0, lambda_min: float = 0.0,
                 r_prompt: torch.Tensor | None = None, r_base: torch.Tensor | None = None,
                 detach_base: bool = False) -> dict[str, torch.Tensor]:
     """``L = L_CC + eta * L_pure`` per sample; gradients flow through both ``v_full`` and ``v_base``
@@ -104,14 +105,14 @@ def stage2_loss(v_full: torch.Tensor, v_base: torch.Tensor, r_tar: torch.Tensor,
     if lambda_mode == "fixed":
         lam = torch.full((v_full.shape[0],), float(lambda_value), device=v_full.device)
     elif lambda_mode == "adaptive":
-        lam = adaptive_lambda(target, v_base, r, lambda_max)
+        lam = adaptive_lambda(target, v_base, r, lambda_max, lambda_min)
     elif lambda_mode == "increment":
-        lam = _projection(v_full - v_base, r, lambda_max)
+        lam = _projection(v_full - v_base, r, lambda_max, lambda_min)
     elif lambda_mode == "extractor":
         if r_prompt is None or r_base is None:
             raise ValueError("lambda_mode: 'extractor' needs r_prompt and r_base (the extractor on prompt "
                              "and base_prompt)")
-        lam = _projection(r_prompt - r_base, r, lambda_max)
+        lam = _projection(r_prompt - r_base, r, lambda_max, lambda_min)
     else:
         raise ValueError(f"lambda_mode: {lambda_mode!r} must be one of {LAMBDA_MODES}")
     anchor = v_base.detach() if detach_base else v_base

@@ -71,6 +71,7 @@ class StageRecipe:
     lambda_mode: str = "adaptive"    # stage 2: one of losses.LAMBDA_MODES (what each means: there)
     lambda_value: float = 1.0
     lambda_max: float = 2.0
+    lambda_min: float = 0.0          # stage 2 (ours above 0): the adaptive lambda's floor
     # ours, not the paper's: no gradient through the base-caption branch of L_pure, so that L_pure never
     # trains the LoRA on the caption without the trigger (why it is the default: above)
     detach_base: bool = True
@@ -110,6 +111,7 @@ class StageRecipe:
             "resolution": self.resolution >= 16 and self.resolution % 16 == 0,
             "rank": self.rank >= 1, "checkpoint_every": self.checkpoint_every >= 1,
             "max_grad_norm": self.max_grad_norm > 0, "lambda_max": self.lambda_max >= 0,
+            "lambda_min": 0 <= self.lambda_min <= self.lambda_max,
             "mixed_precision": self.mixed_precision in MIXED_PRECISION,
             "max_sequence_length": 1 <= self.max_sequence_length <= 512,
             "latent_sampling": self.latent_sampling in ("mean", "sample"),
@@ -173,6 +175,8 @@ class StageFields(_Strict):
     lambda_mode: LambdaMode | None = Field(None, description="stage 2: how lambda* is chosen")
     lambda_value: float | None = Field(None, ge=0, description="stage 2: the fixed lambda")
     lambda_max: float | None = Field(None, ge=0, description="stage 2: the adaptive lambda's bound")
+    lambda_min: float | None = Field(None, ge=0, description="stage 2 (ours above 0): the adaptive lambda's floor, "
+                                                             "at most lambda_max")
     detach_base: bool | None = Field(None, description="stage 2 (ours; default true): no gradient through the "
                                      "base-caption branch of L_pure (false: the paper's gradient)")
     r_reference: Literal["empty", "class"] | None = Field(

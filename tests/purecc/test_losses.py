@@ -153,6 +153,14 @@ def test_lambda_candidates_and_cos_r_from_their_formulas():
     inc = (v_full.detach() - v_base).flatten(1)
     cos = (inc * R.flatten(1)).sum(1) / (inc.norm(dim=1) * R.flatten(1).norm(dim=1))
     assert torch.allclose(out["cos_r"], cos, atol=1e-6)
+    # the floor (ours): every candidate clamped to [lambda_min, lambda_max]; some samples sit on it
+    raw = {"adaptive": eps - x0 - v_base, "increment": v_full.detach() - v_base, "extractor": r_p - r_b}
+    for mode, delta in raw.items():
+        unclamped = (delta * R).flatten(1).sum(1) / (R.pow(2).flatten(1).sum(1) + 1e-6)
+        out = stage2_loss(v_full, v_base, r_tar, r_empty, x0, eps, eta=2.0, lambda_mode=mode, lambda_max=5.0,
+                          lambda_min=0.5, r_prompt=r_p, r_base=r_b)
+        assert torch.allclose(out["lambda"], unclamped.clamp(0.5, 5.0), atol=1e-6), mode
+    assert (unclamped < 0.5).any()      # the floor was exercised, not only stated
     with pytest.raises(ValueError, match="needs r_prompt and r_base"):
         stage2_loss(v_full, v_base, r_tar, r_empty, x0, eps, eta=2.0, lambda_mode="extractor")
     with pytest.raises(ValueError, match="must be one of"):

@@ -18,7 +18,8 @@ def test_seed_recipes():
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("resolution", 72),
                                           ("lambda_mode", "magic"), ("extractor", "clip"), ("eta", -1.0),
-                                          ("rank", 0), ("max_grad_norm", 0.0), ("checkpoint_every", 0)])
+                                          ("rank", 0), ("max_grad_norm", 0.0), ("checkpoint_every", 0),
+                                          ("lambda_min", 3.0), ("lambda_min", -0.1), ("r_reference", "zero")])
 def test_invalid_recipe_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
         stage_recipe(1, **{field: value})
