@@ -45,7 +45,8 @@ EmbeddingForm = Literal["none", "layerwise", "clip-token"]
 # `detach_base: false` gives the paper's gradient back, `eta: 2` the seed's weight.
 # Measured since (2026-12-07), none made the default: stage 2 at stage 1's budget (level with DreamBooth, less
 # preservation than this); eta 0.5 detached (0.83x fidelity); R against the class caption (r_reference
-# "class", ours: 0.92x fidelity at eta 0.25, 0.56x at eta 1). train_embeddings in stage 2 passes the fidelity
+# "class", ours: 0.92x fidelity at eta 0.25, 0.56x at eta 1); a floor of 0.5 under lambda* (lambda_min, ours:
+# -0.010 fidelity against this default, nothing gained). train_embeddings in stage 2 passes the fidelity
 # gate (1.00x) and preserves prompts without the trigger better still (class word +0.060 [+0.052, +0.069]
 # against this default), but composes worse than DreamBooth (2-concept alignment -0.169 [-0.303, -0.036]; this
 # default's interval spans 0) and worse than this default (-0.081 [-0.159, -0.002]). Issue 13's bar asks for
