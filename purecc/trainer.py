@@ -410,10 +410,11 @@ class PackTrainer:
 
     def _stage2(self, active: list[_Concept], draws: list[Draw], x0, eps, x_t, sigma, train_slots: list[int],
                 emb: Callable[[str], tuple]) -> dict[str, torch.Tensor]:
-        """Per-sample stage-2 losses: trainable passes on prompt/base_prompt, extractor on target/"".
+        """Per-sample stage-2 losses: trainable passes on prompt/base_prompt, extractor on target_prompt
+        and on R's reference ("", or the class caption with ``r_reference: class``).
 
         Embeddings go where the trigger is: the complete caption (``prompt``) and ``target_prompt``;
-        ``base_prompt`` and "" hold no trigger, so those branches get none (no concept slot).
+        ``base_prompt`` and R's reference hold no trigger, so those branches get none (no concept slot).
         """
         b = x_t.shape[0]
         (ep, pp, mp), (eb, pb, mb), (et, pt, mt) = emb("prompt"), emb("base_prompt"), emb("target_prompt")
