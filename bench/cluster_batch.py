@@ -99,10 +99,14 @@ def run_config(name: str, root: Path, model: Path, concepts: list[dict], steps: 
             timings[(d["pack"], d["stage"])] = d      # one per pack and stage (each member says it)
     train = sum(d["train_s"] for d in timings.values())
     phases: dict[str, float] = {}
+    loads: dict[int, float] = {}      # a run's timer is cumulative: its base load once per worker process
     for d in timings.values():
         for k, v in d["phases"].items():
-            if k.startswith(f"s{d['stage']}_") or (k == "load_base" and d["stage"] == 1):
+            if k.startswith(f"s{d['stage']}_"):
                 phases[k] = phases.get(k, 0.0) + v
+            elif k == "load_base":
+                loads[d["pid"]] = max(loads.get(d["pid"], 0.0), v)
+    phases["load_base"] = sum(loads.values())
     return {"wall": wall, "runs": result.summary.runs_launched, "train": train, "phases": phases}
 
 

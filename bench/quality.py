@@ -502,9 +502,10 @@ def write_section(path: Path, body: str) -> None:
 # ---------------------------------------------------------------- main
 
 def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, reader_dir: Path | None = None,
-        methods: Sequence[Method] = METHODS, threads: int = 1, add: bool = False) -> str:
+        methods: Sequence[Method] = METHODS, threads: int = 1, add: bool = False, scores: Path = SCORES) -> str:
     """Train and score ``methods``; ``add``: score only those the saved record lacks and merge them into it
-    (same config; the grid is left as it is)."""
+    (same config; the grid is left as it is). A ``scores`` record other than the committed one is a side run:
+    it is written there, and RESULTS.md and the grid are left alone."""
     t0 = time.monotonic()
     torch.set_num_threads(threads)
     base = base or world_base_path()
@@ -512,7 +513,7 @@ def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, rea
     reader = load_reader(reader_dir)
     saved = None
     if add:
-        saved = json.loads(SCORES.read_text())
+        saved = json.loads(scores.read_text())
         if saved["config"] != json.loads(json.dumps(asdict(cfg))):
             raise SystemExit(f"--add: the saved scores were made with config {saved['config']}, not {asdict(cfg)}")
         methods = [m for m in methods if m.folder not in saved["methods"]]
@@ -554,10 +555,11 @@ def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, rea
                   "timings": timings, "total": time.monotonic() - t0}
     body = report_from(record)
     if write:
-        SCORES.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-        if saved is None:
-            grid_image(scorer, grid_imgs, GRID)
-        write_section(RESULTS, body)
+        scores.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        if scores == SCORES:
+            if saved is None:
+                grid_image(scorer, grid_imgs, GRID)
+            write_section(RESULTS, body)
     return body
 
 
@@ -656,11 +658,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--add", action="store_true",
                         help="score only the --methods that bench/results/quality_scores.json lacks and merge them "
                              "into it (same config; the grid is kept)")
+    parser.add_argument("--scores", type=Path, default=SCORES,
+                        help="the record to write (and --add to); another path than the default is a side run "
+                             "that leaves RESULTS.md and the grid alone")
     parser.add_argument("--methods", nargs="+", choices=[m.folder for m in METHODS], default=None,
                         help="train and score only these (DreamBooth, the reference, is always included)")
     args = parser.parse_args(argv)
     if args.report_only:
-        write_section(RESULTS, report_from(json.loads(SCORES.read_text())))
+        body = report_from(json.loads(args.scores.read_text()))
+        if args.scores.resolve() == SCORES:
+            write_section(RESULTS, body)
+        else:
+            print(body)
         return 0
     cfg = QUICK if args.quick else BenchConfig()
     over = {k: v for k, v in (("seeds", tuple(args.seeds) if args.seeds else None),
@@ -674,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_methods(args.base or world_base_path(), args.work, seed, cfg, methods)
         return 0
     print(run(cfg, args.work, write=not (args.no_write or args.quick), base=args.base, reader_dir=args.reader,
-              methods=methods, threads=args.threads, add=args.add))
+              methods=methods, threads=args.threads, add=args.add, scores=args.scores.resolve()))
     return 0
 
 

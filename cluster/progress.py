@@ -115,8 +115,11 @@ class LiveTable:
         self._rows: dict[str, tuple[str, ...]] = {}
 
     def __call__(self, jobs: Sequence[JobRecord], *, force: bool = False) -> None:
+        self.draw([row_of(j, time.time()) for j in jobs], force=force)
+
+    def draw(self, rows: Sequence[tuple[str, ...]], *, force: bool = False) -> None:
+        """Write ``rows`` (cells in ``COLUMNS`` order, the first the concept id) as the table now is."""
         now = time.time()
-        rows = [row_of(j, now) for j in jobs]
         if self.tty:
             if not force and now - self._last_draw < self.interval:
                 return

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from purecc.data import ConceptManifest, ManifestError, read_concept_manifest
 from purecc.ids import CONCEPT_ID_PATTERN, TRIGGER_PATTERN
 from purecc.model import ModelFolderError, read_model_index
-from purecc.recipe import EmbeddingForm, LambdaMode, StageRecipe, stage_recipe
+from purecc.recipe import EmbeddingForm, LambdaMode, StageFields, StageRecipe, stage_recipe
 
 ConceptId = Annotated[str, StringConstraints(pattern=CONCEPT_ID_PATTERN)]
 Trigger = Annotated[str, StringConstraints(pattern=TRIGGER_PATTERN)]
@@ -52,13 +52,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class StageOverrides(_Strict):
-    """Per-stage knobs; unset fields keep the seed recipe (``purecc.recipe.stage_recipe``)."""
-
-    steps: int | None = Field(None, ge=1, le=1_000_000, description="optimiser steps of this stage")
-    lr: float | None = Field(None, gt=0, le=1.0, description="Learning rate (constant schedule).")
-    grad_accum: int | None = Field(None, ge=1, le=1024, description="micro-batches per step")
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints")
+class StageOverrides(StageFields):
+    """Per-stage knobs; unset fields keep the seed recipe (``purecc.recipe.stage_recipe``). The same model
+    as a stage of ``purecc train --recipe``/``--set`` (``purecc.recipe.StageFields``), so a recipe that
+    trains locally is a valid batch recipe, field for field."""
 
 
 class Overrides(_Strict):
@@ -204,12 +201,13 @@ class JobSpec(_Strict):
 
 
 def recipe_for(ov: Overrides, stage: int) -> StageRecipe:
-    """The recipe of ``stage`` after the overrides (raises ValueError on a bad combination)."""
+    """The recipe of ``stage`` after the overrides (raises ValueError on a bad combination): the seed's,
+    then the shared fields, then the stage's own (which win), as ``purecc.recipe.RecipeFields.stage``."""
     per = (ov.stage1 if stage == 1 else ov.stage2).model_dump(exclude_none=True)
-    extra = {k: v for k, v in (("resolution", ov.resolution), ("embeddings", ov.embeddings)) if v is not None}
+    shared = {k: v for k, v in (("resolution", ov.resolution), ("embeddings", ov.embeddings)) if v is not None}
     if stage == 2:
-        extra.update({k: getattr(ov, k) for k in ("eta", "lambda_mode", "extractor") if getattr(ov, k) is not None})
-    return stage_recipe(stage, **extra, **per)
+        shared.update({k: getattr(ov, k) for k in ("eta", "lambda_mode", "extractor") if getattr(ov, k) is not None})
+    return stage_recipe(stage, **{**shared, **per})
 
 
 IDENTITY_FULL_BYTES = 1 << 20    # files up to this size are hashed whole (configs, tokenizers)

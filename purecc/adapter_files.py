@@ -603,6 +603,11 @@ def load_concept(bank: AdapterBank, folder: str | Path, *, base_fingerprint: str
     files = _read_weight_files(folder, manifest, verify=verify)
     layers = _read_layers(folder, manifest, verify=verify, expected=expected_tensors(bank),
                           data=files[DIFFUSERS_WEIGHTS])
+    if manifest.alpha != bank.alpha:
+        # the bank scales every slot by its own alpha / rank; a concept trained at another alpha keeps
+        # its trained scale with B multiplied by the ratio (B A x alpha_m / r = (alpha_m / alpha_b) B A x alpha_b / r)
+        ratio = manifest.alpha / bank.alpha
+        layers = {name: (a, b * ratio) for name, (a, b) in layers.items()}
     try:
         flat = bank.flatten(layers)
     except ValueError as exc:

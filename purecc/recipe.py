@@ -6,6 +6,7 @@ a user (a YAML file or ``purecc train --set``), checked field by field before a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Literal
 
@@ -118,7 +119,16 @@ class StageRecipe:
             "latent_sampling": self.latent_sampling in ("mean", "sample"),
             "embeddings": self.embeddings in EMBEDDING_FORMS, "embedding_lr": self.embedding_lr > 0,
             "train_embeddings": self.stage == 2 or self.train_embeddings or self.embeddings == "none",
+            "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "adam_eps": self.adam_eps > 0, "weight_decay": self.weight_decay >= 0,
+            "logit_std": self.logit_std > 0, "lambda_value": self.lambda_value >= 0,
+            "crop": self.crop in ("center", "random"), "flip_prob": 0 <= self.flip_prob <= 1,
+            "alpha": self.alpha > 0,
         }
+        # every float knob finite (NaN compares False above, but an infinite one would pass a bound)
+        checks.update({k: math.isfinite(getattr(self, k)) for k in (
+            "lr", "weight_decay", "adam_eps", "max_grad_norm", "logit_mean", "logit_std", "eta", "lambda_value",
+            "lambda_max", "lambda_min", "flip_prob", "alpha", "embedding_lr") if checks.get(k, True)})
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError("recipe: invalid " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))

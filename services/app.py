@@ -253,7 +253,8 @@ class GenerationAPI:
         self.catalog = ConceptCatalog(AdapterRegistry(config.registry), config.catalog_ttl_s)
         self.authority = Authority(config.auth, config.tokens_file)
         quota = Quota(active_concepts=config.auth.max_queued_concepts, active_batches=config.auth.max_training_batches)
-        self.batches = StorageBatches(config.storage, config.model, quota, ledger=config.ledger) if config.storage else None
+        self.batches = (StorageBatches(config.storage, config.model, quota, ledger=config.ledger, slot_rank=config.rank)
+                        if config.storage else None)
         self.datasets = StorageDatasets(config.storage) if config.storage else None
         if self.batches is not None:     # unfinished jobs of an earlier run go on without a new submission
             threading.Thread(target=self._resume_batches, name="purecc-resume", daemon=True).start()

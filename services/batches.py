@@ -32,6 +32,7 @@ job is left. It is started unless a live driver holds the ledger; two started at
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from math import isfinite
@@ -43,6 +44,7 @@ from pydantic import ValidationError
 from cluster.api import UnsatisfiableResources, check_resources, resume_unfinished
 from cluster.ledger import ACTIVE, JobLedger, JobRecord, NotOwner, Quota
 from cluster.ledger_sql import is_postgres
+from cluster.progress import TRAINING, eta_of, progress_of
 from cluster.spec import BatchSpecError, ValidatedBatch
 from purecc.data import ManifestError, manifest_image_paths
 
@@ -244,9 +246,15 @@ def _relative(path: str | None, storage: Path) -> str | None:
 
 
 def job_status(rec: JobRecord, storage: Path) -> JobStatus:
-    """A ledger record as the API shows it (non-finite numbers as null, the adapter storage-relative)."""
-    return JobStatus(id=rec.concept_id, state=rec.state, stage=rec.stage, step=rec.step, total=rec.total,
-                     loss=_finite(rec.loss), eta_s=_finite(rec.eta_s), attempts=rec.attempts,
+    """A ledger record as the API shows it (non-finite numbers as null, the adapter storage-relative). A
+    training job shows the stage it is in from its first moment (step 0 of the recipe's steps before the
+    worker's first report) and the seconds left in it as of now, as ``purecc status`` does."""
+    prog = progress_of(rec)
+    stage, (step, total) = (TRAINING[rec.state], prog) if prog is not None else (rec.stage, (rec.step, rec.total))
+    eta = eta_of(rec, time.time()) if prog is not None else None
+    eta = max(0.0, eta) if eta is not None else None
+    return JobStatus(id=rec.concept_id, state=rec.state, stage=stage, step=step, total=total,
+                     loss=_finite(rec.loss), eta_s=_finite(eta), attempts=rec.attempts,
                      cancel_requested=rec.cancel_requested, error=rec.error,
                      adapter=_relative(rec.adapter, storage),
                      submitted_at=rec.submitted_at, updated_at=rec.updated_at, stage1_started=rec.stage1_started,
@@ -263,8 +271,10 @@ class StorageBatches:
     """The batches of one storage root as the ingress sees them, per principal. Methods block (SQLite,
     data files): call them from a thread. The ledger is created by the first submission, never by a read."""
 
-    def __init__(self, storage: str, base_model: str, quota: Quota | None = None, ledger: str | None = None):
+    def __init__(self, storage: str, base_model: str, quota: Quota | None = None, ledger: str | None = None,
+                 slot_rank: int | None = None):
         self.storage = Path(storage).expanduser().resolve()
+        self.slot_rank = slot_rank       # the serving slots' LoRA rank: a concept trained at another is unservable
         self.base_model = str(Path(base_model).expanduser().resolve())
         self.ledger_path: Path | str = ledger if is_postgres(ledger) else self.storage / LEDGER_FILE
         self.quota = quota
@@ -291,6 +301,12 @@ class StorageBatches:
             jobs = batch.jobs()          # hashed from the manifests as validated: none is read again
         except OSError as exc:           # an image went away since it was checked
             raise BatchRejected([Issue(("concepts",), f"a data file went away: {exc.strerror}")]) from None
+        misfits = [Issue(("concepts", i, "overrides", "stage2", "rank"),
+                         f"rank {job.stage2.rank} does not fit this service's adapter slots (rank {self.slot_rank}): "
+                         f"the trained concept could not be served; leave it unset or set {self.slot_rank}")
+                   for i, job in enumerate(jobs) if self.slot_rank is not None and job.stage2.rank != self.slot_rank]
+        if misfits:
+            raise BatchRejected(misfits)
         try:                             # a cluster that can never place the workers: refused, nothing recorded
             check_resources(batch.spec.resources)
         except UnsatisfiableResources as exc:

@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 import requests
 
+from cluster.progress import TRAINING, LiveTable, format_eta
 from purecc.fileio import atomic_write_bytes
 
 TOKEN_ENV = "PURECC_TOKEN"
@@ -227,10 +228,17 @@ def _uploads(pairs: Iterable[str]) -> dict[str, Path]:
     return uploads
 
 
-def _job_line(job: dict) -> str:
-    progress = f" stage {job['stage']} {job.get('step') or 0}/{job.get('total') or '?'}" if job.get("stage") else ""
-    loss = f" loss {job['loss']:.4g}" if job.get("loss") is not None else ""
-    return f"  {job['id']}: {job['state']}{progress}{loss}" + (f" error: {job['error']}" if job.get("error") else "")
+def status_row(job: Mapping) -> tuple[str, ...]:
+    """One job of ``GET /v1/batches/{name}`` as the cells of ``purecc status``'s table (``COLUMNS``)."""
+    training = job["state"] in TRAINING
+    state = job["state"] + (" (cancelling)" if job.get("cancel_requested") and training else "")
+    step = f"{job.get('step') or 0}/{job.get('total') or '?'}" if training else "-"
+    loss = f"{job['loss']:.4f}" if job.get("loss") is not None and training and job.get("step") else "-"
+    note = (job.get("adapter") or "") if job["state"] == "published" else ""
+    if job["state"] == "failed" and job.get("error"):
+        note = job["error"].strip().splitlines()[-1][:70]
+    return (job["id"], state, str(job.get("stage") or "-"), step, loss, format_eta(job.get("eta_s")),
+            str(job.get("attempts", 0)), note)
 
 
 def submit_cli(args: argparse.Namespace) -> int:
@@ -255,17 +263,15 @@ def submit_cli(args: argparse.Namespace) -> int:
         print(f"batch {result['batch']}: {len(result['added'])} new, {len(result['unchanged'])} unchanged, "
               f"{len(result['replaced'])} replaced, {len(result['requeued'])} requeued; driver {result['driver']}",
               flush=True)
-        status, last = result, None
-        while args.wait and not status["done"]:
-            time.sleep(getattr(args, "interval", 2.0))
-            status = client.batch_status(result["batch"])
-            lines = "\n".join(_job_line(j) for j in status["jobs"])
-            if lines != last:
-                print(lines, flush=True)
-                last = lines
+        status = result
+        if args.wait:                # one table, redrawn in place on a terminal; changed rows in a log
+            table = LiveTable(interval=0.0)
+            while not status["done"]:
+                table.draw([status_row(j) for j in status["jobs"]])
+                time.sleep(getattr(args, "interval", 2.0))
+                status = client.batch_status(result["batch"])
+            table.draw([status_row(j) for j in status["jobs"]], force=True)
     except (ServiceError, requests.RequestException, ValueError) as exc:
         print(f"error: {args.url}: {exc}", file=sys.stderr)
         return 1
-    if args.wait:
-        print("\n".join(_job_line(j) for j in status["jobs"]))
     return 1 if any(j["state"] == "failed" for j in status["jobs"]) else 0

@@ -176,6 +176,12 @@ class BatchStage(StageOverrides):
     grad_accum: Optional[int] = Field(None, ge=1, le=64, description="Micro-batches per optimiser step.")
     checkpoint_every: Optional[int] = Field(None, ge=1, le=MAX_TRAIN_STEPS,
                                             description="Steps between checkpoints (a run resumes from the last).")
+    batch_size: Optional[int] = Field(None, ge=1, le=64, description="Samples per concept per micro-step.")
+    resolution: Optional[int] = Field(None, ge=16, le=2048, multiple_of=16, description="This stage's training "
+                                      "resolution in pixels (over the batch's `resolution`).")
+    eta: Optional[float] = Field(None, ge=0, le=100, description="Stage 2: weight of L_pure.")
+    rank: Optional[int] = Field(None, ge=1, le=128, description="LoRA rank; stage 2's must equal the service's "
+                                "adapter slots' rank (`rank` of the service config), or the concept is refused.")
 
 
 class BatchOverrides(Overrides):

@@ -56,13 +56,14 @@ def test_an_override_wins_and_cpu_or_unknown_memory_gets_the_default():
 
 @pytest.fixture()
 def jobs(tmp_path):
-    """``make(batch, owner, n, priority=1, per_pack=1, max_concurrent=64) -> [JobRecord]``: real rows."""
+    """``make(batch, owner, n, priority=1, per_pack=1, max_concurrent=64, gib=None) -> [JobRecord]``: real
+    rows (``gib``: GPUs of that memory and no ``concepts_per_pack``, so the memory model sizes the packs)."""
     ledger = JobLedger(tmp_path / "ledger.sqlite")
     made = [0]
 
-    def make(batch, owner, n, priority=1, per_pack=1, max_concurrent=64):
-        res = Resources(gpus_per_worker=1, cpus_per_worker=1, concepts_per_pack=per_pack,
-                        max_concurrent=max_concurrent, priority=priority)
+    def make(batch, owner, n, priority=1, per_pack=1, max_concurrent=64, gib=None):
+        res = Resources(gpus_per_worker=1, cpus_per_worker=1, concepts_per_pack=None if gib else per_pack,
+                        gpu_memory_gib=gib, max_concurrent=max_concurrent, priority=priority)
         specs = [s.model_copy(update={"concept_id": f"{batch}-{i}", "batch": batch, "resources": res})
                  for i, s in enumerate(make_jobs(n, 1, per_pack, n, str(tmp_path / "storage")))]
         ledger.submit(specs, owner=owner)
@@ -108,6 +109,14 @@ def test_a_batch_limit_holds_only_that_batch(jobs):
     packs = plan_packs(a + b, free=6, limits=policy.batch_limits(a + b))
     assert Counter(p.jobs[0].batch for p in packs) == {"a": 1, "b": 5}
     assert plan_packs(a, free=6, running=[[a[0]]], limits=policy.batch_limits(a)) == []
+
+
+def test_a_batch_without_a_pack_size_gets_packs_from_the_memory_model(jobs):
+    # 24 GiB GPUs, both stages left: 3 concepts per pack (test_pack_size_is_the_largest_pack_that_fits)
+    small = jobs("small", "alice", 7, gib=24)
+    assert [len(p.jobs) for p in plan_packs(small, 8)] == [3, 3, 1]
+    big = jobs("big", "bob", 9, gib=141)                      # an H200: the largest measured pack
+    assert [len(p.jobs) for p in plan_packs(big, 8)] == [8, 1]
 
 
 def test_packs_follow_the_free_node_resources(jobs):

@@ -126,3 +126,39 @@ def test_status_watch_follows_the_ledger_until_no_job_is_active(tmp_path, batch_
     lines = out.getvalue().splitlines()
     assert [line.split()[1:3] for line in lines[1:]] == [[ids[0], "queued"], [ids[0], "cancelled"]]
     assert all(cid not in "\n".join(lines) for cid in ids[1:])
+
+
+def test_the_http_status_and_its_table_show_what_purecc_status_shows(job, tmp_path):
+    import time
+
+    from services.batches import job_status
+    from services.client import status_row
+
+    total1 = job.spec.recipe(1).steps
+    starting = replace(job, state="stage1", stage=None, step=None, total=None)
+    now = time.time()
+    running = replace(job, state="stage1", stage=1, step=2, total=total1, loss=0.25, eta_s=40.0, progress_at=now)
+    published = replace(job, state="published", stage=2, step=4, total=4, adapter=str(tmp_path / "adapters/x/v1"))
+    for rec in (job, starting, running, published):
+        body = job_status(rec, tmp_path).model_dump(mode="json")
+        ours, theirs = status_row(body), row_of(rec, now)
+        assert ours[:5] == theirs[:5] and ours[6] == theirs[6], (ours, theirs)     # concept .. loss, runs
+    # from the first moment of a stage: step 0 of the recipe's steps, in the stage it is in
+    first = job_status(starting, tmp_path)
+    assert (first.stage, first.step, first.total, first.eta_s) == (1, 0, total1, None)
+    eta = job_status(running, tmp_path).eta_s
+    assert eta is not None and 39.0 <= eta <= 40.0 and status_row(job_status(running, tmp_path).model_dump())[5] in (
+        "40s", "39s")
+    assert status_row(job_status(published, tmp_path).model_dump())[7] == "adapters/x/v1"     # storage-relative
+
+
+def test_submit_wait_draws_one_table_in_place_on_a_terminal():
+    stream = io.StringIO()
+    table = LiveTable(stream, interval=0.0, tty=True)
+    queued = {"id": "a", "state": "queued", "attempts": 0}
+    from services.client import status_row
+
+    table.draw([status_row(queued)])
+    table.draw([status_row({**queued, "state": "stage1", "stage": 1, "step": 0, "total": 6, "attempts": 1})])
+    out = stream.getvalue()
+    assert out.count("CONCEPT") == 2 and "\x1b[2F" in out and "0/6" in out     # redrawn over the first table

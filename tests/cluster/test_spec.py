@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cluster import api
-from cluster.spec import BatchSpecError, ValidatedBatch, load_batch, validate_batch
-from purecc.recipe import stage_recipe
+from cluster.spec import BatchSpecError, StageOverrides, ValidatedBatch, load_batch, validate_batch
+from purecc.recipe import StageFields, stage_recipe
 
 from cluster_helpers import batch_dict, copy_concept, write_batch
 
@@ -170,3 +170,29 @@ def test_scheduling_fields_are_bounded_and_named_when_wrong(tmp_path, tiny_model
     data["resources"] = {"gpus_per_worker": 1, "gpu_memory_gib": 80, "priority": 100}
     spec = load_batch(write_batch(tmp_path / "ok.yaml", data))
     assert spec.resources.concepts_per_pack is None and spec.resources.priority == 100
+
+
+def test_a_batch_stage_takes_every_field_of_a_purecc_train_recipe(tmp_path, tiny_model_dir, sample_manifests):
+    # one schema for a stage, wherever a recipe comes from: what `purecc train --set` accepts, a batch does
+    assert StageOverrides.model_fields.keys() == StageFields.model_fields.keys()
+    data = batch_dict(tiny_model_dir, Path("store"), sample_manifests)
+    data["defaults"]["stage1"] = {**data["defaults"].get("stage1", {}), "rank": 8, "alpha": 16.0, "crop": "random",
+                                  "flip_prob": 0.5, "batch_size": 2, "weight_decay": 0.0, "betas": [0.8, 0.99]}
+    data["defaults"]["eta"] = 2.0
+    data["concepts"][0]["overrides"] = {"stage2": {"eta": 0.5, "lambda_min": 0.25, "r_reference": "class",
+                                                   "train_embeddings": True, "latent_sampling": "sample"}}
+    jobs = {j.concept_id: j for j in load_batch(write_batch(tmp_path / "b.yaml", data)).jobs()}
+    one, two = jobs["checkered-star"].recipe(1), jobs["checkered-star"].recipe(2)
+    assert (one.rank, one.alpha, one.crop, one.flip_prob, one.batch_size, one.betas) == (8, 16.0, "random", 0.5, 2,
+                                                                                         (0.8, 0.99))
+    # the stage's own value wins over the shared one, as in `purecc train --recipe`
+    assert (two.eta, two.lambda_min, two.r_reference, two.train_embeddings) == (0.5, 0.25, "class", True)
+    assert jobs["striped-circle"].recipe(2).eta == 2.0
+
+
+def test_a_bad_stage_field_in_a_batch_is_named(tmp_path, tiny_model_dir, sample_manifests):
+    data = batch_dict(tiny_model_dir, Path("store"), sample_manifests)
+    data["concepts"][0]["overrides"] = {"stage1": {"betas": [0.9, 1.5]}}
+    data["concepts"][1]["overrides"] = {"stage2": {"crop": "corner", "ranks": 4}}
+    text = "\n".join(str(p) for p in problems_of(write_batch(tmp_path / "b.yaml", data)))
+    assert "betas" in text and "crop" in text and "ranks" in text

@@ -63,6 +63,23 @@ def test_wrong_base_rank_or_missing_manifest_is_refused(exported, tmp_path):
         load_flat(bank, tmp_path)
 
 
+def test_a_concept_trained_at_another_alpha_keeps_its_scale_in_any_bank(tiny_model_dir, tmp_path):
+    from purecc.model import load_pipeline
+
+    trained = attach_bank(load_pipeline(str(tiny_model_dir)).transformer, 1, rank=4, alpha=8.0)   # scale 2
+    served = attach_bank(load_pipeline(str(tiny_model_dir)).transformer, 1, rank=4)                # alpha = rank
+    flat = torch.randn(trained.params_per_slot, generator=torch.Generator().manual_seed(1))
+    fp = base_fingerprint(load_pipeline(str(tiny_model_dir)).transformer)
+    folder = export_slot(trained, flat, tmp_path / "c", AdapterManifest("c", "sks", 2, 10, 4, 8.0, [], fp))
+    manifest, loaded = load_flat(served, folder, base_fingerprint=fp)
+    assert manifest.alpha == 8.0 and served.scale == 1.0 and trained.scale == 2.0
+    for name, (a, b) in trained.unflatten(flat).items():          # the same weight change B A * alpha / r
+        a2, b2 = served.unflatten(loaded)[name]
+        torch.testing.assert_close(served.scale * b2 @ a2, trained.scale * b @ a)
+    again = load_flat(trained, folder, base_fingerprint=fp)[1]       # and the bank it came from reads it as it was
+    assert torch.equal(again, flat)
+
+
 def test_invalid_concept_id_cannot_become_a_path(exported, tmp_path):
     bank, flat, fp, _ = exported
     with pytest.raises(ValueError, match="not a valid concept id"):

@@ -101,3 +101,29 @@ def test_an_http_submission_reads_each_manifest_once(tmp_path, tiny_model_dir, s
     assert (result.added, result.driver) == (list(ids), "started")
     assert started == [str(storage / "ledger.sqlite")]
     assert reads == {str(storage / "data" / cid / "manifest.csv"): 1 for cid in ids}
+
+
+def test_a_batch_stage_takes_the_recipe_fields_and_a_rank_the_slots_cannot_serve_is_refused(
+        tmp_path, tiny_model_dir, sample_manifests, monkeypatch):
+    import services.batches as batches_module
+    from services.batches import BatchRejected
+
+    storage = (tmp_path / "storage").resolve()
+    shutil.copytree(sample_manifests["checkered-star"].parent, storage / "data" / "checkered-star")
+    monkeypatch.setattr(batches_module, "resume_unfinished", lambda ledger: "a driver")
+    admin = Principal("ops", frozenset({"admin"}))
+    batches = StorageBatches(str(storage), str(tiny_model_dir), slot_rank=4)
+
+    def body(stage2: dict) -> dict:
+        return {"name": "shapes", "defaults": {"stage1": {"rank": 8, "crop": "random", "batch_size": 2},
+                                               "stage2": stage2},
+                "concepts": [{"id": "checkered-star", "data": "checkered-star/manifest.csv", "trigger": "zqx"}]}
+
+    with pytest.raises(BatchRejected) as err:
+        batches.submit(body({"rank": 8}), admin)
+    (issue,) = err.value.issues
+    assert issue.loc == ("concepts", 0, "overrides", "stage2", "rank")
+    assert "rank 8" in issue.msg and "rank 4" in issue.msg and str(storage) not in issue.msg
+    assert not (storage / "ledger.sqlite").exists()          # refused before anything is recorded
+    # a stage-1 extractor of another rank is fine: only stage 2's adapter is served
+    assert batches.submit(body({"lambda_min": 0.25}), admin).added == ["checkered-star"]
