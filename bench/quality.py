@@ -100,6 +100,8 @@ class Method:
     train_embeddings: bool = False        # stage 2: stage 1's embeddings trained further (the recipe's default: frozen)
     r_reference: str = "empty"            # stage 2: R against "" (the paper's) or the class caption (ours)
     lambda_min: float = 0.0               # stage 2 (ours above 0): the adaptive lambda's floor
+    stage2_precondition: bool = False     # stage 2 with stage 1's x0-parameterised loss (both terms)
+    stage2_lr: float | None = None        # stage 2's learning rate, where not the bench's
 
     @property
     def is_default(self) -> bool:
@@ -109,8 +111,8 @@ class Method:
                 and (self.extractor, self.lambda_mode) == (s2.extractor, s2.lambda_mode)
                 and self.eta == s2.eta and self.detach_base == s2.detach_base
                 and self.train_embeddings == s2.train_embeddings and self.r_reference == s2.r_reference
-                and self.lambda_min == s2.lambda_min
-                and self.stage2_steps is None and self.stage2_grad_accum is None)
+                and self.lambda_min == s2.lambda_min and self.stage2_precondition == s2.precondition
+                and self.stage2_steps is None and self.stage2_grad_accum is None and self.stage2_lr is None)
 
     @property
     def stage2_overrides(self) -> dict:
@@ -119,7 +121,9 @@ class Method:
                 **({"train_embeddings": True} if self.train_embeddings else {}),
                 **({"r_reference": self.r_reference} if self.r_reference != "empty" else {}),
                 **({"lambda_min": self.lambda_min} if self.lambda_min else {}),
-                **({"grad_accum": self.stage2_grad_accum} if self.stage2_grad_accum else {})}
+                **({"grad_accum": self.stage2_grad_accum} if self.stage2_grad_accum else {}),
+                **({"precondition": True} if self.stage2_precondition else {}),
+                **({"lr": self.stage2_lr} if self.stage2_lr else {})}
 
     @property
     def label(self) -> str:
@@ -161,6 +165,9 @@ METHODS = (Method("DreamBooth LoRA (stage 1)", "dreambooth", 1),
            Method("PureCC (paper), eta 0.1, base branch detached, λ* floor 0.5 (ours)",
                   "purecc-paper-eta01-detach-floor", 2, "stage1", "adaptive", "layerwise", eta=0.1, detach_base=True,
                   lambda_min=0.5),
+           Method("PureCC (paper), eta 0.1, base branch detached, stage 1's x0 loss and lr 4e-4 in stage 2",
+                  "purecc-paper-eta01-detach-x0", 2, "stage1", "adaptive", "layerwise", eta=0.1, detach_base=True,
+                  stage2_precondition=True, stage2_lr=4e-4),
            Method("PureCC, R against the class caption (ours), fixed λ = 1, eta 1, base branch detached",
                   "purecc-classr-fixed-eta1", 2, "stage1", "fixed", "layerwise", eta=1.0, detach_base=True,
                   r_reference="class"),

@@ -91,10 +91,15 @@ def stage2_loss(v_full: torch.Tensor, v_base: torch.Tensor, r_tar: torch.Tensor,
                 x0: torch.Tensor, eps: torch.Tensor, *, eta: float, lambda_mode: str,
                 lambda_value: float = 1.0, lambda_max: float = 2.0, lambda_min: float = 0.0,
                 r_prompt: torch.Tensor | None = None, r_base: torch.Tensor | None = None,
-                detach_base: bool = False) -> dict[str, torch.Tensor]:
+                detach_base: bool = False, sigma: torch.Tensor | None = None,
+                precondition: bool = False) -> dict[str, torch.Tensor]:
     """``L = L_CC + eta * L_pure`` per sample; gradients flow through both ``v_full`` and ``v_base``
     as the paper's loss reads (``detach_base``, ours and the recipe's default: through ``v_full`` only, so
     the base caption's branch is never trained).
+
+    ``precondition`` (stage 1's x0 parameterisation, off in stage 2 by default): both terms compare x0
+    estimates ``x_t - sigma * v`` instead of velocities, which is each velocity term weighted by
+    ``sigma^2`` (``sigma`` (B,) is then required).
 
     ``r_prompt``/``r_base``: the extractor on ``prompt`` and ``base_prompt`` (needed by
     ``lambda_mode="extractor"`` only). Besides the losses and ``lambda`` it returns ``cos_r``, the
@@ -119,5 +124,10 @@ def stage2_loss(v_full: torch.Tensor, v_base: torch.Tensor, r_tar: torch.Tensor,
     guided = anchor + lam.view(-1, *([1] * (r.dim() - 1))).to(r.dtype) * r
     l_cc = per_sample_mse(v_full, target)
     l_pure = per_sample_mse(v_full, guided)
+    if precondition:
+        if sigma is None:
+            raise ValueError("precondition: the x0-parameterised stage-2 loss needs sigma")
+        w = sigma.float().pow(2)
+        l_cc, l_pure = w * l_cc, w * l_pure
     return {"loss": l_cc + eta * l_pure, "l_cc": l_cc, "l_pure": l_pure, "lambda": lam,
             "cos_r": cosine(v_full - v_base, r)}

@@ -468,7 +468,7 @@ class PackTrainer:
             parts.append(stage2_loss(v_full[sl], v_base[sl], r[0][sl], r[1][sl], x0[sl], eps[sl],
                                      eta=rc.eta, lambda_mode=rc.lambda_mode, lambda_value=rc.lambda_value,
                                      lambda_max=rc.lambda_max, lambda_min=rc.lambda_min, detach_base=rc.detach_base,
-                                     **extra))
+                                     sigma=sigma[sl], precondition=rc.precondition, **extra))
             start += n
         # sigma beside lambda and cos_r in the logs, so a reader can see them per noise level
         return {**{k: torch.cat([p[k] for p in parts]) for k in parts[0]}, "sigma": sigma.detach().float()}

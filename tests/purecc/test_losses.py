@@ -128,6 +128,23 @@ def test_stage2_loss_matches_naive_reference(tiny_model_dir, sample_manifests, s
     assert abs(other - cos_naive) > 2e-3, (other, cos_naive)    # 20x the match tolerance
 
 
+def test_stage2_precondition_reaches_the_trainer(tiny_model_dir, sample_manifests, stage1_adapter):
+    """``stage2.precondition`` is not ignored: the same draw's loss is the velocity loss times sigma^2."""
+    out = {}
+    for pre in (False, True):
+        recipe = stage_recipe(2, steps=3, resolution=64, embeddings="none", precondition=pre)
+        job = ConceptJob("zig", "zqx", sample_manifests["checkered-star"], recipe, seed=5,
+                         extractor_adapter=stage1_adapter)
+        trainer = PackTrainer(load_pipeline(str(tiny_model_dir)), [job])
+        trainer.setup()
+        with torch.no_grad():
+            out[pre] = trainer._micro_step([trainer.concepts["zig"]], 0)["zig"]
+    plain, pre = out[False], out[True]
+    assert torch.equal(plain["sigma"], pre["sigma"])
+    assert torch.allclose(pre["loss"], plain["loss"] * plain["sigma"].pow(2).mean(), rtol=1e-5)
+    assert not torch.allclose(pre["loss"], plain["loss"])
+
+
 def test_lambda_candidates_and_cos_r_from_their_formulas():
     from purecc.losses import stage2_loss
 
@@ -161,6 +178,18 @@ def test_lambda_candidates_and_cos_r_from_their_formulas():
                           lambda_min=0.5, r_prompt=r_p, r_base=r_b)
         assert torch.allclose(out["lambda"], unclamped.clamp(0.5, 5.0), atol=1e-6), mode
     assert (unclamped < 0.5).any()      # the floor was exercised, not only stated
+    # stage 1's x0 parameterisation in stage 2: x0 estimates x_t - sigma v compared, both terms
+    sigma = torch.tensor([0.2, 0.5, 0.9])
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+    out = stage2_loss(v_full, v_base, r_tar, r_empty, x0, eps, eta=2.0, lambda_mode="adaptive", lambda_max=5.0,
+                      sigma=sigma, precondition=True)
+    s4 = sigma.view(-1, 1, 1, 1)
+    x0_guided = x_t - s4 * (v_base + expect["adaptive"].view(-1, 1, 1, 1) * R)
+    naive = ((x_t - s4 * v_full - x0) ** 2).flatten(1).mean(1) + 2.0 * ((x_t - s4 * v_full - x0_guided) ** 2
+                                                                         ).flatten(1).mean(1)
+    assert torch.allclose(out["loss"], naive, atol=1e-5)
+    with pytest.raises(ValueError, match="needs sigma"):
+        stage2_loss(v_full, v_base, r_tar, r_empty, x0, eps, eta=2.0, lambda_mode="adaptive", precondition=True)
     with pytest.raises(ValueError, match="needs r_prompt and r_base"):
         stage2_loss(v_full, v_base, r_tar, r_empty, x0, eps, eta=2.0, lambda_mode="extractor")
     with pytest.raises(ValueError, match="must be one of"):
