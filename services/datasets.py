@@ -38,6 +38,7 @@ import stat
 import time
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -207,7 +208,7 @@ def _zip_members(data: bytes, bounds: DatasetBounds) -> dict[str, bytes]:
                                            f"{bounds.max_zip_entries} allowed")
         total = 0
         for info in infos:
-            _entry_path(info.filename)
+            _entry_path(info.orig_filename)      # as stored: ``filename`` is cut at a NUL by zipfile
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise DatasetRejected("files", f"zip entry {_display(info.filename)} is a symbolic link")
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
@@ -233,9 +234,10 @@ def _zip_members(data: bytes, bounds: DatasetBounds) -> dict[str, bytes]:
             try:
                 with zf.open(info) as f:
                     body = f.read(info.file_size + 1)
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:   # bad CRC, truncated, zlib
-                raise DatasetRejected("files", f"zip entry {_display(info.filename)} cannot be read: "
-                                               f"{type(exc).__name__}") from None
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:   # bad CRC, cut, zlib
+                raise DatasetRejected("files", f"zip entry {_display(info.filename)} cannot be read (corrupt, or "
+                                               f"not the size its header declares): {type(exc).__name__}: "
+                                               f"{str(exc)[:120]}") from None
             if len(body) != info.file_size:
                 raise DatasetRejected("files", f"zip entry {_display(info.filename)} is not the size its "
                                                "header declares")
@@ -337,7 +339,8 @@ class StorageDatasets:
         if not uploads:
             raise DatasetRejected("files", "no file uploaded")
         manifest, sources = None, uploads
-        if len(uploads) == 1 and zipfile.is_zipfile(io.BytesIO(uploads[0].data)):
+        if len(uploads) == 1 and (uploads[0].data[:4] == b"PK\x03\x04"      # a zip, even a cut one
+                                  or zipfile.is_zipfile(io.BytesIO(uploads[0].data))):
             members = _zip_members(uploads[0].data, b)
             manifest = members.pop(MANIFEST, None)
             sources = [Upload(k, v) for k, v in members.items()]

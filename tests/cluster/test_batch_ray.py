@@ -17,6 +17,7 @@ The driver-restart test runs its drivers as subprocesses joined to the same clus
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -126,6 +127,20 @@ def test_batch_publishes_with_overlapping_trainings(main_batch, tiny_model_dir):
     assert ("s1-checkered-star-2-" in " ".join(n for n, _ in names)) and all(r["ended_at"] for r in runs)
 
 
+def _events(folder: Path):
+    """The TensorBoard event files of ``folder``, read as TensorBoard reads them (every scalar and image kept;
+    no purge: a stage-2 folder may hold the run's stage-1 file, whose steps run higher, before its own)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0}, purge_orphaned_data=False)
+    acc.Reload()
+    return acc
+
+
+def _steps(acc, tag: str) -> list[int]:
+    return sorted({e.step for e in acc.Scalars(tag)})
+
+
 def _served(root: Path, cid: str) -> Path:
     """The folder of the version the registry under ``root`` serves for ``cid``."""
     return Path(AdapterRegistry(root).path_of(cid))
@@ -145,6 +160,23 @@ def test_published_adapters_load_and_generate(main_batch, tiny_model_dir):
         for stage in (1, 2):     # the Ray Train run's TensorBoard event files, kept next to the checkpoints
             logs = main_batch["storage"] / "work" / "tensorboard" / cid / f"stage{stage}"
             assert list(logs.glob("events.out.tfevents.*")), logs
+        # what they hold: each stage's loss at every step up to its last (a worker restarted from a
+        # checkpoint logs from there on), lambda in stage 2 only, the validation image at each stage's end
+        s1 = _events(main_batch["storage"] / "work" / "tensorboard" / cid / "stage1")
+        s2 = _events(main_batch["storage"] / "work" / "tensorboard" / cid / "stage2")
+        steps1 = _steps(s1, "stage1/loss")
+        first = 1 if cid == "dotted-diamond" else KILL_STEP - KILL_STEP % CKPT_EVERY + 1   # its pack was killed
+        assert steps1 == list(range(first, S1_STEPS + 1)), (cid, steps1)
+        assert "stage1/lambda" not in s1.Tags()["scalars"], (cid, s1.Tags()["scalars"])
+        assert _steps(s2, "stage2/loss") == _steps(s2, "stage2/lambda") == list(range(1, S2_STEPS + 1)), cid
+        for acc, stage in ((s1, 1), (s2, 2)):
+            values = [e.value for e in acc.Scalars(f"stage{stage}/loss")]
+            assert all(math.isfinite(v) and v > 0 for v in values), (cid, stage, values)
+            [image] = [e for e in acc.Images(f"stage{stage}/validation/00")
+                       if e.step == (S1_STEPS if stage == 1 else S2_STEPS)]
+            assert (image.width, image.height) == (64, 64), (cid, stage, image.width, image.height)
+            assert image.encoded_image_string.startswith(b"\x89PNG"), (cid, stage)
+        assert all(math.isfinite(e.value) for e in s2.Scalars("stage2/lambda")), cid
     pipe = load_pipeline(ModelConfig(path=str(tiny_model_dir)))
     loaded = load_concepts(pipe, [main_batch["storage"] / "adapters" / c for c in GOOD])
     samples = [Sample(f"a {loaded.triggers[c]} shape", seed=1, concepts=((c, 1.0),)) for c in GOOD]
@@ -161,6 +193,12 @@ def test_killed_worker_resumes_from_checkpoint_with_uninterrupted_weights(main_b
     with _ledger(main_batch) as led:
         resumed = [e["detail"] for e in led.events("checkered-star", "resumed")]
         mate = [e["detail"] for e in led.events("striped-circle", "resumed")]
+        kinds = {cid: [e["kind"] for e in led.events(cid)] for cid in ("checkered-star", "striped-circle")}
+        states = {cid: led.get(cid).state for cid in kinds}
+    # the restarted run published each member once, not once per attempt (and never its stage twice)
+    assert states == {"checkered-star": "published", "striped-circle": "published"}, states
+    assert {cid: k.count("published") for cid, k in kinds.items()} == {"checkered-star": 1, "striped-circle": 1}, kinds
+    assert all(k.count("submitted") == 1 and k.count("stage2") == 1 for k in kinds.values()), kinds
     marker = main_batch["storage"] / "work" / "faults" / f"checkered-star-s1-{KILL_STEP}.fired"
     assert marker.is_file(), "the fault never fired"
     # resumed from the newest checkpoint before the kill, not from step 0 (the pack-mate too)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from cluster.ledger import JobLedger
-from cluster.scheduler import concurrency_limit, job_key, pack_name, pack_plan, plan_packs
+from cluster.scheduler import Scheduler, concurrency_limit, job_key, pack_name, pack_plan, plan_packs
 from cluster.spec import load_batch
 from purecc.pack import PackPlan
 
@@ -88,3 +89,88 @@ def test_pack_plan_carries_each_jobs_stage_recipe_and_round_trips(rows):
     assert z.data_hash == first.jobs[0].spec.data_hash and z.provenance["batch"] == "tiny"
     assert plan.validation.steps == 2 and plan.base_model == first.jobs[0].spec.base_model
     assert PackPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def _progress(cid: str, stage: int, step: int, total: int, at: float) -> dict:
+    """A worker's progress message as the board hands it to the driver (``at``: the worker's clock)."""
+    return {"kind": "progress", "concept_id": cid, "stage": stage, "step": step, "total": total, "at": at,
+            "run": "s1-run", "loss": 0.5}
+
+
+def test_eta_is_the_remaining_steps_at_the_rate_seen_since_the_first_report(tmp_path):
+    """``Scheduler._with_eta``, fed reports with a fake clock: None until a step was seen advancing, then
+    (total - step) / (steps since the first report / seconds since it), the first report being the newest
+    at its step; each concept and each stage on its own rate, and a report back at (or before) the first
+    step starts the rate afresh (a worker restarted from a checkpoint: the next test)."""
+    with JobLedger(tmp_path / "ledger.sqlite") as led:
+        sched = Scheduler(led)
+        eta = lambda *a: sched._with_eta(_progress(*a))["eta_s"]     # noqa: E731
+        assert eta("a", 1, 0, 100, 1000.0) is None                  # one report: no rate yet
+        assert eta("a", 1, 0, 100, 1005.0) is None                  # no step since (still loading): the
+        assert eta("a", 1, 10, 100, 1020.0) == pytest.approx(90 * 15 / 10)           # rate starts at 1005
+        assert eta("a", 1, 30, 100, 1040.0) == pytest.approx(70 * 35 / 30)           # 30 steps in 35 s
+        assert eta("a", 1, 100, 100, 1100.0) == 0                  # the last step: nothing left
+        assert eta("b", 1, 50, 100, 1100.0) is None                 # another concept: its own first report
+        assert eta("b", 1, 60, 100, 1102.0) == pytest.approx(40 * 2 / 10)
+        assert eta("a", 2, 0, 8, 1200.0) is None                    # stage 2: a new rate, not stage 1's
+        assert eta("a", 2, 4, 8, 1210.0) == pytest.approx(4 * 10 / 4)
+        assert eta("a", 2, 0, 8, 1300.0) is None                    # the stage relaunched from step 0: afresh
+        assert eta("a", 2, 4, 8, 1302.0) == pytest.approx(4 * 2 / 4)                 # 2 step/s, not 4 / 100 s
+        msg = _progress("a", 2, 7, 8, 1302.5)
+        out = sched._with_eta(msg)
+        assert out == {**msg, "eta_s": pytest.approx(1 * 2.5 / 7)} and "eta_s" not in msg   # the message kept
+
+
+class _Board:
+    """The board as the driver drains it: the messages pushed since the last drain."""
+
+    def __init__(self) -> None:
+        self.pending: list[dict] = []
+
+    def drain(self) -> list[dict]:
+        out, self.pending = self.pending, []
+        return out
+
+
+class _InProcess:
+    """An actor handle stand-in: ``handle.method.remote(*a)`` calls the method now (as bench/scale_sim.py)."""
+
+    def __init__(self, obj) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name: str):
+        return SimpleNamespace(remote=getattr(self._obj, name))
+
+
+class _Runtime:
+    """``RayRuntime.get`` of values the in-process board already returned."""
+
+    def get(self, value):
+        return value
+
+
+def test_drained_progress_puts_the_eta_in_the_ledger_and_a_resume_restarts_it(rows, tmp_path):
+    """The path to the status table: progress drained from the board is stored with its ``eta_s`` on the
+    job's row; a ``resumed`` event drops the rate (the restarted run's first report has no ETA)."""
+    jobs = rows(concepts_per_pack=1, ids=IDS[:1])
+    with JobLedger(tmp_path / "ledger-1.sqlite") as led:
+        sched = Scheduler(led)
+        board = _Board()
+        sched._ray, sched.board = _Runtime(), _InProcess(board)
+        run_id, launched = led.launch("s1-run", 1, [jobs[0].concept_id])
+        assert launched == [IDS[0]]
+
+        def drain(*msgs) -> float | None:
+            board.pending = list(msgs)
+            sched._drain()
+            return led.get(IDS[0]).eta_s
+
+        assert drain(_progress(IDS[0], 1, 0, 100, 500.0)) is None
+        assert drain(_progress(IDS[0], 1, 20, 100, 540.0)) == pytest.approx(80 * 40 / 20)    # 160 s
+        rec = led.get(IDS[0])
+        assert (rec.step, rec.total, rec.progress_at) == (20, 100, 540.0)
+        # the worker was restarted from its step-20 checkpoint: the time lost restarting is no rate
+        resumed = {"kind": "event", "concept_id": IDS[0], "event": "resumed", "detail": {"stage": 1, "step": 20},
+                   "at": 900.0, "run": "s1-run"}
+        assert drain(resumed, _progress(IDS[0], 1, 20, 100, 900.0)) is None
+        assert drain(_progress(IDS[0], 1, 30, 100, 905.0)) == pytest.approx(70 * 5 / 10)      # 35 s, not ~1000

@@ -35,11 +35,11 @@ def _lora_state(pipe, r: int, alpha: float, targets: list[str], seed: int = 0) -
     return get_peft_model_state_dict(pipe.transformer)
 
 
-def _save_diffusers(pipe, folder, r: int, alpha: float, targets: list[str]):
+def _save_diffusers(pipe, folder, r: int, alpha: float, targets: list[str], seed: int = 0):
     """``pytorch_lora_weights.safetensors`` with diffusers' key names and its LoRA metadata."""
     from diffusers import StableDiffusion3Pipeline
 
-    state = _lora_state(pipe, r, alpha, targets)
+    state = _lora_state(pipe, r, alpha, targets, seed)
     meta = {"r": r, "lora_alpha": alpha, "target_modules": targets}
     StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state,
                                                transformer_lora_adapter_metadata=meta)
@@ -83,6 +83,38 @@ def test_diffusers_lora_imports_to_the_same_image(tmp_path, tiny_model_dir, caps
     assert np.abs(have - want).max() <= 2, np.abs(have - want).max()   # float rounding of the two paths only
 
 
+def test_imported_loras_compose_as_diffusers_composes_them(tmp_path, tiny_model_dir, capsys):
+    """Two imported diffusers LoRAs routed in one generate call at weights 1 and 0.5 give the image of
+    diffusers' own multi-adapter path (both files loaded by ``load_lora_weights``, ``set_adapters``):
+    ``W x + sum_k w_k B_k A_k x`` both ways. Each alone differs from the pair, so a composition that
+    dropped or doubled one could not pass."""
+    loras = {"ext-star": (4, 4.0, PROJ, 0, "sks"), "ext-grid": (2, 1.0, PROJ[:4], 7, "vlk")}
+    weights, storage = {}, tmp_path / "storage"
+    for cid, (r, alpha, targets, seed, trigger) in loras.items():
+        weights[cid] = _save_diffusers(load_pipeline(str(tiny_model_dir)), tmp_path / cid, r, alpha, targets, seed)
+        assert main(["import", str(weights[cid]), "--id", cid, "--trigger", trigger, "--model",
+                     str(tiny_model_dir), "--storage", str(storage)]) == 0, capsys.readouterr().err
+    scale = {"ext-star": 1.0, "ext-grid": 0.5}
+    ref_pipe = load_pipeline(str(tiny_model_dir))
+    for cid in loras:
+        ref_pipe.load_lora_weights(str(weights[cid].parent), adapter_name=cid)
+    ref_pipe.set_adapters(list(scale), list(scale.values()))
+    want = _image(ref_pipe)
+
+    registry = AdapterRegistry(storage)
+    folders = {cid: registry.path_of(cid) for cid in loras}       # where trained concepts are served from
+    pipe = load_pipeline(str(tiny_model_dir))
+    loaded = load_concepts(pipe, list(folders.values()))
+    slot_of = loaded.slot_of_folder
+    have = _image(pipe, [(folders[cid], w) for cid, w in scale.items()], slot_of)
+    assert np.abs(have - want).max() <= 2, np.abs(have - want).max()
+    alone = {cid: _image(pipe, [(folders[cid], scale[cid])], slot_of) for cid in loras}
+    base = _image(pipe)
+    for cid, image in alone.items():
+        assert np.abs(have - image).max() > 10, f"{cid} alone gives the composed image: the other is a no-op"
+        assert np.abs(image - base).max() > 10, f"{cid} alone does not change the image"
+
+
 def test_peft_folder_imports_with_its_scale(tmp_path, tiny_model_dir, capsys):
     """A folder written by PEFT's own ``save_pretrained`` (alpha 8 at rank 4: scale 2, folded into B)."""
     from peft import LoraConfig, get_peft_model
@@ -106,6 +138,16 @@ def test_peft_folder_imports_with_its_scale(tmp_path, tiny_model_dir, capsys):
     for key, value in written.items():
         name = "transformer." + key[len("base_model.model."):]
         torch.testing.assert_close(imported[name], value * (2.0 if "lora_B" in key else 1.0))
+    # the image: the folder loaded by PEFT itself (its adapter_config.json's alpha/r) on a fresh pipeline
+    from peft import PeftModel
+
+    ref_pipe = load_pipeline(str(tiny_model_dir))
+    base = _image(ref_pipe)
+    PeftModel.from_pretrained(ref_pipe.transformer, str(tmp_path / "peft"))    # injects into the transformer
+    want = _image(ref_pipe)
+    assert np.abs(want - base).max() > 10, "the LoRA does not change the image: the test could not fail"
+    have = _imported_image(tiny_model_dir, storage, "peft-star")
+    assert np.abs(have - want).max() <= 2, np.abs(have - want).max()
 
 
 def test_lora_that_does_not_fit_the_bank_is_refused_naming_why(tmp_path, tiny_model_dir, capsys):

@@ -62,7 +62,7 @@ def upload_service(tiny_model_dir, sample_manifests, tmp_path_factory):
     storage = tmp_path_factory.mktemp("uploads") / "storage"
     shutil.copytree(sample_manifests["striped-circle"].parent, storage / "data" / "alice" / "striped-circle")
     tokens_file = storage / "auth" / "tokens.json"
-    tokens = {owner: make_token(tokens_file, owner) for owner in ("alice", "bob")}
+    tokens = {owner: make_token(tokens_file, owner) for owner in ("alice", "bob", "carol")}
     temp_dir = Path(f"/tmp/pcupl-{os.getpid()}")
     ray = start_local_ray(2, temp_dir=temp_dir)
     from ray import serve
@@ -118,6 +118,36 @@ def zip_with_absolute_entry() -> bytes:
     return raw.replace(b"x.png", b"/x.pn")       # same length: the central directory names an absolute path
 
 
+def patched_zip(entries: dict, *, rename: tuple[bytes, bytes] | None = None, flags: int = 0,
+                declared_size: int | None = None, **kw) -> bytes:
+    """A zip of one or more ``entries`` whose bytes are then edited where ``zipfile`` would not write them:
+    a name replaced by a same-length one (both headers), ``flags`` or'ed into the first entry's general
+    purpose bits (both headers), or the first entry's uncompressed size in the central directory set to
+    ``declared_size``."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", kw.pop("compression", zipfile.ZIP_DEFLATED)) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data, **kw)
+    raw = bytearray(buf.getvalue())
+    if rename is not None:
+        assert len(rename[0]) == len(rename[1]) and raw.count(rename[0]) == 2
+        raw = bytearray(bytes(raw).replace(*rename))
+    local, central = raw.index(b"PK\x03\x04"), raw.index(b"PK\x01\x02")
+    for at in (local + 6, central + 8):
+        struct.pack_into("<H", raw, at, struct.unpack_from("<H", raw, at)[0] | flags)
+    if declared_size is not None:
+        struct.pack_into("<I", raw, central + 24, declared_size)
+    return bytes(raw)
+
+
+def zip_with_corrupt_data() -> bytes:
+    """A zip whose directory is sound but whose deflate stream is garbage (zlib fails while reading)."""
+    raw = zipped({"a.png": b"\x00" * 4096 + png()})
+    at = raw.index(b"a.png") + len("a.png")          # the local header's name, then the compressed data
+    return raw[:at] + b"\xff" * 8 + raw[at + 8:]
+
+
+MIB = 1024 * 1024
 CASES = {
     "too-many-files": ([(f"{i}.png", png(4)) for i in range(101)], {"class_word": "star"}, 422, "files",
                        "101 images uploaded, more than the 100"),
@@ -142,6 +172,32 @@ CASES = {
                   "compresses"),
     "zip-entries": ([("d.zip", zipped({f"{i}.png": b"" for i in range(201)}))], {}, 422, "files",
                     "201 entries, more than the 200"),
+    "zip-entry-too-big": ([("d.zip", zipped({"big.png": b"\x00" * (16 * MIB + 1)}))], {}, 413, None,
+                          "zip entry 'big.png' unpacks to 16777217 bytes, more than the 16777216 allowed per file"),
+    # 129 entries of 1 MiB (below the ratio floor, so they may compress well): 129 MiB unpacked, ~150 kB sent
+    "zip-unpacks-too-big": ([("d.zip", zipped(dict.fromkeys((f"{i}.png" for i in range(129)), b"\x00" * MIB)))],
+                            {}, 413, None, "the zip unpacks to 135266304 bytes, more than the 134217728 allowed"),
+    "zip-encrypted": ([("d.zip", patched_zip({"a.png": png()}, flags=0x1))], {}, 422, "files",
+                      "zip entry 'a.png' is encrypted or uses an unsupported compression"),
+    "zip-bzip2": ([("d.zip", patched_zip({"a.png": png()}, compression=zipfile.ZIP_BZIP2))], {}, 422, "files",
+                  "zip entry 'a.png' is encrypted or uses an unsupported compression (stored or deflated only)"),
+    "zip-lying-header-small": ([("d.zip", patched_zip({"a.png": png()}, declared_size=len(png()) - 10))], {}, 422,
+                               "files", "zip entry 'a.png' cannot be read (corrupt, or not the size its header "
+                                        "declares): BadZipFile"),
+    "zip-lying-header-large": ([("d.zip", patched_zip({"a.png": png()}, declared_size=len(png()) + 10))], {}, 422,
+                               "files", "zip entry 'a.png' is not the size its header declares"),
+    "zip-corrupt-directory": ([("d.zip", zipped({"a.png": png()}).replace(b"PK\x01\x02", b"PK\x09\x09"))], {},
+                              422, "files", "the zip cannot be read: Bad magic number for central directory"),
+    "zip-corrupt-data": ([("d.zip", zip_with_corrupt_data())], {}, 422, "files",
+                         "zip entry 'a.png' cannot be read (corrupt, or not the size its header declares): error"),
+    "zip-cut": ([("d.zip", zipped({"a.png": png(64)})[:-40])], {}, 422, "files",
+                "the zip cannot be read: File is not a zip file"),
+    "zip-backslash": ([("d.zip", zipped({"..\\evil.png": png()}))], {}, 422, "files",
+                      "zip entry '..\\\\evil.png' has a backslash, NUL or drive in its name"),
+    "zip-nul": ([("d.zip", patched_zip({"a.pngX.sh": png()}, rename=(b"a.pngX.sh", b"a.png\x00.sh")))], {}, 422,
+                "files", "zip entry 'a.png\\x00.sh' has a backslash, NUL or drive in its name"),
+    "zip-drive": ([("d.zip", zipped({"C:/x.png": png()}))], {}, 422, "files",
+                  "zip entry 'C:/x.png' has a backslash, NUL or drive in its name"),
     "zip-manifest-image": ([("d.zip", zipped({"a.png": png(), "manifest.csv":
                                               b"image_path,prompt,base_prompt,target_prompt,instance_word\n"
                                               b"../b.png,a [v] star,a star,[v] star,star\n"}))], {}, 422, "files",
@@ -176,6 +232,35 @@ def test_every_upload_bound_is_a_clear_4xx(upload_service, case):
     assert str(upload_service.storage) not in resp.text and "/tmp" not in resp.text
     area = upload_service.storage / "data" / "alice" / "datasets"
     assert not area.exists() or not any(p.name.startswith(".tmp-") for p in area.iterdir())
+
+
+def test_the_per_owner_dataset_count_is_a_clear_409(upload_service):
+    """carol fills her 20 datasets (``DatasetBounds.max_datasets``): the 21st is refused with 409 and leaves
+    nothing behind; deleting one makes room again."""
+    client, image = upload_service.client("carol"), [("a.png", png())]
+    ids = []
+    for _ in range(20):
+        resp = upload_service.upload(image, owner="carol", class_word="star")
+        assert resp.status_code == 201, resp.text
+        ids.append(resp.json()["id"])
+    try:
+        resp = upload_service.upload(image, owner="carol", class_word="star")
+        assert resp.status_code == 409, resp.text
+        assert resp.json()["detail"] == ("this owner holds 20 datasets, the most allowed; delete one first"), resp.text
+        assert str(upload_service.storage) not in resp.text and "/tmp" not in resp.text
+        area = upload_service.storage / "data" / "carol" / "datasets"
+        assert sorted(p.name for p in area.iterdir()) == sorted(ids)        # no 21st, no leftover temp folder
+        assert sorted(d["id"] for d in client.datasets()) == sorted(ids)
+        assert upload_service.upload(image, owner="bob", class_word="star").status_code == 201   # per owner
+        assert client.delete_dataset(ids.pop())["deleted"]
+        resp = upload_service.upload(image, owner="carol", class_word="star")
+        assert resp.status_code == 201, resp.text
+        ids.append(resp.json()["id"])
+    finally:
+        for dataset_id in ids:
+            client.delete_dataset(dataset_id)
+        for ds in upload_service.client("bob").datasets():
+            upload_service.client("bob").delete_dataset(ds["id"])
 
 
 def test_a_zip_with_its_manifest_is_stored_as_given(upload_service):
