@@ -137,12 +137,13 @@ def test_a_pack_leader_fills_its_pack_from_other_batches_of_the_same_shape(jobs)
 
 # ----- the real scheduling loop over 4 simulated GPUs -----------------------------------------
 
-def _simulate(tmp_path, batches):
-    """Submit ``batches`` (batch, owner, n, priority), run the real Scheduler over 4 fake GPUs."""
+def _simulate(tmp_path, batches, max_concurrent=None):
+    """Submit ``batches`` (batch, owner, n, priority), run the real Scheduler over 4 fake GPUs
+    (``max_concurrent``: batch -> its limit, else 4)."""
     with JobLedger(tmp_path / "ledger.sqlite") as led:
         for batch, owner, n, priority in batches:
-            res = Resources(gpus_per_worker=1, cpus_per_worker=4, concepts_per_pack=1, max_concurrent=4,
-                            priority=priority)
+            res = Resources(gpus_per_worker=1, cpus_per_worker=4, concepts_per_pack=1,
+                            max_concurrent=(max_concurrent or {}).get(batch, 4), priority=priority)
             specs = [s.model_copy(update={"concept_id": f"{batch}-{i}", "batch": batch, "resources": res})
                      for i, s in enumerate(make_jobs(n, 4, 1, n, str(tmp_path / "storage")))]
             led.submit(specs, owner=owner)
@@ -179,3 +180,19 @@ def test_a_priority_batch_goes_first_and_the_other_still_runs(tmp_path):
     first = [r for r in sim.runs if r.launched_at == t0]
     assert _owner(first[0]) == "bob"                                # the priority batch's pack is launched first
     assert Counter(_owner(r) for r in first) == {"bob": 3, "alice": 1}   # weights 3:1 over 4 GPUs
+
+
+def test_a_batch_limit_holds_that_batch_in_the_real_loop_and_the_others_use_the_rest(tmp_path):
+    sim, summary = _simulate(tmp_path, [("alice-a", "alice", 6, 1), ("alice-b", "alice", 6, 1)],
+                             max_concurrent={"alice-a": 1})
+    assert set(summary.states.values()) == {"published"}
+
+    def live(at):
+        return [r for r in sim.runs if r.launched_at <= at < r.ends_at]
+
+    peaks = Counter()
+    for run in sim.runs:
+        for batch, n in Counter(r.members[0].rsplit("-", 1)[0] for r in live(run.launched_at)).items():
+            peaks[batch] = max(peaks[batch], n)
+    assert peaks["alice-a"] == 1          # its own limit, in the scheduler's loop, not only in plan_packs
+    assert peaks["alice-b"] == 3          # the rest of the 4 GPUs: one batch's limit throttles no other
