@@ -17,19 +17,32 @@ Too slow: 408; too large: 413; both in the service's ``ErrorBody`` shape and wit
 app as well (``install``), so the limits hold on every route even where the proxy has no hook set
 (a ``serve deploy`` onto a cluster whose proxies were started without it).
 
-Headers: uvicorn 0.54 (Serve's server, h11) has no header-read timeout (its only timer is keep-alive,
-armed after a response); a connection with unfinished headers never reaches the proxy's routing,
-so it holds a socket and at most h11's 16 KiB incomplete-event buffer, not a replica. The
-middleware's deadline starts when the headers are complete.
+Headers: a connection still sending its headers never reaches the proxy's routing, so it holds no
+replica, but uvicorn 0.54 has no header-read timeout (its only timer is keep-alive, armed after a
+response and cancelled by the next byte): such a connection held a socket forever. ``HeaderTimeout``
+closes it ``header_timeout_s`` after it opened, or, on a keep-alive connection, after the first byte
+of its next request (the idle wait before that byte stays uvicorn's keep-alive timer, Serve's 90 s,
+longer than a load balancer's idle timeout). The body deadline starts when the headers are complete.
+It is a mixin on uvicorn's HTTP protocol class (``with_header_timeout``); in the proxy,
+``proxy_middlewares`` wraps ``uvicorn.Config.load`` so the protocol class Serve's ``uvicorn.Config``
+selects (``http="auto"``: httptools, which ``ray[serve]`` installs, else h11) comes back wrapped. It
+relies on uvicorn internals, shared by its ``H11Protocol`` and ``HttpToolsProtocol``: both create a
+new ``self.cycle`` (a ``RequestResponseCycle`` with ``response_complete``) inside ``data_received``
+once a request's headers are complete, and hand a WebSocket upgrade to another protocol with
+``transport.set_protocol``; and on Serve 2.60 building its server with ``uvicorn.Config(...)`` and
+``Server.serve`` in the process (the proxy, or a replica's direct ingress) that ran the hook. Plain
+uvicorn: pass ``http=with_header_timeout("auto", seconds)`` to ``uvicorn.Config``; ``install`` can't,
+the app never sees a connection before its headers.
 
-Hand-written because neither Starlette nor uvicorn offers a body deadline or a received-bytes
-limit (uvicorn's ``limit_concurrency`` counts connections, which would turn the stalled clients
-into 503s for everyone).
+Hand-written because neither Starlette nor uvicorn offers a body deadline, a received-bytes limit or
+a header-read timeout (uvicorn's ``limit_concurrency`` counts connections, which would turn the
+stalled clients into 503s for everyone; ``timeout_keep_alive`` stops counting at the first byte).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import time
@@ -60,6 +73,13 @@ class LimitSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="A connection's request headers must be "
+                                                                    "complete within this many seconds after it "
+                                                                    "opened (or after the first byte of its next "
+                                                                    "request), else it is closed.")
+    header_max_bytes: int = Field(65_536, ge=1024, le=1 << 20, description="Bytes a connection may send before "
+                                  "its request headers are complete, else it is closed (httptools, Serve's "
+                                  "parser, has no cap of its own).")
     body_timeout_s: float = Field(10.0, gt=0, le=300, description="A request's whole body must arrive within "
                                                                   "this many seconds after its headers, else "
                                                                   "408 and the connection is closed.")
@@ -167,17 +187,103 @@ class BodyLimits:
         await self.app(scope, replay, send)
 
 
+class HeaderTimeout:
+    """Mixin for uvicorn's ``H11Protocol`` / ``HttpToolsProtocol``: closes a connection whose request
+    headers are not complete ``header_timeout_s`` after it opened or, once a response was sent, after
+    the first byte of its next request (see the module docstring for the internals it uses)."""
+
+    header_timeout_s: float = LimitSettings.model_fields["header_timeout_s"].default
+    header_max_bytes: int = LimitSettings.model_fields["header_max_bytes"].default
+    _header_timer: asyncio.TimerHandle | None = None
+    _header_bytes = 0              # received while this request's headers are incomplete
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        if self._header_timer is None and (cycle is None or cycle.response_complete):
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+        waiting = self._header_timer is not None
+        super().data_received(data)
+        if self.cycle is not cycle or self.transport.get_protocol() is not self:    # headers in, or upgraded
+            self._stop_header_timer()
+        elif waiting:              # still in the headers: counted, and cut past the cap
+            self._header_bytes += len(data)
+            if self._header_bytes > self.header_max_bytes:
+                self._headers_late()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def _stop_header_timer(self) -> None:
+        self._header_bytes = 0
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._stop_header_timer()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def with_header_timeout(protocol: type | str, timeout_s: float, max_bytes: int | None = None) -> type:
+    """uvicorn's HTTP protocol ``protocol`` (a class, or a name for ``uvicorn.Config(http=...)``:
+    "auto", "h11", "httptools") with ``HeaderTimeout`` of ``timeout_s`` seconds and ``max_bytes`` (default
+    ``LimitSettings``'s) before the headers are complete."""
+    limits = {"header_timeout_s": timeout_s,
+              "header_max_bytes": max_bytes or LimitSettings.model_fields["header_max_bytes"].default}
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    if isinstance(protocol, str):
+        protocol = import_from_string(HTTP_PROTOCOLS.get(protocol, protocol))
+    known: tuple[type, ...] = (H11Protocol,)
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        known += (HttpToolsProtocol,)
+    except ImportError:
+        pass
+    if not issubclass(protocol, known):
+        raise TypeError(f"no header timeout for uvicorn protocol {protocol.__qualname__}: only h11 and httptools")
+    if issubclass(protocol, HeaderTimeout):        # wrapped already (given explicitly): only the limits change
+        return type(protocol.__name__, (protocol,), limits)
+    return type(f"{protocol.__name__}HeaderTimeout", (HeaderTimeout, protocol), limits)
+
+
+def install_header_timeout(timeout_s: float, max_bytes: int | None = None) -> None:
+    """From now on every ``uvicorn.Config`` this process loads serves with ``HeaderTimeout``: wraps
+    ``Config.load`` (which resolves ``http=`` into ``http_protocol_class``, read by ``Server.startup``),
+    for servers built by others (Serve's proxy). Calling it again only changes the timeout."""
+    from uvicorn.config import Config
+
+    load = getattr(Config.load, "__wrapped__", Config.load)
+
+    @functools.wraps(load)
+    def load_with_header_timeout(self) -> None:
+        load(self)
+        self.http_protocol_class = with_header_timeout(self.http_protocol_class, timeout_s, max_bytes)
+    Config.load = load_with_header_timeout
+
+
 def install(app) -> None:
-    """Install ``BodyLimits`` on a FastAPI/Starlette app (settings from ``app.state.limits``)."""
+    """Install ``BodyLimits`` on a FastAPI/Starlette app (settings from ``app.state.limits``). The
+    header timeout is the server's: under plain uvicorn pass ``http=with_header_timeout(...)``."""
     app.add_middleware(BodyLimits)
 
 
 def proxy_middlewares() -> list:
-    """Serve's HTTP proxy callback: ``BodyLimits`` with the settings in ``$PURECC_LIMITS``."""
+    """Serve's HTTP proxy callback, with the settings in ``$PURECC_LIMITS``: ``BodyLimits``, and the
+    header timeout installed on the uvicorn server the proxy is about to start."""
     from starlette.middleware import Middleware
 
     raw = os.environ.get(ENV_SETTINGS)
     settings = LimitSettings.model_validate_json(raw) if raw else LimitSettings()
+    install_header_timeout(settings.header_timeout_s, settings.header_max_bytes)
     return [Middleware(BodyLimits, settings=settings)]
 
 
