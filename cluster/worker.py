@@ -89,6 +89,20 @@ def _label(uri: str) -> str:
     return "/".join(uri.rstrip("/").split("/")[-2:])
 
 
+def _why(exc: OSError, uri: str, *, typed: bool = True) -> str:
+    """An error's text for an event, the checkpoint's location in it replaced by its label (no server
+    path in events): the URI as given and the path its file system names it by."""
+    text = f"{type(exc).__name__}: {exc}" if typed else str(exc)
+    where = {uri.rstrip("/")}
+    if "://" in uri:
+        where.add(uri.split("://", 1)[1].split("?", 1)[0].rstrip("/"))     # an object store's bucket/key
+    else:
+        where.add(str(Path(uri).expanduser().resolve()))
+    for full in sorted(where, key=len, reverse=True):
+        text = text.replace(full, _label(uri))
+    return text
+
+
 def _damage(uri: str) -> None:
     """Tests: flip the last bytes of a stored file in place (a bad disk), through its file system."""
     fs, path = resolve_fs(uri)
@@ -248,10 +262,10 @@ class RayShell:
                     found[cid].append(download(uri, dest))
                 except FileNotFoundError as exc:
                     if uri in recorded:   # a recorded checkpoint is gone: say so (a kept one may lack a member)
-                        self.on_event(cid, "checkpoint-unreadable", {"checkpoint": _label(uri), "error": str(exc)})
+                        self.on_event(cid, "checkpoint-unreadable", {"checkpoint": _label(uri),
+                                                                     "error": _why(exc, uri, typed=False)})
                 except OSError as exc:     # recorded, never swallowed: the next candidate is tried
-                    self.on_event(cid, "checkpoint-unreadable", {"checkpoint": _label(uri),
-                                                                 "error": f"{type(exc).__name__}: {exc}"})
+                    self.on_event(cid, "checkpoint-unreadable", {"checkpoint": _label(uri), "error": _why(exc, uri)})
         return found
 
     def _kept_checkpoints(self) -> list[str]:
@@ -264,7 +278,7 @@ class RayShell:
         except OSError as exc:     # recorded for every member, never swallowed
             for cid in self.members:
                 self.on_event(cid, "checkpoint-unreadable", {"checkpoint": _label(run_dir),
-                                                             "error": f"{type(exc).__name__}: {exc}"})
+                                                             "error": _why(exc, run_dir)})
             return []
         names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
                         and i.base_name.startswith("checkpoint_")), reverse=True)

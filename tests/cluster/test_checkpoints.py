@@ -5,11 +5,16 @@ in the same worker; a worker killed in stage 2 resumes stage 2 (not stage 1) fro
 
 from __future__ import annotations
 
+import json
+import shutil
+import threading
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from cluster import api
+from cluster_helpers import wait_for
 from cluster.ledger import JobLedger
 from cluster.spec import load_batch
 from cluster.worker import stage1_root
@@ -49,6 +54,54 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(ray_cluster, ba
     worst = max((want[k] - have[k]).abs().max().item() for k in want)
     assert worst <= 1e-6, worst        # as the kill test in test_batch_ray: equal up to float rounding
     assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)     # it did train
+
+
+@pytest.mark.faults
+def test_a_recorded_checkpoint_lost_from_storage_is_an_unreadable_event_and_the_run_resumes_before_it(
+        ray_cluster, batch_files, tmp_path):
+    """The ledger's checkpoint of a cancelled job loses its files (the member folder of the newest Ray
+    checkpoint is deleted, as a cleanup or a bad disk would); requeued, the run records a
+    ``checkpoint-unreadable`` event naming it, resumes from the intact checkpoint before it and publishes."""
+    cid = "checkered-star"
+    path = batch_files(ids=[cid], defaults={"resolution": 64, "stage1": {
+        "steps": 60, "grad_accum": 1, "checkpoint_every": 2}, "stage2": {"steps": 2, "checkpoint_every": 2}})
+    ledger_path = tmp_path / "store" / "ledger.sqlite"
+    first: dict = {}
+
+    def drive():
+        try:
+            first["result"] = api.submit(path)
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the test thread
+            first["error"] = exc
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    wait_for(ledger_path.exists, 60, "the ledger")
+    with JobLedger(ledger_path) as led:
+        wait_for(lambda: (led.get(cid).checkpoint_step or 0) >= 6 or "error" in first, 300, "3 checkpoints")
+        api.cancel(ledger_path, cid)
+    thread.join(300)
+    assert not thread.is_alive() and "error" not in first, first.get("error")
+    with JobLedger(ledger_path) as led:
+        rec = led.get(cid)
+    assert rec.state == "cancelled" and rec.checkpoint_stage == 1, (rec.state, rec.checkpoint)
+    lost = Path(rec.checkpoint)                         # <storage>/runs/<run>/<checkpoint>/<cid>
+    kept = sorted(p for p in lost.parent.parent.glob("checkpoint_*") if p.is_dir())
+    assert kept[-1] == lost.parent and len(kept) >= 2, kept          # the newest Ray checkpoint
+    intact_step = json.loads((kept[-2] / cid / "state.json").read_text())["step"]
+    shutil.rmtree(lost)                                 # its folder and pack.json stay: Ray still restores it
+
+    second = api.submit(path, requeue=True)
+    assert second.report.requeued == [cid] and second.summary.states == {cid: "published"}
+    with JobLedger(ledger_path) as led:
+        unreadable = [e["detail"] for e in led.events(cid, "checkpoint-unreadable")]
+        resumed = [e["detail"] for e in led.events(cid, "resumed")]
+        rejected = led.events(cid, "checkpoint-rejected")
+    label = f"{lost.parent.name}/{cid}"
+    assert unreadable == [{"checkpoint": label, "error": f"{label}: no such checkpoint folder"}], unreadable
+    assert all(str(tmp_path) not in json.dumps(d) for d in unreadable)        # no server path in events
+    assert resumed == [{"stage": 1, "step": intact_step}], resumed            # not step 0: the one before
+    assert rejected == []
 
 
 def _timings(led: JobLedger, cid: str) -> list[dict]:

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from purecc.adapter_files import AdapterFileError, AdapterManifest, export_slot
+from purecc.adapter_files import DIFFUSERS_WEIGHTS, POINTER, AdapterFileError, AdapterManifest, export_slot
 from purecc.bank import attach_bank
 from purecc.recipe import StageRecipe, stage_recipe
 from purecc.registry import AdapterRegistry
+
+from registry_helpers import replace_while_reading
 
 
 def _adapter(tiny_pipe, dest, cid, seed):
@@ -34,6 +36,67 @@ def test_publish_refuses_bad_ids_and_incomplete_folders(tiny_pipe, tmp_path):
         reg.path_of("../../etc")
     with pytest.raises(AdapterFileError, match="no purecc_adapter.json"):
         reg.publish("zig", tmp_path)
+
+
+def test_a_concurrent_reader_never_sees_a_missing_or_partial_concept(tiny_pipe, tmp_path):
+    """Local registry: while a writer replaces a concept 4 times, a reader listing, fetching and fully
+    verifying it (every file's sha256, the weights) always gets one complete published version."""
+    root = tmp_path / "store"
+    folders = [_adapter(tiny_pipe, tmp_path / f"v{i}", "live", 40 + i) for i in range(5)]
+
+    def check(reader, published) -> str:
+        listed = [m.concept_id for m in reader.list()]
+        version, manifest = reader.current("live")
+        folder = reader.fetch("live", tmp_path / "reader-cache")       # the current one, in place
+        checked = reader.verify("live", folder.name)                   # hashes + weights of what fetch gave
+        if "live" not in listed or folder.name not in published | {version} \
+                or not (folder / DIFFUSERS_WEIGHTS).is_file() or set(checked.files) != set(manifest.files):
+            why = [(e.concept_id, e.reason) for e in reader.scan()]
+            return f"problem: listed {listed} (scan: {why}), current {version}, fetched {folder.name}"
+        return folder.name
+
+    problems, seen, published = replace_while_reading(root, "live", folders, check)
+    assert problems == [], problems[:5]
+    assert seen and set(seen) <= published and len(published) == 5
+    assert AdapterRegistry(root).versions("live") == sorted(published)     # every version stays, none moved
+
+
+def test_a_crash_before_the_pointer_write_keeps_the_old_version_served(tiny_pipe, tmp_path, monkeypatch):
+    """The new version's files are written, then the process dies before ``current.json`` is replaced:
+    readers keep the old version, intact; a retried publish (same files, same version) completes."""
+    reg = AdapterRegistry(tmp_path / "store")
+    reg.publish("zig", _adapter(tiny_pipe, tmp_path / "a", "zig", 0), owner="ann")
+    old_version, old_manifest = reg.current("zig")
+    old_pointer = (tmp_path / "store" / "adapters" / "zig" / POINTER).read_bytes()
+    old_weights = (reg.fetch("zig", tmp_path / "cache") / DIFFUSERS_WEIGHTS).read_bytes()
+    new_folder = _adapter(tiny_pipe, tmp_path / "b", "zig", 1)
+    real_write = AdapterRegistry._write
+    written = []
+
+    def crash_at_pointer(self, path, data):
+        if path.endswith(f"/{POINTER}"):
+            raise OSError("simulated crash before the pointer write")
+        written.append(path.rsplit("/", 1)[-1])
+        real_write(self, path, data)
+
+    monkeypatch.setattr(AdapterRegistry, "_write", crash_at_pointer)
+    with pytest.raises(OSError, match="simulated crash"):
+        reg.publish("zig", new_folder, owner="ann")
+    monkeypatch.setattr(AdapterRegistry, "_write", real_write)
+    new_version = next(v for v in reg.versions("zig") if v != old_version)
+    assert written[-1] == "purecc_adapter.json"                   # the new version was written whole
+    reader = AdapterRegistry(tmp_path / "store")                  # a fresh reader (another process)
+    assert (tmp_path / "store" / "adapters" / "zig" / POINTER).read_bytes() == old_pointer
+    assert reader.current("zig") == (old_version, old_manifest)
+    assert [m.concept_id for m in reader.list()] == ["zig"] and reader.owner("zig") == "ann"
+    fetched = reader.fetch("zig", tmp_path / "cache2")
+    assert fetched.name == old_version and (fetched / DIFFUSERS_WEIGHTS).read_bytes() == old_weights
+    assert reader.verify("zig", old_version).files == old_manifest.files      # old version intact
+    assert not [p.name for p in (tmp_path / "store" / "adapters" / "zig").iterdir() if p.name.startswith(".")]
+    # the publish retried after the crash: same content, same version; the pointer flips now
+    assert reg.publish("zig", new_folder, owner="ann").endswith(f"/zig/{new_version}")
+    assert reader.current("zig")[0] == new_version and reader.versions("zig") == sorted([old_version, new_version])
+    assert reader.verify("zig", old_version).files == old_manifest.files
 
 
 def test_recipe_round_trip_and_validation():

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def test_a_second_token_cannot_read_replace_or_cancel_the_first_tokens_batches(a
         assert [j["id"] for j in svc.call("alice", "GET", f"/v1/batches/{name}").json()["jobs"]] == ["checkered-star"]
     assert {b["batch"] for b in svc.call("alice", "GET", "/v1/batches").json()["batches"]} == {
         "alice-shapes", "alice-again"}
-    # the admin sees every batch and may cancel any
+    # the admin sees every batch (cancelling and replacing: the next test); alice cancels her own
     assert svc.call("root", "GET", "/v1/batches/alice-shapes").status_code == 200
     cancelled = svc.call("alice", "POST", "/v1/batches/alice-shapes/cancel")
     assert cancelled.status_code == 200 and "checkered-star" in cancelled.json()["messages"][0], cancelled.text
@@ -214,6 +215,56 @@ def test_a_second_token_cannot_read_replace_or_cancel_the_first_tokens_batches(a
         assert resp.status_code == 404, (path, resp.text)            # as unknown as a concept never published
     assert svc.call("alice", "GET", "/v1/batches/alice-shapes/concepts/checkered-star/loss").status_code == 200
     assert svc.call("root", "GET", "/v1/batches/alice-shapes/concepts/checkered-star/loss").status_code == 200
+
+
+@pytest.mark.ray
+@pytest.mark.service
+def test_the_admin_may_cancel_and_replace_another_owners_batch_and_concept(auth_service):
+    from cluster.ledger import ACTIVE, JobLedger
+
+    svc = auth_service
+    resp = svc.call("alice", "POST", "/v1/batches", json=batch("alice-circles", ids=["striped-circle"]))
+    assert resp.status_code == 202 and resp.json()["added"] == ["striped-circle"], resp.text
+    assert svc.call("bob", "POST", "/v1/batches/alice-circles/cancel").status_code == 403
+    # root cancels alice's batch: 200, and the ledger records the cancellation, alice still its owner
+    cancelled = svc.call("root", "POST", "/v1/batches/alice-circles/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["messages"][0].startswith("striped-circle: cancel"), cancelled.text
+    assert str(svc.storage) not in cancelled.text
+    deadline, state = time.monotonic() + 180, None
+    while time.monotonic() < deadline and state != "cancelled":     # a training job stops at its next step
+        state = svc.call("root", "GET", "/v1/batches/alice-circles").json()["jobs"][0]["state"]
+        time.sleep(0.5)
+    assert state == "cancelled", state
+    mine = svc.call("alice", "GET", "/v1/batches/alice-circles").json()["jobs"][0]
+    assert mine["state"] == "cancelled" and mine["cancel_requested"], mine
+    with JobLedger(svc.storage / "ledger.sqlite") as led:
+        before = led.get("striped-circle")
+        kinds = [e["kind"] for e in led.events("striped-circle")]
+        assert "cancelled" in kinds and led.owners(["striped-circle"]) == {"striped-circle": "alice"}, kinds
+        assert led.batch_owner("alice-circles") == "alice"
+    # root replaces alice's concept, in her batch, from her data (an admin's data area is every owner's)
+    body = batch("alice-circles", ids=["striped-circle"], replace=True)
+    body["concepts"][0].update(trigger="vlq", data="alice/striped-circle/manifest.csv")
+    bob_body = {**body, "name": "bob-circles",
+                "concepts": [{**body["concepts"][0], "data": "striped-circle/manifest.csv"}]}   # his copy
+    bob_try = svc.call("bob", "POST", "/v1/batches", json=bob_body)
+    assert bob_try.status_code == 403 and bob_try.json()["concept"] == "striped-circle", bob_try.text
+    replaced = svc.call("root", "POST", "/v1/batches", json=body)
+    assert replaced.status_code == 202 and replaced.json()["replaced"] == ["striped-circle"], replaced.text
+    with JobLedger(svc.storage / "ledger.sqlite") as led:
+        after = led.get("striped-circle")
+        kinds = [e["kind"] for e in led.events("striped-circle")]
+        assert after.spec.trigger == "vlq" and after.generation == before.generation + 1
+        assert after.content_hash != before.content_hash and after.state in ACTIVE, after.state
+        assert "replaced" in kinds and kinds.index("replaced") > kinds.index("cancelled"), kinds
+        assert led.owners(["striped-circle"]) == {"striped-circle": "alice"}      # still hers, retrained
+        assert led.batch_owner("alice-circles") == "alice"
+    assert svc.call("alice", "GET", "/v1/batches/alice-circles").json()["jobs"][0]["state"] in ACTIVE
+    assert svc.call("bob", "GET", "/v1/batches/alice-circles").status_code == 404
+    # and cancels the retraining too (nothing left training for the tests after this one)
+    again = svc.call("root", "POST", "/v1/batches/alice-circles/cancel")
+    assert again.status_code == 200 and again.json()["messages"][0].startswith("striped-circle: cancel"), again.text
 
 
 @pytest.mark.ray

@@ -6,8 +6,6 @@ Publish, replace and fetch go through ``pyarrow.fs.S3FileSystem`` exactly as in 
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,8 @@ from purecc.registry import AdapterRegistry
 from services.adapter_cache import HostAdapterCache, adapter_version
 from services.catalog import ConceptCatalog
 from services.errors import ConceptUnservable
+
+from registry_helpers import replace_while_reading
 
 BUCKET = "purecc-registry"
 
@@ -109,39 +109,20 @@ def test_replace_keeps_old_versions_readable_and_serves_what_it_reports(s3_root,
 
 def test_a_concurrent_reader_never_sees_a_missing_concept(s3_root, adapter_factory, tmp_path):
     root, _, _ = s3_root
-    writer = AdapterRegistry(root)
     folders = [adapter_factory.write("live", seed=40 + i) for i in range(4)]
-    writer.publish("live", folders[0])
-    published = {writer.current("live")[0]}
-    seen, problems, stop = [], [], threading.Event()
 
-    def read() -> None:
-        reader = AdapterRegistry(root)
-        n = 0
-        while not stop.is_set() or n < 3:
-            n += 1
-            try:
-                version, manifest = reader.current("live")
-                listed = [m.concept_id for m in reader.list()]
-                folder = reader.fetch("live", tmp_path / "reader-cache", version=version)
-                if "live" not in listed or not (folder / DIFFUSERS_WEIGHTS).is_file():
-                    why = [(e.concept_id, e.reason) for e in reader.scan()]
-                    problems.append(f"listed {listed} (scan: {why}), fetched {sorted(p.name for p in folder.iterdir())}")
-                seen.append(version)
-            except Exception as exc:        # noqa: BLE001 - any failure is what the test looks for
-                problems.append(f"{type(exc).__name__}: {exc}")
+    def check(reader, published) -> str:
+        version, manifest = reader.current("live")
+        listed = [m.concept_id for m in reader.list()]
+        folder = reader.fetch("live", tmp_path / "reader-cache", version=version)
+        if "live" not in listed or not (folder / DIFFUSERS_WEIGHTS).is_file():
+            why = [(e.concept_id, e.reason) for e in reader.scan()]
+            return f"problem: listed {listed} (scan: {why}), fetched {sorted(p.name for p in folder.iterdir())}"
+        return version
 
-    thread = threading.Thread(target=read)
-    thread.start()
-    try:
-        for folder in folders[1:]:
-            writer.publish("live", folder)
-            published.add(writer.current("live")[0])
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not thread.is_alive() and problems == []
+    problems, seen, published = replace_while_reading(root, "live", folders, check, join_s=60.0,
+                                                      max_reads=10**9)
+    assert problems == []
     assert seen and set(seen) <= published and len(published) == 4
 
 

@@ -67,6 +67,35 @@ def test_serve_deploy_file_is_valid_and_builds_the_application():
     assert generator._deployment_config.max_queued_requests == app.args["max_queued_requests"]
 
 
+def test_no_auth_warns_at_start_that_auth_is_off_for_a_loopback_development_server(tiny_model_dir, tmp_path, capsys):
+    """``purecc serve --no-auth`` says, before Ray starts, that authentication is off and that this is a
+    development server on 127.0.0.1; with a token file it says nothing of the kind. Ray is kept from
+    starting by a --temp-dir that is a regular file (its mkdir fails): nothing is started."""
+    import ray
+
+    from purecc.cli import main as purecc_main
+
+    not_a_dir = tmp_path / "not-a-dir"
+    not_a_dir.write_text("")
+    common = ["serve", "--model", str(tiny_model_dir), "--registry", str(tmp_path / "registry"),
+              "--gpus-per-replica", "0", "--temp-dir", str(not_a_dir)]
+    saved = dict(os.environ)             # start_local_ray exports the loopback and proxy variables
+    try:
+        assert purecc_main([*common, "--no-auth"]) == 2
+        err = capsys.readouterr().err
+        assert purecc_main([*common, "--tokens", str(tmp_path / "tokens.json")]) == 2
+        with_tokens = capsys.readouterr().err
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert not ray.is_initialized()
+    warning = next((line for line in err.splitlines() if line.startswith("WARNING")), "")
+    assert "authentication is OFF (--no-auth)" in warning and "every local caller is an admin" in warning, err
+    assert "for development on 127.0.0.1 only" in warning, err
+    assert err.index("WARNING") < err.index("error:"), err       # said at start, before Ray was tried
+    assert "authentication is OFF" not in with_tokens and "error:" in with_tokens, with_tokens
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
