@@ -198,12 +198,49 @@ def _short_error(exc: BaseException) -> str:
     return text if len(text) <= MAX_RUN_ERROR else text[:1000] + "\n...\n" + text[-(MAX_RUN_ERROR - 1000):]
 
 
+RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"   # Ray Train 2.60's record of a run's checkpoints
+
+
+def drop_stale_snapshot(runs_path: str, name: str) -> list[str]:
+    """Ray Train refuses to start a run (``CheckpointManagerInitializationError``, every attempt alike)
+    whose snapshot names a checkpoint folder that is gone from storage. When one is gone, the snapshot is
+    removed, so the relaunch starts; the worker then resumes from the checkpoints still on storage (it
+    lists the run's folder itself, newest intact first). Returns the missing folders' names."""
+    from purecc.registry import resolve_fs
+
+    fs, run_dir = resolve_fs(f"{runs_path}/{name}")
+    snapshot = f"{run_dir}/{RAY_RUN_SNAPSHOT}"
+    import pyarrow.fs as pafs
+
+    try:
+        with fs.open_input_stream(snapshot) as f:
+            state = json.loads(f.read())
+        named = {r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])}
+        missing = sorted(n for n in named if fs.get_file_info(f"{run_dir}/{n}").type != pafs.FileType.Directory)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):   # unreadable: Ray would refuse it too
+        missing = [RAY_RUN_SNAPSHOT]
+    if missing:
+        fs.delete_file(snapshot)
+    return missing
+
+
 def run_pack(run: PackRun, board, resources: Resources) -> dict[str, Any]:
     """Launch one Ray Train run for a pack and wait for it (runs in a zero-CPU Ray task)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .worker import train_pack
+
+    for gone in drop_stale_snapshot(run.runs_path, run.plan.name):
+        for member in run.plan.members:
+            board.push.remote("event", {"run": run.plan.name, "concept_id": member.concept_id,
+                                        "event": "checkpoint-unreadable",
+                                        "detail": {"checkpoint": f"{run.plan.name}/{gone}",
+                                                   "error": "Ray's run snapshot names it and it is gone from "
+                                                            "storage; the snapshot is dropped and the run "
+                                                            "resumes from the checkpoints still there"}})
 
     gpus = float(resources.gpus_per_worker)
     per_worker = {"CPU": float(resources.cpus_per_worker), **({"GPU": gpus} if gpus else {})}

@@ -57,11 +57,14 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(ray_cluster, ba
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize("lose", ["member", "folder"])
 def test_a_recorded_checkpoint_lost_from_storage_is_an_unreadable_event_and_the_run_resumes_before_it(
-        ray_cluster, batch_files, tmp_path):
+        ray_cluster, batch_files, tmp_path, lose):
     """The ledger's checkpoint of a cancelled job loses its files (the member folder of the newest Ray
-    checkpoint is deleted, as a cleanup or a bad disk would); requeued, the run records a
-    ``checkpoint-unreadable`` event naming it, resumes from the intact checkpoint before it and publishes."""
+    checkpoint, or that whole Ray checkpoint, is deleted, as a cleanup or a bad disk would); requeued, the
+    run records a ``checkpoint-unreadable`` event naming it, resumes from the intact checkpoint before it and
+    publishes. (A whole folder gone is one Ray's own run snapshot still names: Ray refuses to start such a
+    run, so the launch drops the snapshot first.)"""
     cid = "checkered-star"
     path = batch_files(ids=[cid], defaults={"resolution": 64, "stage1": {
         "steps": 60, "grad_accum": 1, "checkpoint_every": 2}, "stage2": {"steps": 2, "checkpoint_every": 2}})
@@ -89,7 +92,8 @@ def test_a_recorded_checkpoint_lost_from_storage_is_an_unreadable_event_and_the_
     kept = sorted(p for p in lost.parent.parent.glob("checkpoint_*") if p.is_dir())
     assert kept[-1] == lost.parent and len(kept) >= 2, kept          # the newest Ray checkpoint
     intact_step = json.loads((kept[-2] / cid / "state.json").read_text())["step"]
-    shutil.rmtree(lost)                                 # its folder and pack.json stay: Ray still restores it
+    # "member": its folder and pack.json stay, so Ray still restores it; "folder": the whole Ray checkpoint
+    shutil.rmtree(lost if lose == "member" else lost.parent)
 
     second = api.submit(path, requeue=True)
     assert second.report.requeued == [cid] and second.summary.states == {cid: "published"}
@@ -98,7 +102,12 @@ def test_a_recorded_checkpoint_lost_from_storage_is_an_unreadable_event_and_the_
         resumed = [e["detail"] for e in led.events(cid, "resumed")]
         rejected = led.events(cid, "checkpoint-rejected")
     label = f"{lost.parent.name}/{cid}"
-    assert unreadable == [{"checkpoint": label, "error": f"{label}: no such checkpoint folder"}], unreadable
+    expected = [{"checkpoint": label, "error": f"{label}: no such checkpoint folder"}]
+    if lose == "folder":
+        expected.insert(0, {"checkpoint": f"{lost.parent.parent.name}/{lost.parent.name}",
+                            "error": "Ray's run snapshot names it and it is gone from storage; the snapshot is "
+                                     "dropped and the run resumes from the checkpoints still there"})
+    assert unreadable == expected, unreadable
     assert all(str(tmp_path) not in json.dumps(d) for d in unreadable)        # no server path in events
     assert resumed == [{"stage": 1, "step": intact_step}], resumed            # not step 0: the one before
     assert rejected == []
