@@ -112,7 +112,8 @@ class Method:
                 and self.eta == s2.eta and self.detach_base == s2.detach_base
                 and self.train_embeddings == s2.train_embeddings and self.r_reference == s2.r_reference
                 and self.lambda_min == s2.lambda_min and self.stage2_precondition == s2.precondition
-                and self.stage2_steps is None and self.stage2_grad_accum is None and self.stage2_lr is None)
+                and self.stage2_steps is None and self.stage2_grad_accum is None
+                and (self.stage2_lr or BenchConfig.stage2_lr) == s2.lr)
 
     @property
     def stage2_overrides(self) -> dict:
@@ -512,9 +513,9 @@ def write_section(path: Path, body: str) -> None:
 # ---------------------------------------------------------------- main
 
 def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, reader_dir: Path | None = None,
-        methods: Sequence[Method] = METHODS, threads: int = 1, add: bool = False, scores: Path = SCORES) -> str:
+        methods: Sequence[Method] = METHODS, threads: int = 1, add: bool = False, record_path: Path = SCORES) -> str:
     """Train and score ``methods``; ``add``: score only those the saved record lacks and merge them into it
-    (same config; the grid is left as it is). A ``scores`` record other than the committed one is a side run:
+    (same config; the grid is left as it is). A ``record_path`` other than the committed record is a side run:
     it is written there, and RESULTS.md and the grid are left alone."""
     t0 = time.monotonic()
     torch.set_num_threads(threads)
@@ -523,7 +524,7 @@ def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, rea
     reader = load_reader(reader_dir)
     saved = None
     if add:
-        saved = json.loads(scores.read_text())
+        saved = json.loads(record_path.read_text())
         if saved["config"] != json.loads(json.dumps(asdict(cfg))):
             raise SystemExit(f"--add: the saved scores were made with config {saved['config']}, not {asdict(cfg)}")
         methods = [m for m in methods if m.folder not in saved["methods"]]
@@ -565,8 +566,8 @@ def run(cfg: BenchConfig, work: Path, write: bool, base: Path | None = None, rea
                   "timings": timings, "total": time.monotonic() - t0}
     body = report_from(record)
     if write:
-        scores.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-        if scores == SCORES:
+        record_path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        if record_path == SCORES:
             if saved is None:
                 grid_image(scorer, grid_imgs, GRID)
             write_section(RESULTS, body)
@@ -693,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_methods(args.base or world_base_path(), args.work, seed, cfg, methods)
         return 0
     print(run(cfg, args.work, write=not (args.no_write or args.quick), base=args.base, reader_dir=args.reader,
-              methods=methods, threads=args.threads, add=args.add, scores=args.scores.resolve()))
+              methods=methods, threads=args.threads, add=args.add, record_path=args.scores.resolve()))
     return 0
 
 

@@ -14,7 +14,7 @@ from purecc.recipe import StageRecipe, stage_recipe
 def test_seed_recipes():
     one, two = stage_recipe(1), stage_recipe(2)
     assert (one.lr, one.steps, one.grad_accum, one.precondition) == (4e-4, 1000, 4, True)
-    assert (two.lr, two.steps, two.grad_accum, two.precondition, two.eta) == (1e-4, 800, 1, False, 0.1)
+    assert (two.lr, two.steps, two.grad_accum, two.precondition, two.eta) == (4e-4, 800, 1, False, 0.1)
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("resolution", 72),

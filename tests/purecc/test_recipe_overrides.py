@@ -29,7 +29,7 @@ def test_file_then_flags_then_sets(tmp_path):
     r = build_recipe(f, ["stage1.steps=7", "stage2.resolution=48"], [(["stage1", "steps"], 9)])
     s1, s2 = r.stage(1), r.stage(2)
     assert (s1.lr, s1.steps, s1.resolution, s1.grad_accum) == (0.002, 7, 32, 4)
-    assert (s2.eta, s2.lambda_mode, s2.resolution, s2.lr) == (1.5, "increment", 48, 1e-4)
+    assert (s2.eta, s2.lambda_mode, s2.resolution, s2.lr) == (1.5, "increment", 48, stage_recipe(2).lr)
     assert s1.lambda_mode == stage_recipe(1).lambda_mode   # the stage-2 knobs at the top leave stage 1 alone
     assert build_recipe().stage(2) == stage_recipe(2)  # nothing given: the seed's recipe
 

@@ -106,4 +106,4 @@ def test_recipe_round_trip_and_validation():
     with pytest.raises(ValueError, match="lambda_mode='sometimes'"):
         stage_recipe(2, lambda_mode="sometimes")
     assert (stage_recipe(1).lr, stage_recipe(1).steps, stage_recipe(1).grad_accum) == (4e-4, 1000, 4)
-    assert (stage_recipe(2).lr, stage_recipe(2).steps, stage_recipe(2).eta) == (1e-4, 800, 0.1)
+    assert (stage_recipe(2).lr, stage_recipe(2).steps, stage_recipe(2).eta) == (4e-4, 800, 0.1)

@@ -58,7 +58,7 @@ def test_show_recipe_prints_the_effective_recipe(capsys):
     assert main(["train", "--show-recipe", "--set", "stage1.lr=1e-4", "--steps2", "7", "--resolution", "64"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["stage1"]["lr"] == 1e-4 and shown["stage2"]["steps"] == 7 and shown["stage2"]["resolution"] == 64
-    assert shown["stage1"]["steps"] == 1000 and shown["stage2"]["lr"] == 1e-4
+    assert shown["stage1"]["steps"] == 1000 and shown["stage2"]["lr"] == 4e-4
 
 
 @pytest.mark.parametrize("args,message", [
