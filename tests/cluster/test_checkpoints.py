@@ -175,4 +175,5 @@ def test_a_whole_life_run_killed_in_stage2_resumes_stage2_from_its_checkpoint(ra
     have = load_file(got_dir / "adapter_model.safetensors")
     assert want.keys() == have.keys()
     worst = max((want[k] - have[k]).abs().max().item() for k in want)
-    assert worst <= 1e-6, worst
+    # a resumed run's float drift scales with the step size: 1e-6 at the seed's stage-2 lr of 1e-4
+    assert worst <= spec.recipe(2).lr / 100, (worst, spec.recipe(2).lr)
