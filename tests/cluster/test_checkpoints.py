@@ -148,7 +148,10 @@ def test_a_whole_life_run_killed_in_stage2_resumes_stage2_from_its_checkpoint(ra
                                                                               tiny_model_dir, tmp_path):
     steps2, every2, kill2 = 10, 2, 7
     path = batch_files(ids=["checkered-star"], defaults={"resolution": 64, "stage1": {
-        "steps": 4, "grad_accum": 1, "checkpoint_every": 2}, "stage2": {"steps": steps2, "checkpoint_every": every2}})
+        "steps": 4, "grad_accum": 1, "checkpoint_every": 2},
+        # the seed's stage-2 lr, where the 1e-6 bound below was measured: at the 4e-4 default, Adam's
+        # normalised steps turn float rounding into drifts of 1e-6 to 6e-6 (two fresh-clone runs)
+        "stage2": {"steps": steps2, "checkpoint_every": every2, "lr": 1e-4}})
     result = api.submit(path, fault={"concept_id": "checkered-star", "stage": 2, "step": kill2})
     assert result.summary.states == {"checkered-star": "published"}
     assert result.summary.runs_launched == 1          # Ray Train restarted the worker inside the run
@@ -175,5 +178,4 @@ def test_a_whole_life_run_killed_in_stage2_resumes_stage2_from_its_checkpoint(ra
     have = load_file(got_dir / "adapter_model.safetensors")
     assert want.keys() == have.keys()
     worst = max((want[k] - have[k]).abs().max().item() for k in want)
-    # a resumed run's float drift scales with the step size: 1e-6 at the seed's stage-2 lr of 1e-4
-    assert worst <= spec.recipe(2).lr / 100, (worst, spec.recipe(2).lr)
+    assert worst <= 1e-6, worst
