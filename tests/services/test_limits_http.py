@@ -93,25 +93,8 @@ def stalled_request(port: int, path: str, chunked: bool) -> socket.socket:
 
 def outcomes(socks: list[socket.socket], within_s: float) -> dict[socket.socket, str]:
     """Each connection's fate within ``within_s``: its status line, 'closed', or 'open' (still held)."""
-    fate = {s: "open" for s in socks}
-    got = {s: b"" for s in socks}
-    sel = selectors.DefaultSelector()
-    for s in socks:
-        sel.register(s, selectors.EVENT_READ)
-    deadline = time.monotonic() + within_s
-    while sel.get_map() and time.monotonic() < deadline:
-        for key, _ in sel.select(timeout=0.5):
-            s = key.fileobj
-            try:
-                data = s.recv(4096)
-            except (ConnectionResetError, BlockingIOError):
-                data = b""
-            got[s] += data
-            if not data:      # closed by the server
-                fate[s] = got[s].split(b"\r\n", 1)[0].decode(errors="replace") or "closed"
-                sel.unregister(s)
-    sel.close()
-    return fate
+    return {s: "open" if at is None else (sent.split(b"\r\n", 1)[0].decode(errors="replace") or "closed")
+            for s, (at, sent) in close_times(socks, within_s).items()}
 
 
 def test_stalled_bodies_leave_the_service_answering(service):
